@@ -1,0 +1,238 @@
+//! Backends: everything that can answer a chat request, behind one trait.
+//!
+//! The gateway never knows whether a model runs in-process or behind HTTP; it asks a [`Backend`]
+//! for a [`Reply`] and gets either a whole completion or an opened stream. An opened stream has
+//! already produced its first chunk, so a failure up to that point is still invisible to the
+//! client and the gateway can retry elsewhere.
+
+pub mod openai;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use http::StatusCode;
+
+use crate::config::{BackendConfig, BackendKind, Role};
+use crate::error::ApiError;
+use crate::wire::{ChatRequest, Usage};
+
+/// What every backend is, independent of how it runs.
+#[derive(Debug, Clone)]
+pub struct BackendInfo {
+    /// Configured name: the pinning id and the metrics label.
+    pub name: String,
+    /// Local or cloud.
+    pub role: Role,
+    /// Model name the backend serves.
+    pub model: String,
+    /// Total parameters (compute metering).
+    pub parameters: f64,
+    /// Parameters active per token (compute metering of mixture-of-experts models).
+    pub active_parameters: f64,
+}
+
+/// A whole (non-streaming) completion, as the upstream sent it.
+#[derive(Debug)]
+pub struct Completion {
+    /// The OpenAI JSON response body, relayed unchanged.
+    pub body: Bytes,
+    /// Token usage, when the upstream reported it.
+    pub usage: Option<Usage>,
+}
+
+/// One streamed chunk (the JSON after `data: `).
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// The chunk's JSON, unchanged.
+    pub data: Bytes,
+    /// Usage, when this chunk carries it.
+    pub usage: Option<Usage>,
+    /// True for the usage-only chunk (`choices: []`) that `include_usage` adds at the end.
+    pub usage_only: bool,
+    /// True when the chunk carries an `error` object instead of a delta.
+    pub is_error: bool,
+}
+
+/// The remaining chunks of a stream; ends after the upstream's `[DONE]`.
+pub type ChunkStream = BoxStream<'static, Result<Chunk, BackendError>>;
+
+/// A stream whose first chunk has arrived.
+pub struct OpenedStream {
+    /// The first chunk.
+    pub first: Chunk,
+    /// Everything after it.
+    pub rest: ChunkStream,
+}
+
+/// A backend's answer.
+pub enum Reply {
+    /// `stream: false`.
+    Complete(Completion),
+    /// `stream: true`.
+    Stream(OpenedStream),
+}
+
+/// Which timeout fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutPhase {
+    /// Opening the connection.
+    Connect,
+    /// Waiting for the response headers or the first stream chunk.
+    FirstByte,
+    /// The whole exchange.
+    Total,
+}
+
+/// Why a backend could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// Connection refused or reset, DNS or TLS failure: the upstream was not reached or hung up.
+    #[error("unreachable: {detail}")]
+    Unreachable {
+        /// What the transport said.
+        detail: String,
+    },
+    /// A configured timeout fired.
+    #[error("timed out ({phase:?}) after {seconds}s")]
+    Timeout {
+        /// Which one.
+        phase: TimeoutPhase,
+        /// Its configured length.
+        seconds: f64,
+    },
+    /// The upstream answered with an error status.
+    #[error("HTTP {status}: {message}")]
+    Status {
+        /// Upstream status.
+        status: u16,
+        /// Upstream's error message (or a summary of the body).
+        message: String,
+        /// Upstream's error type, when given.
+        kind: Option<String>,
+        /// Upstream's `Retry-After`, relayed on 429.
+        retry_after: Option<String>,
+    },
+    /// The upstream answered something that is not OpenAI's protocol.
+    #[error("protocol error: {detail}")]
+    Protocol {
+        /// What was wrong.
+        detail: String,
+    },
+    /// The backend cannot be used as configured (e.g. its API key variable is unset).
+    #[error("not configured: {detail}")]
+    NotConfigured {
+        /// What is missing.
+        detail: String,
+    },
+}
+
+impl BackendError {
+    /// Short label for metrics and the fallback reason.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Unreachable { .. } => "unreachable",
+            BackendError::Timeout { .. } => "timeout",
+            BackendError::Status { .. } => "error_status",
+            BackendError::Protocol { .. } => "protocol",
+            BackendError::NotConfigured { .. } => "not_configured",
+        }
+    }
+
+    /// The client-facing error when this is the final failure of a request.
+    ///
+    /// Client mistakes the upstream rejected (400, 404, 409, 413, 422) and rate limits (429) keep
+    /// their status so SDKs react as they would against the upstream; everything else is the
+    /// gateway's upstream failing: 502, or 504 for timeouts.
+    pub fn to_api_error(&self, backend: &str) -> ApiError {
+        match self {
+            BackendError::Unreachable { detail } => ApiError::bad_gateway(
+                format!("Backend `{backend}` is unreachable: {detail}"),
+                "upstream_unreachable",
+            ),
+            BackendError::Timeout { phase, seconds } => {
+                let what = match phase {
+                    TimeoutPhase::Connect => "connect",
+                    TimeoutPhase::FirstByte => "first_byte",
+                    TimeoutPhase::Total => "total",
+                };
+                ApiError::gateway_timeout(format!(
+                    "Backend `{backend}` did not answer within its {what} timeout of {seconds}s ({what}_timeout_s)."
+                ))
+            }
+            BackendError::Status {
+                status,
+                message,
+                retry_after,
+                ..
+            } => {
+                let relay = matches!(status, 400 | 404 | 409 | 413 | 422 | 429);
+                match StatusCode::from_u16(*status) {
+                    Ok(code) if relay => {
+                        let kind = if *status == 429 {
+                            "rate_limit_error"
+                        } else {
+                            "invalid_request_error"
+                        };
+                        let mut e = ApiError::relayed(
+                            code,
+                            kind,
+                            format!(
+                                "Backend `{backend}` rejected the request ({status}): {message}"
+                            ),
+                        )
+                        .with_code(&format!("upstream_http_{status}"));
+                        e.retry_after = retry_after.clone();
+                        e
+                    }
+                    _ => {
+                        let hint = if matches!(status, 401 | 403) {
+                            " Check the backend's API key (api_key_env)."
+                        } else {
+                            ""
+                        };
+                        ApiError::bad_gateway(
+                            format!(
+                                "Backend `{backend}` failed with HTTP {status}: {message}{hint}"
+                            ),
+                            &format!("upstream_http_{status}"),
+                        )
+                    }
+                }
+            }
+            BackendError::Protocol { detail } => ApiError::bad_gateway(
+                format!("Backend `{backend}` sent an invalid response: {detail}"),
+                "upstream_protocol_error",
+            ),
+            BackendError::NotConfigured { detail } => ApiError::unavailable(
+                format!("Backend `{backend}` is not usable: {detail}"),
+                "backend_not_configured",
+            ),
+        }
+    }
+}
+
+/// Something that answers chat requests.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Identity and size of the model.
+    fn info(&self) -> &BackendInfo;
+
+    /// Answers one request. For `stream: true`, returns once the first chunk has arrived.
+    async fn chat(&self, request: &ChatRequest) -> Result<Reply, BackendError>;
+
+    /// Checks that the backend can serve now (for `/readyz`); `Err` says why not.
+    async fn probe(&self) -> Result<(), String>;
+}
+
+/// Builds the configured backends, in config order.
+pub fn build_all(configs: &[BackendConfig]) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
+    configs
+        .iter()
+        .map(|c| -> anyhow::Result<Arc<dyn Backend>> {
+            match c.kind {
+                BackendKind::Openai => Ok(Arc::new(openai::OpenAiBackend::new(c)?)),
+            }
+        })
+        .collect()
+}

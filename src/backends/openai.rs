@@ -1,0 +1,387 @@
+//! A backend that speaks the OpenAI chat-completions protocol over HTTP: OpenAI itself and the
+//! local servers that imitate it (llama.cpp's `llama-server`, Ollama, vLLM, LM Studio...).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures::{Stream, StreamExt};
+use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use serde::Deserialize;
+use tokio::time::{timeout, timeout_at, Instant};
+
+use super::{
+    Backend, BackendError, BackendInfo, Chunk, Completion, OpenedStream, Reply, TimeoutPhase,
+};
+use crate::config::{secs, BackendConfig};
+use crate::wire::{upstream_error_message, ChatRequest, ChunkPeek, Usage};
+
+/// How long a readiness probe may take before the backend counts as not ready.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// An OpenAI-compatible HTTP upstream.
+pub struct OpenAiBackend {
+    info: BackendInfo,
+    client: reqwest::Client,
+    chat_url: String,
+    models_url: String,
+    /// `Err` holds the reason the key is missing; requests then fail with `NotConfigured`.
+    api_key: Result<Option<String>, String>,
+    connect_timeout_s: f64,
+    first_byte_timeout_s: f64,
+    total_timeout_s: f64,
+    stream_usage: bool,
+}
+
+impl OpenAiBackend {
+    /// Builds the HTTP client and reads the API key from the environment.
+    pub fn new(c: &BackendConfig) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(secs(c.connect_timeout_s))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .user_agent(concat!("wattgate/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let api_key = match &c.api_key_env {
+            None => Ok(None),
+            Some(var) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_owned())),
+                _ => {
+                    tracing::warn!(
+                        backend = %c.name,
+                        "environment variable {var} is not set: backend `{}` will refuse requests until the daemon is restarted with it",
+                        c.name
+                    );
+                    Err(format!(
+                        "environment variable {var} (its api_key_env) is not set"
+                    ))
+                }
+            },
+        };
+        let base = c.base_url.as_str().trim_end_matches('/');
+        Ok(Self {
+            info: BackendInfo {
+                name: c.name.clone(),
+                role: c.role,
+                model: c.model.clone(),
+                parameters: c.parameters,
+                active_parameters: c.active_parameters.unwrap_or(c.parameters),
+            },
+            client,
+            chat_url: format!("{base}/chat/completions"),
+            models_url: format!("{base}/models"),
+            api_key,
+            connect_timeout_s: c.connect_timeout_s,
+            first_byte_timeout_s: c.first_byte_timeout_s,
+            total_timeout_s: c.total_timeout_s,
+            stream_usage: c.stream_usage,
+        })
+    }
+
+    fn key(&self) -> Result<Option<&str>, BackendError> {
+        match &self.api_key {
+            Ok(key) => Ok(key.as_deref()),
+            Err(detail) => Err(BackendError::NotConfigured {
+                detail: detail.clone(),
+            }),
+        }
+    }
+
+    fn timeout(&self, phase: TimeoutPhase) -> BackendError {
+        let seconds = match phase {
+            TimeoutPhase::Connect => self.connect_timeout_s,
+            TimeoutPhase::FirstByte => self.first_byte_timeout_s,
+            TimeoutPhase::Total => self.total_timeout_s,
+        };
+        BackendError::Timeout { phase, seconds }
+    }
+
+    fn transport_error(&self, e: &reqwest::Error) -> BackendError {
+        // No reqwest-level total timeout is set, so a reqwest timeout is the connect timeout.
+        if e.is_timeout() {
+            return self.timeout(TimeoutPhase::Connect);
+        }
+        let what = if e.is_connect() {
+            "could not connect"
+        } else {
+            "connection failed"
+        };
+        BackendError::Unreachable {
+            detail: format!("{what} to {}: {}", self.chat_url, error_chain(e)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for OpenAiBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    async fn chat(&self, request: &ChatRequest) -> Result<Reply, BackendError> {
+        let started = Instant::now();
+        let first_byte_deadline = started + secs(self.first_byte_timeout_s);
+        let deadline = started + secs(self.total_timeout_s);
+
+        let mut builder = self
+            .client
+            .post(&self.chat_url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(request.upstream_body(&self.info.model, self.stream_usage));
+        if let Some(key) = self.key()? {
+            builder = builder.bearer_auth(key);
+        }
+        let response = match timeout_at(first_byte_deadline, builder.send()).await {
+            Err(_) => return Err(self.timeout(TimeoutPhase::FirstByte)),
+            Ok(Err(e)) => return Err(self.transport_error(&e)),
+            Ok(Ok(r)) => r,
+        };
+
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            // The error body is best effort: the status alone is the failure.
+            let body = match timeout_at(deadline, response.bytes()).await {
+                Ok(Ok(b)) => b,
+                _ => Bytes::new(),
+            };
+            return Err(status_error(status.as_u16(), &body, retry_after));
+        }
+
+        if !request.stream {
+            let body = match timeout_at(deadline, response.bytes()).await {
+                Err(_) => return Err(self.timeout(TimeoutPhase::Total)),
+                Ok(Err(e)) => return Err(self.transport_error(&e)),
+                Ok(Ok(b)) => b,
+            };
+            let usage = completion_usage(&body)?;
+            return Ok(Reply::Complete(Completion { body, usage }));
+        }
+
+        let mut events = Box::pin(response.bytes_stream().eventsource());
+        let first = match timeout_at(first_byte_deadline, next_chunk(&mut events)).await {
+            Err(_) => return Err(self.timeout(TimeoutPhase::FirstByte)),
+            Ok(Err(e)) => return Err(self.stream_error(e)),
+            Ok(Ok(Next::Chunk(c))) => c,
+            Ok(Ok(Next::Done | Next::Eof)) => {
+                return Err(BackendError::Protocol {
+                    detail: "the stream ended before its first chunk".to_owned(),
+                })
+            }
+        };
+        if first.is_error {
+            let message = upstream_error_message(&first.data)
+                .and_then(|e| e.message)
+                .unwrap_or_else(|| String::from_utf8_lossy(&first.data).into_owned());
+            return Err(BackendError::Protocol {
+                detail: format!("the stream opened with an error: {message}"),
+            });
+        }
+
+        let rest = RestOfStream {
+            events,
+            deadline,
+            total_timeout_s: self.total_timeout_s,
+            chat_url: self.chat_url.clone(),
+            finished: false,
+        };
+        Ok(Reply::Stream(OpenedStream {
+            first,
+            rest: Box::pin(futures::stream::unfold(rest, RestOfStream::step)),
+        }))
+    }
+
+    async fn probe(&self) -> Result<(), String> {
+        let key = self.key().map_err(|e| e.to_string())?;
+        let mut builder = self.client.get(&self.models_url);
+        if let Some(key) = key {
+            builder = builder.bearer_auth(key);
+        }
+        match timeout(PROBE_TIMEOUT, builder.send()).await {
+            Err(_) => Err(format!(
+                "GET {} did not answer within {}s",
+                self.models_url,
+                PROBE_TIMEOUT.as_secs()
+            )),
+            Ok(Err(e)) => Err(self.transport_error(&e).to_string()),
+            Ok(Ok(r)) if r.status().is_success() => Ok(()),
+            Ok(Ok(r)) => Err(format!(
+                "GET {} answered HTTP {}",
+                self.models_url,
+                r.status()
+            )),
+        }
+    }
+}
+
+impl OpenAiBackend {
+    fn stream_error(&self, e: StreamFailure) -> BackendError {
+        e.into_backend_error(&self.chat_url)
+    }
+}
+
+/// The state of a stream after its first chunk.
+struct RestOfStream {
+    events: std::pin::Pin<Box<dyn EventSource>>,
+    deadline: Instant,
+    total_timeout_s: f64,
+    chat_url: String,
+    finished: bool,
+}
+
+impl RestOfStream {
+    async fn step(mut self) -> Option<(Result<Chunk, BackendError>, Self)> {
+        if self.finished {
+            return None;
+        }
+        let item = match timeout_at(self.deadline, next_chunk(&mut self.events)).await {
+            Ok(Ok(Next::Chunk(c))) => return Some((Ok(c), self)),
+            Ok(Ok(Next::Done)) => return None,
+            Ok(Ok(Next::Eof)) => Err(BackendError::Protocol {
+                detail: "the stream ended without `data: [DONE]` (truncated)".to_owned(),
+            }),
+            Ok(Err(e)) => Err(e.into_backend_error(&self.chat_url)),
+            Err(_) => Err(BackendError::Timeout {
+                phase: TimeoutPhase::Total,
+                seconds: self.total_timeout_s,
+            }),
+        };
+        self.finished = true;
+        Some((item, self))
+    }
+}
+
+/// An SSE event stream over the upstream body.
+trait EventSource:
+    Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>> + Send
+{
+}
+impl<T> EventSource for T where
+    T: Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>> + Send
+{
+}
+
+enum Next {
+    Chunk(Chunk),
+    /// `data: [DONE]`.
+    Done,
+    /// The body ended.
+    Eof,
+}
+
+enum StreamFailure {
+    Transport(reqwest::Error),
+    Protocol(String),
+}
+
+impl StreamFailure {
+    fn into_backend_error(self, url: &str) -> BackendError {
+        match self {
+            StreamFailure::Transport(e) => BackendError::Unreachable {
+                detail: format!("stream from {url} broke: {}", error_chain(&e)),
+            },
+            StreamFailure::Protocol(detail) => BackendError::Protocol { detail },
+        }
+    }
+}
+
+async fn next_chunk<S>(events: &mut std::pin::Pin<Box<S>>) -> Result<Next, StreamFailure>
+where
+    S: EventSource + ?Sized,
+{
+    loop {
+        let event = match events.next().await {
+            None => return Ok(Next::Eof),
+            Some(Err(EventStreamError::Transport(e))) => return Err(StreamFailure::Transport(e)),
+            Some(Err(e)) => return Err(StreamFailure::Protocol(format!("invalid SSE: {e}"))),
+            Some(Ok(event)) => event,
+        };
+        let data = event.data.trim();
+        if data.is_empty() {
+            continue;
+        }
+        if data == "[DONE]" {
+            return Ok(Next::Done);
+        }
+        let peek: ChunkPeek = serde_json::from_str(data).map_err(|e| {
+            StreamFailure::Protocol(format!(
+                "stream chunk is not JSON ({e}): {}",
+                truncate(data, 200)
+            ))
+        })?;
+        let usage_only = peek.usage.is_some() && peek.choices.as_ref().is_some_and(Vec::is_empty);
+        return Ok(Next::Chunk(Chunk {
+            data: Bytes::copy_from_slice(data.as_bytes()),
+            usage: peek.usage,
+            usage_only,
+            is_error: peek.error.is_some(),
+        }));
+    }
+}
+
+/// Validates a non-streaming body and reads its usage.
+fn completion_usage(body: &[u8]) -> Result<Option<Usage>, BackendError> {
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(default)]
+        choices: Option<serde::de::IgnoredAny>,
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    let text = String::from_utf8_lossy(body);
+    let peek: Peek = serde_json::from_slice(body).map_err(|e| BackendError::Protocol {
+        detail: format!("response is not JSON ({e}): {}", truncate(&text, 200)),
+    })?;
+    if peek.choices.is_none() {
+        return Err(BackendError::Protocol {
+            detail: format!("response has no `choices`: {}", truncate(&text, 200)),
+        });
+    }
+    Ok(peek.usage)
+}
+
+fn status_error(status: u16, body: &[u8], retry_after: Option<String>) -> BackendError {
+    let (message, kind) = match upstream_error_message(body) {
+        Some(e) => (
+            e.message.unwrap_or_else(|| "(no message)".to_owned()),
+            e.kind,
+        ),
+        None if body.is_empty() => ("(empty body)".to_owned(), None),
+        None => (
+            truncate(&String::from_utf8_lossy(body), 300).to_owned(),
+            None,
+        ),
+    };
+    BackendError::Status {
+        status,
+        message,
+        kind,
+        retry_after,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// "outer: inner: innermost", so a refused connection says "Connection refused".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,554 @@
+//! Typed configuration: one TOML file, every key defaulted, every problem named by its key.
+//!
+//! The shipped `config/wattgate.toml` documents each key with its default; a test checks that the
+//! file and [`Config::default`] agree, so the documentation cannot drift from the code.
+//! Secrets never live in the file: a backend names the environment variable that holds its key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+/// The whole daemon configuration, as read from TOML.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listener, limits, shutdown and logging.
+    pub server: ServerConfig,
+    /// How `model: "<alias>"` requests pick a backend.
+    pub routing: RoutingConfig,
+    /// Upstream models, in order of preference within their role.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// Listener, limits, shutdown and logging settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. Loopback by default: the gateway has no client auth yet.
+    pub listen: SocketAddr,
+    /// Largest accepted request body in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before exiting.
+    pub shutdown_grace_s: f64,
+    /// `text` for people, `json` for log shippers.
+    pub log_format: LogFormat,
+    /// Seconds a `/readyz` probe result is reused, so probes do not hammer upstreams.
+    pub readiness_cache_s: f64,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// How requests naming the routing alias choose a backend.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// The model name that means "let the gateway route".
+    pub alias: String,
+    /// The rule applied to alias requests.
+    pub policy: RoutingPolicy,
+    /// Prompts whose message text is longer than this many characters go to the cloud
+    /// (reason `prompt_too_long`). 0 disables the check.
+    pub max_local_prompt_chars: usize,
+    /// Retry a failed local attempt on the cloud backend when nothing has reached the client yet.
+    pub fallback_to_cloud: bool,
+}
+
+/// The configured routing rule (the learned router replaces this in a later release).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingPolicy {
+    /// Serve locally when a local backend exists and the prompt fits; otherwise the cloud.
+    PreferLocal,
+    /// Always the cloud backend (the cloud-only baseline).
+    CloudOnly,
+    /// Always the local backend; fails rather than spend cloud money (fallback still applies
+    /// if `fallback_to_cloud` is set).
+    LocalOnly,
+}
+
+/// Where a backend runs, which decides how the router and the metering treat it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// On this machine or this site: cheap, private, smaller model.
+    Local,
+    /// A frontier API: capable, metered in dollars.
+    Cloud,
+}
+
+impl Role {
+    /// The label used in headers, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Local => "local",
+            Role::Cloud => "cloud",
+        }
+    }
+}
+
+/// The protocol a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Any OpenAI-compatible `/chat/completions` server: OpenAI, llama.cpp, Ollama, vLLM...
+    Openai,
+}
+
+/// One upstream model.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// The id clients use to pin this backend (`model: "<name>"`), and its label in metrics.
+    pub name: String,
+    /// Protocol spoken by the upstream.
+    pub kind: BackendKind,
+    /// `local` or `cloud`.
+    pub role: Role,
+    /// Base URL including the version prefix, e.g. `https://api.openai.com/v1`.
+    pub base_url: Url,
+    /// The model name sent upstream.
+    pub model: String,
+    /// Environment variable holding the upstream API key; none means no Authorization header.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Total parameter count of the model (for compute metering).
+    pub parameters: f64,
+    /// Parameters active per token (mixture-of-experts); defaults to `parameters`.
+    #[serde(default)]
+    pub active_parameters: Option<f64>,
+    /// Seconds to establish a TCP/TLS connection.
+    #[serde(default = "default_connect_timeout_s")]
+    pub connect_timeout_s: f64,
+    /// Seconds until the response headers (non-streaming) or the first stream chunk arrive.
+    #[serde(default = "default_first_byte_timeout_s")]
+    pub first_byte_timeout_s: f64,
+    /// Seconds for the whole upstream exchange, stream included.
+    #[serde(default = "default_total_timeout_s")]
+    pub total_timeout_s: f64,
+    /// Ask streaming upstreams for a usage chunk (`stream_options.include_usage`) even when the
+    /// client did not, so every stream is metered; the extra chunk is removed before the client.
+    #[serde(default = "default_true")]
+    pub stream_usage: bool,
+}
+
+fn default_connect_timeout_s() -> f64 {
+    2.0
+}
+fn default_first_byte_timeout_s() -> f64 {
+    60.0
+}
+fn default_total_timeout_s() -> f64 {
+    600.0
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            // 8 MiB: room for long contexts and a few inline images, small enough to bound memory.
+            max_body_bytes: 8 * 1024 * 1024,
+            shutdown_grace_s: 30.0,
+            log_format: LogFormat::Text,
+            readiness_cache_s: 5.0,
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            alias: "auto".to_owned(),
+            policy: RoutingPolicy::PreferLocal,
+            // ~8k tokens at ~4 characters per token: beyond that small local models degrade.
+            max_local_prompt_chars: 32_000,
+            fallback_to_cloud: true,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            routing: RoutingConfig::default(),
+            backends: default_backends(),
+        }
+    }
+}
+
+/// The shipped defaults: a llama.cpp server on port 8081 and OpenAI's API.
+fn default_backends() -> Vec<BackendConfig> {
+    let parse = |s: &str| Url::parse(s).unwrap_or_else(|_| unreachable!("constant URL {s}"));
+    vec![
+        BackendConfig {
+            name: "gemma-3-270m".to_owned(),
+            kind: BackendKind::Openai,
+            role: Role::Local,
+            base_url: parse("http://127.0.0.1:8081/v1"),
+            model: "gemma-3-270m".to_owned(),
+            api_key_env: None,
+            // Gemma 3 270M: 268M parameters (Google's Gemma 3 model card).
+            parameters: 268e6,
+            active_parameters: None,
+            connect_timeout_s: default_connect_timeout_s(),
+            first_byte_timeout_s: default_first_byte_timeout_s(),
+            total_timeout_s: default_total_timeout_s(),
+            stream_usage: true,
+        },
+        BackendConfig {
+            name: "gpt-4.1".to_owned(),
+            kind: BackendKind::Openai,
+            role: Role::Cloud,
+            base_url: parse("https://api.openai.com/v1"),
+            model: "gpt-4.1".to_owned(),
+            api_key_env: Some("OPENAI_API_KEY".to_owned()),
+            // OpenAI publishes no parameter count. Assumption: the IPW paper's cloud reference,
+            // Qwen3-235B-A22B (235B total, 22B active; arXiv 2511.07885). Set your own.
+            parameters: 235e9,
+            active_parameters: Some(22e9),
+            connect_timeout_s: default_connect_timeout_s(),
+            first_byte_timeout_s: default_first_byte_timeout_s(),
+            total_timeout_s: default_total_timeout_s(),
+            stream_usage: true,
+        },
+    ]
+}
+
+/// A configuration problem, naming the key (or file) it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema (unknown key, wrong type...).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which names the key and shows the line.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("invalid config: `{key}` {problem}")]
+    Invalid {
+        /// Dotted path of the key, e.g. `backends[1].base_url`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text (the path in errors is left empty).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every cross-field rule the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_seconds(
+            "server.shutdown_grace_s",
+            self.server.shutdown_grace_s,
+            true,
+        )?;
+        check_seconds(
+            "server.readiness_cache_s",
+            self.server.readiness_cache_s,
+            true,
+        )?;
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be greater than 0"));
+        }
+        let alias = self.routing.alias.trim();
+        if alias.is_empty() || alias != self.routing.alias {
+            return Err(invalid(
+                "routing.alias",
+                "must be a non-empty name without surrounding spaces",
+            ));
+        }
+        if self.backends.is_empty() {
+            return Err(invalid(
+                "backends",
+                "must list at least one backend ([[backends]] table)",
+            ));
+        }
+        let has = |role: Role| self.backends.iter().any(|b| b.role == role);
+        match self.routing.policy {
+            RoutingPolicy::CloudOnly if !has(Role::Cloud) => {
+                return Err(invalid(
+                    "routing.policy",
+                    "is \"cloud_only\" but no backend has role = \"cloud\"",
+                ))
+            }
+            RoutingPolicy::LocalOnly if !has(Role::Local) => {
+                return Err(invalid(
+                    "routing.policy",
+                    "is \"local_only\" but no backend has role = \"local\"",
+                ))
+            }
+            _ => {}
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            let key = |field: &str| format!("backends[{i}].{field}");
+            if b.name.trim().is_empty() || b.name.trim() != b.name {
+                return Err(invalid(
+                    key("name"),
+                    "must be a non-empty name without surrounding spaces",
+                ));
+            }
+            if !b.name.bytes().all(|c| c.is_ascii_graphic()) {
+                return Err(invalid(
+                    key("name"),
+                    "may contain only visible ASCII characters (it is sent in headers)",
+                ));
+            }
+            if b.name == self.routing.alias {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "\"{}\" is the routing alias; a backend cannot share it",
+                        b.name
+                    ),
+                ));
+            }
+            if let Some(j) = self.backends[..i].iter().position(|o| o.name == b.name) {
+                return Err(invalid(
+                    key("name"),
+                    format!("\"{}\" is already used by backends[{j}]", b.name),
+                ));
+            }
+            if !matches!(b.base_url.scheme(), "http" | "https") {
+                return Err(invalid(
+                    key("base_url"),
+                    format!("must be http:// or https://, got \"{}\"", b.base_url),
+                ));
+            }
+            if b.base_url.host().is_none() {
+                return Err(invalid(key("base_url"), "has no host"));
+            }
+            if b.model.trim().is_empty() {
+                return Err(invalid(key("model"), "must not be empty"));
+            }
+            if let Some(env) = &b.api_key_env {
+                if env.is_empty() || env.contains('=') || env.contains('\0') {
+                    return Err(invalid(
+                        key("api_key_env"),
+                        "must be an environment variable name",
+                    ));
+                }
+            }
+            check_count(&key("parameters"), b.parameters)?;
+            if let Some(active) = b.active_parameters {
+                check_count(&key("active_parameters"), active)?;
+                if active > b.parameters {
+                    return Err(invalid(
+                        key("active_parameters"),
+                        "cannot exceed `parameters`",
+                    ));
+                }
+            }
+            check_seconds(&key("connect_timeout_s"), b.connect_timeout_s, false)?;
+            check_seconds(&key("first_byte_timeout_s"), b.first_byte_timeout_s, false)?;
+            check_seconds(&key("total_timeout_s"), b.total_timeout_s, false)?;
+            if b.first_byte_timeout_s > b.total_timeout_s {
+                return Err(invalid(
+                    key("first_byte_timeout_s"),
+                    "cannot exceed `total_timeout_s`",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_seconds(key: &str, v: f64, zero_ok: bool) -> Result<(), ConfigError> {
+    // Duration::from_secs_f64 panics past ~584 years; cap far below that.
+    let ok = v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) && v <= 31_536_000.0;
+    if ok {
+        Ok(())
+    } else {
+        let lower = if zero_ok { ">= 0" } else { "> 0" };
+        Err(invalid(
+            key,
+            format!("must be a number of seconds {lower} and at most one year, got {v}"),
+        ))
+    }
+}
+
+fn check_count(key: &str, v: f64) -> Result<(), ConfigError> {
+    if v.is_finite() && v >= 1.0 {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("must be a positive parameter count (e.g. 8e9), got {v}"),
+        ))
+    }
+}
+
+/// Converts validated seconds into a [`Duration`].
+pub fn secs(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.0))
+}
+
+impl fmt::Display for RoutingPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RoutingPolicy::PreferLocal => "prefer_local",
+            RoutingPolicy::CloudOnly => "cloud_only",
+            RoutingPolicy::LocalOnly => "local_only",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::parse(text) {
+            Ok(_) => panic!("config should have been rejected:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const ONE_BACKEND: &str = r#"
+[[backends]]
+name = "local-a"
+kind = "openai"
+role = "local"
+base_url = "http://127.0.0.1:9/v1"
+model = "m"
+parameters = 1e9
+"#;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").expect("empty config is valid");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn shipped_file_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/wattgate.toml");
+        let c = Config::load(&path).expect("shipped config loads");
+        assert_eq!(
+            c,
+            Config::default(),
+            "config/wattgate.toml drifted from Config::default()"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("[server]\nlisten = \"127.0.0.1:1\"\nlisen_port = 3\n");
+        assert!(e.contains("lisen_port"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let e = err("[server]\nmax_body_bytes = \"big\"\n");
+        assert!(e.contains("max_body_bytes"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (format!("{ONE_BACKEND}parameters_x = 1"), "parameters_x"),
+            (
+                ONE_BACKEND.replace("parameters = 1e9", "parameters = 0"),
+                "backends[0].parameters",
+            ),
+            (
+                ONE_BACKEND.replace("http://127.0.0.1:9/v1", "ftp://x/v1"),
+                "backends[0].base_url",
+            ),
+            (
+                ONE_BACKEND.replace(
+                    "parameters = 1e9",
+                    "parameters = 1e9\ntotal_timeout_s = 1\nfirst_byte_timeout_s = 5",
+                ),
+                "backends[0].first_byte_timeout_s",
+            ),
+            (
+                ONE_BACKEND.replace("name = \"local-a\"", "name = \"auto\""),
+                "backends[0].name",
+            ),
+            (
+                format!(
+                    "{ONE_BACKEND}{}",
+                    ONE_BACKEND.replace("role = \"local\"", "role = \"cloud\"")
+                ),
+                "backends[1].name",
+            ),
+            (
+                format!("[server]\nshutdown_grace_s = -1\n{ONE_BACKEND}"),
+                "server.shutdown_grace_s",
+            ),
+            (
+                ONE_BACKEND.replace("role = \"local\"", "role = \"edge\""),
+                "role",
+            ),
+            ("backends = []".to_owned(), "backends"),
+            (
+                format!("[routing]\npolicy = \"cloud_only\"\n{ONE_BACKEND}"),
+                "routing.policy",
+            ),
+            (
+                ONE_BACKEND.replace("name = \"local-a\"", "name = \"a b\""),
+                "backends[0].name",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = err(&text);
+            assert!(e.contains(key), "error for key {key} was: {e}");
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The `wattgate` command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wattgate::config::Config;
+
+/// Local-first hybrid routing gateway for OpenAI-compatible chat traffic.
+#[derive(Parser)]
+#[command(name = "wattgate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway daemon.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Listen address, overriding `server.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the config file and summarise what it sets up.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Config file. Default: ./config/wattgate.toml if present, else built-in defaults.
+    #[arg(long, short, env = "WATTGATE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// Where the configuration came from, for the startup log.
+enum Source {
+    File(PathBuf),
+    Defaults,
+}
+
+impl ConfigArg {
+    fn load(&self) -> Result<(Config, Source), wattgate::config::ConfigError> {
+        let path = match &self.config {
+            Some(p) => p.clone(),
+            None => {
+                let local = Path::new("config/wattgate.toml");
+                if !local.is_file() {
+                    return Ok((Config::default(), Source::Defaults));
+                }
+                local.to_owned()
+            }
+        };
+        Ok((Config::load(&path)?, Source::File(path)))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, listen } => serve(&config, listen),
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => check(&config),
+    }
+}
+
+fn check(arg: &ConfigArg) -> ExitCode {
+    match arg.load() {
+        Ok((config, source)) => {
+            match source {
+                Source::File(p) => println!("{}: valid", p.display()),
+                Source::Defaults => println!("no config file: built-in defaults are valid"),
+            }
+            println!(
+                "listen {}  alias {:?}  policy {}",
+                config.server.listen, config.routing.alias, config.routing.policy
+            );
+            for b in &config.backends {
+                let key = match &b.api_key_env {
+                    None => "no key".to_owned(),
+                    Some(var) if std::env::var_os(var).is_some() => format!("key from {var}"),
+                    Some(var) => format!("key from {var} (NOT SET)"),
+                };
+                println!(
+                    "  {:<6} {:<24} {} model={} ({key})",
+                    b.role.as_str(),
+                    b.name,
+                    b.base_url,
+                    b.model
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(arg: &ConfigArg, listen: Option<SocketAddr>) -> ExitCode {
+    let (mut config, source) = match arg.load() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(addr) = listen {
+        config.server.listen = addr;
+    }
+    wattgate::telemetry::init(config.server.log_format);
+    match &source {
+        Source::File(p) => tracing::info!("config: {}", p.display()),
+        Source::Defaults => tracing::info!(
+            "config: built-in defaults (no config/wattgate.toml here; pass --config)"
+        ),
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let addr = config.server.listen;
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: cannot listen on {addr} (server.listen): {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let bound = listener.local_addr().map_or(addr, |a| a);
+        if !bound.ip().is_loopback() {
+            tracing::warn!(
+                "listening on {bound}, which is not loopback: anyone who can reach it can spend your cloud keys (client authentication is not implemented yet)"
+            );
+        }
+        for b in &config.backends {
+            tracing::info!(backend = %b.name, role = b.role.as_str(), url = %b.base_url, model = %b.model, "backend");
+        }
+        tracing::info!(
+            "wattgate {} listening on http://{bound}/v1 (model \"{}\" routes)",
+            env!("CARGO_PKG_VERSION"),
+            config.routing.alias
+        );
+        match wattgate::server::serve(&config, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,261 @@
+//! Route handlers: HTTP in, gateway calls, OpenAI-shaped responses out.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::json;
+
+use super::{AppState, RequestContext};
+use crate::error::ApiError;
+use crate::gateway::{Answer, AnswerBody};
+
+/// How much of an oversized body is read and discarded before answering 413, so that ordinary
+/// clients (which write the whole body before reading) see the 413 instead of a reset.
+const OVERSIZE_DRAIN_BYTES: usize = 32 * 1024 * 1024;
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestContext>,
+    request: Request,
+) -> Response {
+    let limit = state.inner.max_body_bytes;
+    let body = match read_body(request.into_body(), limit).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
+    match state.inner.gateway.chat(&body, ctx.started).await {
+        Ok(answer) => answer_response(answer),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Reads the body up to `limit` bytes; past it, drains a bounded amount and reports 413.
+async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut body = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.next().await {
+        let frame = frame.map_err(|e| {
+            ApiError::invalid_request(format!("Could not read the request body: {e}."))
+        })?;
+        seen = seen.saturating_add(frame.len());
+        if seen > limit {
+            if seen > limit.saturating_add(OVERSIZE_DRAIN_BYTES) {
+                break;
+            }
+            buf = Vec::new();
+            continue;
+        }
+        buf.extend_from_slice(&frame);
+    }
+    if seen > limit {
+        return Err(ApiError::body_too_large(limit));
+    }
+    Ok(buf)
+}
+
+static ROUTE: HeaderName = HeaderName::from_static("x-wattgate-route");
+static BACKEND: HeaderName = HeaderName::from_static("x-wattgate-backend");
+static REASON: HeaderName = HeaderName::from_static("x-wattgate-reason");
+static OVERHEAD: HeaderName = HeaderName::from_static("x-wattgate-overhead-ms");
+static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-wattgate-fallback-from");
+
+fn answer_response(answer: Answer) -> Response {
+    let mut response = match answer.body {
+        AnswerBody::Json(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        AnswerBody::Stream(frames) => (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
+                ),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+                // Ask reverse proxies (nginx) not to buffer the stream.
+                (
+                    HeaderName::from_static("x-accel-buffering"),
+                    HeaderValue::from_static("no"),
+                ),
+            ],
+            Body::from_stream(frames.map(Ok::<_, Infallible>)),
+        )
+            .into_response(),
+        AnswerBody::Error(e) => e.into_response(),
+    };
+    let route = &answer.route;
+    let headers = response.headers_mut();
+    headers.insert(ROUTE.clone(), HeaderValue::from_static(route.role.as_str()));
+    headers.insert(
+        REASON.clone(),
+        HeaderValue::from_static(route.reason.as_str()),
+    );
+    if let Ok(v) = HeaderValue::from_str(&route.backend) {
+        headers.insert(BACKEND.clone(), v);
+    }
+    if let Some(Ok(v)) = route.fallback_from.as_deref().map(HeaderValue::from_str) {
+        headers.insert(FALLBACK_FROM.clone(), v);
+    }
+    let overhead_ms = format!("{:.3}", answer.overhead.as_secs_f64() * 1000.0);
+    if let Ok(v) = HeaderValue::from_str(&overhead_ms) {
+        headers.insert(OVERHEAD.clone(), v);
+    }
+    response
+}
+
+#[derive(Serialize)]
+struct ModelEntry<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+}
+
+fn model_entries(state: &AppState) -> Vec<ModelEntry<'_>> {
+    let gateway = &state.inner.gateway;
+    let alias = ModelEntry {
+        id: gateway.alias(),
+        object: "model",
+        created: 0,
+        owned_by: "wattgate",
+    };
+    std::iter::once(alias)
+        .chain(gateway.backends().iter().map(|b| ModelEntry {
+            id: &b.info().name,
+            object: "model",
+            created: 0,
+            owned_by: match b.info().role {
+                crate::config::Role::Local => "wattgate-local",
+                crate::config::Role::Cloud => "wattgate-cloud",
+            },
+        }))
+        .collect()
+}
+
+/// `GET /v1/models`: the routing alias and every configured backend.
+pub async fn list_models(State(state): State<AppState>) -> Response {
+    Json(json!({"object": "list", "data": model_entries(&state)})).into_response()
+}
+
+/// `GET /v1/models/{id}`.
+pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let entries = model_entries(&state);
+    match entries.iter().find(|m| m.id == id) {
+        Some(m) => Json(m).into_response(),
+        None => {
+            let ids: Vec<&str> = entries.iter().map(|m| m.id).collect();
+            ApiError::model_not_found(&id, &ids).into_response()
+        }
+    }
+}
+
+/// `GET /healthz`: the process is up and serving HTTP.
+pub async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+/// One backend's readiness.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendReadiness {
+    name: String,
+    role: &'static str,
+    ready: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Probe results, reused for a short while so that frequent probes do not hammer upstreams.
+pub struct ReadinessCache {
+    ttl: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, Arc<Vec<BackendReadiness>>)>>,
+}
+
+impl ReadinessCache {
+    /// A cache that keeps results for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+/// `GET /readyz`: 200 when at least one backend can serve, 503 otherwise; lists each backend.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let cache = &state.inner.readiness;
+    let report = {
+        // Holding the lock while probing makes concurrent probes share one round of checks.
+        let mut last = cache.last.lock().await;
+        match last.as_ref() {
+            Some((at, report)) if at.elapsed() < cache.ttl => report.clone(),
+            _ => {
+                let backends = state.inner.gateway.backends();
+                let results = futures::future::join_all(backends.iter().map(|b| b.probe())).await;
+                let report: Arc<Vec<BackendReadiness>> = Arc::new(
+                    backends
+                        .iter()
+                        .zip(results)
+                        .map(|(b, r)| BackendReadiness {
+                            name: b.info().name.clone(),
+                            role: b.info().role.as_str(),
+                            ready: r.is_ok(),
+                            error: r.err(),
+                        })
+                        .collect(),
+                );
+                *last = Some((Instant::now(), report.clone()));
+                report
+            }
+        }
+    };
+    let ready = report.iter().any(|b| b.ready);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "backends": &*report,
+    });
+    (status, Json(body)).into_response()
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match state.inner.metrics.render() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError::internal(format!("Could not render metrics: {e}.")).into_response(),
+    }
+}
+
+/// Any path the gateway does not serve.
+pub async fn unknown_endpoint(method: Method, uri: Uri) -> Response {
+    ApiError::unknown_endpoint(method.as_str(), uri.path()).into_response()
+}
+
+/// A served path with the wrong method.
+pub async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::method_not_allowed(method.as_str(), uri.path()).into_response()
+}

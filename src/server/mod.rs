@@ -1,0 +1,136 @@
+//! The HTTP surface: routes, middleware, and the serve loop with graceful shutdown.
+//!
+//! Handlers are thin: they turn HTTP into calls on the [`Gateway`] and its answers back into
+//! OpenAI-shaped responses with `x-wattgate-*` headers. Everything a client can get wrong, and
+//! every path that does not exist, ends in an [`ApiError`].
+
+mod handlers;
+mod observe;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::Router;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+
+use crate::config::{secs, Config};
+use crate::error::ApiError;
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+
+pub use observe::RequestContext;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    gateway: Gateway,
+    metrics: Arc<Metrics>,
+    max_body_bytes: usize,
+    readiness: handlers::ReadinessCache,
+}
+
+impl AppState {
+    /// Builds metrics, backends and the gateway from a validated config.
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new()?);
+        let backends = crate::backends::build_all(&config.backends)?;
+        let gateway = Gateway::new(config, backends, metrics.clone());
+        Ok(Self {
+            inner: Arc::new(Shared {
+                gateway,
+                metrics,
+                max_body_bytes: config.server.max_body_bytes,
+                readiness: handlers::ReadinessCache::new(secs(config.server.readiness_cache_s)),
+            }),
+        })
+    }
+}
+
+/// The axum application: every route, the 404/405 fallbacks, and the middleware stack.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/models", get(handlers::list_models))
+        .route("/v1/models/{*id}", get(handlers::get_model))
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::unknown_endpoint)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        // The chat handler enforces its own configured limit; this covers the other extractors.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
+        .layer(CatchPanicLayer::custom(|_| {
+            axum::response::IntoResponse::into_response(ApiError::internal(
+                "The gateway hit an internal error (a bug: please report it with the x-request-id).",
+            ))
+        }))
+        .with_state(state)
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops accepting and gives in-flight
+/// requests `server.shutdown_grace_s` to finish.
+pub async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = AppState::from_config(config)?;
+    serve_app(
+        state,
+        listener,
+        shutdown,
+        secs(config.server.shutdown_grace_s),
+    )
+    .await
+}
+
+/// [`serve`] for an already built state.
+pub async fn serve_app(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        // Small SSE frames and JSON replies must not wait for Nagle's algorithm.
+        let _ = tcp.set_nodelay(true);
+    });
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!(
+            "shutdown requested: no longer accepting; waiting up to {:.1}s for in-flight requests",
+            grace.as_secs_f64()
+        );
+        let _ = began_tx.send(());
+    });
+    let deadline = async move {
+        match began_rx.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = server => {
+            result?;
+            tracing::info!("all connections closed; exiting");
+        }
+        () = deadline => {
+            tracing::warn!("shutdown grace period expired; closing the remaining connections");
+        }
+    }
+    Ok(())
+}

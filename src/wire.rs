@@ -1,0 +1,385 @@
+//! OpenAI chat-completions wire format: what the gateway reads from a request, and how it writes the
+//! request to an upstream without touching anything it does not own.
+//!
+//! The gateway keeps the client's JSON object as-is (key order included) and only reads the few
+//! fields routing needs. Everything else — `tools`, `response_format`, `logprobs`, `seed`, vendor
+//! extensions — reaches the upstream byte-for-byte equivalent, so new OpenAI features work through
+//! the gateway without a release.
+
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// A validated chat-completions request.
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    body: Map<String, Value>,
+    /// The `model` the client asked for: the routing alias or a backend name.
+    pub model: String,
+    /// `stream: true`: the client wants server-sent events.
+    pub stream: bool,
+    /// `stream_options.include_usage: true`: the client wants the final usage chunk.
+    pub include_usage: bool,
+    /// Characters of message text, a cheap size signal for routing before tokenization.
+    pub prompt_chars: usize,
+}
+
+/// Token counts as upstreams report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Usage {
+    /// Input tokens.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Output tokens.
+    #[serde(default)]
+    pub completion_tokens: u64,
+    /// Their sum, as the upstream reported it.
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+impl ChatRequest {
+    /// Parses and validates a request body. Errors name the field at fault.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::invalid_request(format!("Could not parse the JSON body: {e}."))
+                .with_code("invalid_json")
+        })?;
+        let Value::Object(body) = value else {
+            return Err(ApiError::invalid_request(format!(
+                "The request body must be a JSON object, got {}.",
+                type_name(&value)
+            ))
+            .with_code("invalid_json"));
+        };
+
+        let model = match body.get("model") {
+            Some(Value::String(m)) if !m.is_empty() => m.clone(),
+            Some(Value::String(_)) => return Err(missing("model", "must not be empty")),
+            Some(other) => {
+                return Err(wrong_type("model", "a string", other));
+            }
+            None => {
+                return Err(missing(
+                    "model",
+                    "is required (use \"auto\" to let the gateway route)",
+                ))
+            }
+        };
+
+        let messages = match body.get("messages") {
+            Some(Value::Array(m)) => m,
+            Some(other) => return Err(wrong_type("messages", "an array", other)),
+            None => return Err(missing("messages", "is required")),
+        };
+        if messages.is_empty() {
+            return Err(missing("messages", "must contain at least one message"));
+        }
+        let mut prompt_chars = 0usize;
+        for (i, message) in messages.iter().enumerate() {
+            let Value::Object(message) = message else {
+                return Err(wrong_type(&format!("messages[{i}]"), "an object", message));
+            };
+            match message.get("role") {
+                Some(Value::String(_)) => {}
+                Some(other) => {
+                    return Err(wrong_type(
+                        &format!("messages[{i}].role"),
+                        "a string",
+                        other,
+                    ))
+                }
+                None => {
+                    return Err(missing(&format!("messages[{i}].role"), "is required"));
+                }
+            }
+            prompt_chars = prompt_chars.saturating_add(content_chars(message.get("content")));
+        }
+
+        let stream = match body.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => return Err(wrong_type("stream", "a boolean", other)),
+        };
+        let include_usage = match body.get("stream_options") {
+            None | Some(Value::Null) => false,
+            Some(Value::Object(o)) => match o.get("include_usage") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(wrong_type(
+                        "stream_options.include_usage",
+                        "a boolean",
+                        other,
+                    ))
+                }
+            },
+            Some(other) => return Err(wrong_type("stream_options", "an object", other)),
+        };
+
+        Ok(Self {
+            body,
+            model,
+            stream,
+            include_usage,
+            prompt_chars,
+        })
+    }
+
+    /// The body to send upstream: the client's object with `model` replaced, and
+    /// `stream_options.include_usage` set when `force_usage` asks for metered streams.
+    pub fn upstream_body(&self, model: &str, force_usage: bool) -> Vec<u8> {
+        let body = UpstreamBody {
+            request: self,
+            model,
+            add_usage: self.stream && force_usage && !self.include_usage,
+        };
+        // Serializing an in-memory JSON tree into a Vec cannot fail.
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
+    /// The client's JSON object, for inspection (e.g. by routers looking at `tools`).
+    pub fn body(&self) -> &Map<String, Value> {
+        &self.body
+    }
+}
+
+struct UpstreamBody<'a> {
+    request: &'a ChatRequest,
+    model: &'a str,
+    add_usage: bool,
+}
+
+impl Serialize for UpstreamBody<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let body = &self.request.body;
+        let mut map = serializer.serialize_map(Some(body.len() + 1))?;
+        let mut wrote_options = false;
+        for (key, value) in body {
+            match key.as_str() {
+                "model" => map.serialize_entry(key, self.model)?,
+                "stream_options" if self.add_usage => {
+                    let mut options = match value {
+                        Value::Object(o) => o.clone(),
+                        _ => Map::new(),
+                    };
+                    options.insert("include_usage".to_owned(), Value::Bool(true));
+                    map.serialize_entry(key, &options)?;
+                    wrote_options = true;
+                }
+                _ => map.serialize_entry(key, value)?,
+            }
+        }
+        if self.add_usage && !wrote_options {
+            map.serialize_entry(
+                "stream_options",
+                &serde_json::json!({"include_usage": true}),
+            )?;
+        }
+        map.end()
+    }
+}
+
+/// Characters of text in a message `content`: a string, or an array of parts with `text`.
+fn content_chars(content: Option<&Value>) -> usize {
+    match content {
+        Some(Value::String(s)) => s.chars().count(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(|s| s.chars().count())
+            .fold(0usize, usize::saturating_add),
+        _ => 0,
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn missing(param: &str, problem: &str) -> ApiError {
+    ApiError::invalid_request(format!("`{param}` {problem}."))
+        .with_param(param)
+        .with_code("invalid_value")
+}
+
+fn wrong_type(param: &str, expected: &str, got: &Value) -> ApiError {
+    ApiError::invalid_request(format!(
+        "`{param}` must be {expected}, got {}.",
+        type_name(got)
+    ))
+    .with_param(param)
+    .with_code("invalid_type")
+}
+
+/// The parts of a streamed chunk the gateway needs, read without materialising the rest.
+#[derive(Deserialize)]
+pub(crate) struct ChunkPeek {
+    #[serde(default)]
+    pub choices: Option<Vec<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    #[serde(default)]
+    pub error: Option<UpstreamError>,
+}
+
+/// An upstream's error object, wherever it appears (error body or stream chunk).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct UpstreamError {
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+}
+
+/// Reads `{"error": {...}}` (OpenAI, vLLM) or `{"error": "text"}` (some local servers).
+pub(crate) fn upstream_error_message(body: &[u8]) -> Option<UpstreamError> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Object(UpstreamError),
+        Text(String),
+    }
+    #[derive(Deserialize)]
+    struct Envelope {
+        error: Either,
+    }
+    match serde_json::from_slice::<Envelope>(body).ok()?.error {
+        Either::Object(e) => Some(e),
+        Either::Text(message) => Some(UpstreamError {
+            message: Some(message),
+            ..Default::default()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<ChatRequest, ApiError> {
+        ChatRequest::parse(&serde_json::to_vec(&v).unwrap())
+    }
+
+    #[test]
+    fn keeps_unknown_fields_and_order_and_replaces_model() {
+        let text = r#"{"temperature":0.2,"model":"auto","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f","parameters":{}}}],"x_vendor":{"a":[1,2]}}"#;
+        let req = ChatRequest::parse(text.as_bytes()).unwrap();
+        let out = String::from_utf8(req.upstream_body("llama", true)).unwrap();
+        assert_eq!(out, text.replace("\"auto\"", "\"llama\""));
+    }
+
+    #[test]
+    fn stream_usage_is_added_or_merged() {
+        let req = parse(serde_json::json!({"model":"m","messages":[{"role":"user","content":"x"}],"stream":true})).unwrap();
+        let out: Value = serde_json::from_slice(&req.upstream_body("u", true)).unwrap();
+        assert_eq!(
+            out["stream_options"],
+            serde_json::json!({"include_usage": true})
+        );
+        let out: Value = serde_json::from_slice(&req.upstream_body("u", false)).unwrap();
+        assert!(out.get("stream_options").is_none());
+
+        let req = parse(serde_json::json!({"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":false,"other":1}})).unwrap();
+        assert!(!req.include_usage);
+        let out: Value = serde_json::from_slice(&req.upstream_body("u", true)).unwrap();
+        assert_eq!(
+            out["stream_options"],
+            serde_json::json!({"include_usage": true, "other": 1})
+        );
+    }
+
+    #[test]
+    fn counts_text_in_string_and_part_contents() {
+        let req = parse(serde_json::json!({"model":"m","messages":[
+            {"role":"system","content":"abc"},
+            {"role":"user","content":[{"type":"text","text":"de"},{"type":"image_url","image_url":{"url":"x"}}]},
+            {"role":"assistant","content":null,"tool_calls":[]}
+        ]})).unwrap();
+        assert_eq!(req.prompt_chars, 5);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (serde_json::json!([1]), None),
+            (
+                serde_json::json!({"messages":[{"role":"user","content":"x"}]}),
+                Some("model"),
+            ),
+            (serde_json::json!({"model":3,"messages":[]}), Some("model")),
+            (serde_json::json!({"model":"m"}), Some("messages")),
+            (
+                serde_json::json!({"model":"m","messages":{}}),
+                Some("messages"),
+            ),
+            (
+                serde_json::json!({"model":"m","messages":[]}),
+                Some("messages"),
+            ),
+            (
+                serde_json::json!({"model":"m","messages":["hi"]}),
+                Some("messages[0]"),
+            ),
+            (
+                serde_json::json!({"model":"m","messages":[{"content":"x"}]}),
+                Some("messages[0].role"),
+            ),
+            (
+                serde_json::json!({"model":"m","messages":[{"role":"user"}],"stream":"yes"}),
+                Some("stream"),
+            ),
+            (
+                serde_json::json!({"model":"m","messages":[{"role":"user"}],"stream_options":{"include_usage":1}}),
+                Some("stream_options.include_usage"),
+            ),
+        ];
+        for (body, param) in cases {
+            let e = parse(body.clone()).expect_err(&body.to_string());
+            assert_eq!(e.status.as_u16(), 400);
+            assert_eq!(e.param.as_deref(), param, "{body}");
+            if let Some(p) = param {
+                assert!(e.message.contains(p), "{}", e.message);
+            }
+        }
+        let e = ChatRequest::parse(b"{\"model\": \"m\",").unwrap_err();
+        assert_eq!(e.code.as_deref(), Some("invalid_json"));
+        let e = ChatRequest::parse(b"\xff\xfe").unwrap_err();
+        assert_eq!(e.status.as_u16(), 400);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":{deep}}}]}}"#);
+        assert_eq!(
+            ChatRequest::parse(body.as_bytes())
+                .unwrap_err()
+                .status
+                .as_u16(),
+            400
+        );
+    }
+
+    #[test]
+    fn reads_both_upstream_error_shapes() {
+        let e = upstream_error_message(
+            br#"{"error":{"message":"slow down","type":"rate_limit_error","code":"rl"}}"#,
+        )
+        .unwrap();
+        assert_eq!(e.message.as_deref(), Some("slow down"));
+        assert_eq!(e.kind.as_deref(), Some("rate_limit_error"));
+        let e = upstream_error_message(br#"{"error":"model not loaded"}"#).unwrap();
+        assert_eq!(e.message.as_deref(), Some("model not loaded"));
+        assert!(upstream_error_message(b"<html>").is_none());
+    }
+}

@@ -1,0 +1,382 @@
+//! Scripted OpenAI-compatible upstreams.
+//!
+//! A [`ScriptedUpstream`] answers the n-th chat request with the n-th [`Behavior`] of its script
+//! (the last one repeats), records every request it received, and answers like a real server:
+//! JSON completions with usage, or SSE streams that honour `stream_options.include_usage`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+/// What the upstream does with one request.
+#[derive(Debug, Clone)]
+pub enum Behavior {
+    /// Answer with this assistant text: a JSON completion, or a word-by-word SSE stream when the
+    /// request has `stream: true`.
+    Reply(String),
+    /// Answer with this status and JSON body (e.g. 429 or 500 with an OpenAI error object).
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// Response body.
+        body: Value,
+        /// `Retry-After` header, if any.
+        retry_after: Option<String>,
+    },
+    /// Wait, then behave as the inner behaviour (a slow or hanging upstream).
+    Delay(Duration, Box<Behavior>),
+    /// Stream `chunks` content chunks, then stop without `[DONE]` (a truncated stream).
+    TruncatedStream {
+        /// Content chunks sent before the stream stops.
+        chunks: usize,
+    },
+    /// Answer 200 with a body that is not JSON.
+    Garbage,
+}
+
+impl Behavior {
+    /// A 500 with an OpenAI-shaped error body.
+    pub fn server_error(message: &str) -> Self {
+        Behavior::Status {
+            status: 500,
+            body: json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}}),
+            retry_after: None,
+        }
+    }
+
+    /// A 429 with an OpenAI-shaped error body and `Retry-After`.
+    pub fn rate_limited(retry_after_s: u32) -> Self {
+        Behavior::Status {
+            status: 429,
+            body: json!({"error": {"message": "Rate limit reached for requests", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}}),
+            retry_after: Some(retry_after_s.to_string()),
+        }
+    }
+
+    /// Waits `delay` before replying with `content`.
+    pub fn slow(delay: Duration, content: &str) -> Self {
+        Behavior::Delay(delay, Box::new(Behavior::Reply(content.to_owned())))
+    }
+}
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    /// The request path, e.g. `/v1/chat/completions`.
+    pub path: String,
+    /// The request headers.
+    pub headers: HeaderMap,
+    /// The JSON body (`Null` if it was not JSON).
+    pub body: Value,
+}
+
+struct Shared {
+    name: String,
+    script: Vec<Behavior>,
+    next: AtomicUsize,
+    requests: Mutex<Vec<RecordedRequest>>,
+    record: bool,
+}
+
+/// A scripted upstream listening on `127.0.0.1:<ephemeral>` until dropped.
+pub struct ScriptedUpstream {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedUpstream {
+    /// Starts an upstream named `model_name` (echoed as the response `model`) with a script.
+    pub async fn start(model_name: &str, script: Vec<Behavior>) -> std::io::Result<Self> {
+        Self::start_on(
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            model_name,
+            script,
+            true,
+        )
+        .await
+    }
+
+    /// Starts on a given address; `record = false` keeps memory flat under load.
+    pub async fn start_on(
+        addr: SocketAddr,
+        model_name: &str,
+        script: Vec<Behavior>,
+        record: bool,
+    ) -> std::io::Result<Self> {
+        let script = if script.is_empty() {
+            vec![Behavior::Reply("ok".to_owned())]
+        } else {
+            script
+        };
+        let shared = Arc::new(Shared {
+            name: model_name.to_owned(),
+            script,
+            next: AtomicUsize::new(0),
+            requests: Mutex::new(Vec::new()),
+            record,
+        });
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/models", get(models))
+            .with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, shared, task })
+    }
+
+    /// The OpenAI base URL, e.g. `http://127.0.0.1:41234/v1`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Chat requests received so far.
+    pub fn hits(&self) -> usize {
+        self.shared.next.load(Ordering::SeqCst)
+    }
+
+    /// Every chat request received so far, in order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared
+            .requests
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ScriptedUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn models(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(json!({"object": "list", "data": [{"id": shared.name, "object": "model", "created": 0, "owned_by": "testkit"}]}))
+        .into_response()
+}
+
+async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let n = shared.next.fetch_add(1, Ordering::SeqCst);
+    let behavior = shared.script[n.min(shared.script.len() - 1)].clone();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if shared.record {
+        if let Ok(mut r) = shared.requests.lock() {
+            r.push(RecordedRequest {
+                path: "/v1/chat/completions".to_owned(),
+                headers,
+                body: body.clone(),
+            });
+        }
+    }
+    respond(&shared.name, &body, behavior).await
+}
+
+async fn respond(model: &str, request: &Value, behavior: Behavior) -> Response {
+    let mut behavior = behavior;
+    while let Behavior::Delay(d, inner) = behavior {
+        tokio::time::sleep(d).await;
+        behavior = *inner;
+    }
+    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
+    let include_usage = request
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        == Some(true);
+    let prompt_tokens = count_prompt_words(request);
+    match behavior {
+        Behavior::Reply(content) if stream => sse(stream_frames(
+            model,
+            &content,
+            prompt_tokens,
+            include_usage,
+            true,
+            usize::MAX,
+        )),
+        Behavior::Reply(content) => {
+            let completion_tokens = content.split_whitespace().count() as u64;
+            axum::Json(json!({
+                "id": "chatcmpl-testkit",
+                "object": "chat.completion",
+                "created": 1_700_000_000u64,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", "logprobs": null}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+            }))
+            .into_response()
+        }
+        Behavior::TruncatedStream { chunks } => sse(stream_frames(
+            model,
+            "one two three four five six seven eight",
+            prompt_tokens,
+            include_usage,
+            false,
+            chunks,
+        )),
+        Behavior::Status {
+            status,
+            body,
+            retry_after,
+        } => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = (code, axum::Json(body)).into_response();
+            if let Some(v) = retry_after.and_then(|v| v.parse().ok()) {
+                response.headers_mut().insert("retry-after", v);
+            }
+            response
+        }
+        Behavior::Garbage => (StatusCode::OK, "<html>not json</html>").into_response(),
+        Behavior::Delay(..) => unreachable!("delays are unwrapped above"),
+    }
+}
+
+/// Words in every message's text content: the upstream's deterministic "token" count.
+fn count_prompt_words(request: &Value) -> u64 {
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+        return 0;
+    };
+    messages
+        .iter()
+        .map(|m| match m.get("content") {
+            Some(Value::String(s)) => s.split_whitespace().count() as u64,
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .map(|s| s.split_whitespace().count() as u64)
+                .sum(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// The SSE frames of a streamed reply: a role chunk, one chunk per word, a finish chunk, the
+/// usage chunk when asked for, and `[DONE]` unless `complete` is false (then it stops after
+/// `max_content` content chunks).
+pub fn stream_frames(
+    model: &str,
+    content: &str,
+    prompt_tokens: u64,
+    include_usage: bool,
+    complete: bool,
+    max_content: usize,
+) -> Vec<String> {
+    let usage_field = if include_usage { ",\"usage\":null" } else { "" };
+    let chunk = |delta: Value, finish: Value| {
+        format!(
+            "data: {{\"id\":\"chatcmpl-testkit\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":{},\"choices\":[{{\"index\":0,\"delta\":{},\"finish_reason\":{}}}]{usage_field}}}\n\n",
+            json!(model), delta, finish
+        )
+    };
+    let mut frames = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
+    let words: Vec<&str> = content.split_whitespace().collect();
+    for (i, w) in words.iter().enumerate().take(max_content) {
+        let piece = if i == 0 {
+            (*w).to_owned()
+        } else {
+            format!(" {w}")
+        };
+        frames.push(chunk(json!({"content": piece}), Value::Null));
+    }
+    if !complete {
+        return frames;
+    }
+    frames.push(chunk(json!({}), json!("stop")));
+    if include_usage {
+        let completion = words.len() as u64;
+        frames.push(format!(
+            "data: {{\"id\":\"chatcmpl-testkit\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":{},\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt_tokens},\"completion_tokens\":{completion},\"total_tokens\":{}}}}}\n\n",
+            json!(model),
+            prompt_tokens + completion
+        ));
+    }
+    frames.push("data: [DONE]\n\n".to_owned());
+    frames
+}
+
+fn sse(frames: Vec<String>) -> Response {
+    let stream = futures::stream::iter(
+        frames
+            .into_iter()
+            .map(|f| Ok::<_, std::convert::Infallible>(Bytes::from(f))),
+    );
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// An upstream that accepts connections, reads the request, and resets the connection (TCP RST)
+/// without answering.
+pub struct ResetUpstream {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    hits: Arc<AtomicUsize>,
+}
+
+impl ResetUpstream {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                // Read (part of) the request so the client is past its write, then reset.
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), socket.read(&mut buf)).await;
+                let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+                drop(socket);
+            }
+        });
+        Ok(Self { addr, task, hits })
+    }
+
+    /// The OpenAI base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Connections accepted (and reset) so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ResetUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A base URL on a loopback port with no listener: connections are refused.
+pub fn refused_base_url() -> std::io::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    drop(listener);
+    Ok(format!("http://{addr}/v1"))
+}

@@ -1,0 +1,173 @@
+//! Shared test support: start the real gateway on an ephemeral loopback port, build config for
+//! scripted upstreams, and make clients (async-openai without retries, raw reqwest).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use async_openai::config::OpenAIConfig;
+use async_openai::middleware::ReqwestService;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use wattgate::config::Config;
+
+/// The gateway, serving in-process on 127.0.0.1:<ephemeral> until dropped.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Gateway {
+    /// Starts the gateway with this TOML config.
+    pub async fn start(toml: &str) -> Self {
+        let config =
+            Config::parse(toml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            wattgate::server::serve(&config, listener, async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Self {
+            addr,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// An async-openai client for this gateway, with the SDK's retries disabled so every status
+    /// the gateway returns reaches the test.
+    pub fn openai(&self) -> async_openai::Client<OpenAIConfig> {
+        let config = OpenAIConfig::new()
+            .with_api_base(self.url("/v1"))
+            .with_api_key("test-key");
+        async_openai::Client::with_config(config)
+            .with_http_service(ReqwestService::new(reqwest::Client::new()))
+    }
+
+    /// Posts a raw JSON value to /v1/chat/completions.
+    pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url("/v1/chat/completions"))
+            .json(body)
+            .send()
+            .await
+            .expect("gateway reachable")
+    }
+
+    /// The Prometheus text from /metrics.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.abort();
+    }
+}
+
+/// A `[[backends]]` table for an OpenAI-compatible upstream; `extra` adds lines.
+pub fn backend(name: &str, role: &str, base_url: &str, extra: &str) -> String {
+    format!(
+        "[[backends]]\nname = \"{name}\"\nkind = \"openai\"\nrole = \"{role}\"\nbase_url = \"{base_url}\"\nmodel = \"{name}-upstream\"\nparameters = 1e9\n{extra}\n"
+    )
+}
+
+/// A config with one local and one cloud backend, plus extra TOML in front.
+pub fn local_and_cloud(head: &str, local_url: &str, cloud_url: &str, local_extra: &str) -> String {
+    format!(
+        "{head}\n{}{}",
+        backend("local", "local", local_url, local_extra),
+        backend("cloud", "cloud", cloud_url, "")
+    )
+}
+
+/// A simple user chat request body.
+pub fn chat_body(model: &str, text: &str) -> Value {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]})
+}
+
+/// A response header as a string ("" when absent).
+pub fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Asserts the OpenAI error shape (exactly message, type, param, code) and returns the object.
+pub async fn expect_error(response: reqwest::Response, status: u16) -> Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    assert_eq!(header(&response, "content-type"), "application/json");
+    assert!(
+        !header(&response, "x-request-id").is_empty(),
+        "x-request-id on errors"
+    );
+    let body: Value = response.json().await.expect("error body is JSON");
+    let error = body
+        .get("error")
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("no error object: {body}"));
+    let mut keys: Vec<&str> = error.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "message", "param", "type"], "{body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["type"].is_string(), "{body}");
+    body["error"].clone()
+}
+
+/// The value of a Prometheus sample with exactly these labels (0 when absent).
+pub fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            let label_text = rest.trim_end_matches('}');
+            let mut have: Vec<(String, String)> = label_text
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    Some((k.to_owned(), v.trim_matches('"').to_owned()))
+                })
+                .collect();
+            let mut want: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            have.sort();
+            want.sort();
+            (have == want).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
