@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use http::StatusCode;
+use axum::http::StatusCode;
 
 use crate::config::{BackendConfig, BackendKind, Role};
 use crate::error::ApiError;

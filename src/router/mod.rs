@@ -100,6 +100,9 @@ impl RuleRouter {
             (RoutingPolicy::PreferLocal, Some(_), Some(c)) if too_long => {
                 pick(c, Reason::PromptTooLong)
             }
+            (RoutingPolicy::PreferLocal, Some(l), None) if too_long => {
+                pick(l, Reason::NoCloudBackend)
+            }
             (RoutingPolicy::PreferLocal, Some(l), _) => pick(l, Reason::PreferLocal),
             (_, None, Some(c)) => pick(c, Reason::NoLocalBackend),
             (_, Some(l), None) => pick(l, Reason::NoCloudBackend),

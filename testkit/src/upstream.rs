@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -39,6 +40,11 @@ pub enum Behavior {
     /// Stream `chunks` content chunks, then stop without `[DONE]` (a truncated stream).
     TruncatedStream {
         /// Content chunks sent before the stream stops.
+        chunks: usize,
+    },
+    /// Stream `chunks` content chunks, then keep the connection open without sending anything.
+    StalledStream {
+        /// Content chunks sent before the stream goes silent.
         chunks: usize,
     },
     /// Answer 200 with a body that is not JSON.
@@ -232,6 +238,26 @@ async fn respond(model: &str, request: &Value, behavior: Behavior) -> Response {
             false,
             chunks,
         )),
+        Behavior::StalledStream { chunks } => {
+            let frames = stream_frames(
+                model,
+                "one two three four",
+                prompt_tokens,
+                include_usage,
+                false,
+                chunks,
+            );
+            let stream = futures::stream::iter(
+                frames
+                    .into_iter()
+                    .map(|f| Ok::<_, std::convert::Infallible>(Bytes::from(f))),
+            )
+            .chain(futures::stream::pending());
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(stream))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
         Behavior::Status {
             status,
             body,

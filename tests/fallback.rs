@@ -1,0 +1,405 @@
+//! Failure handling against scripted loopback upstreams: local failures before the first byte
+//! fall back to the cloud; cloud failures become OpenAI-shaped 4xx/5xx with the upstream's words.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use async_openai::error::OpenAIError;
+use async_openai::types::chat::{
+    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions,
+    CreateChatCompletionRequestArgs,
+};
+use futures::StreamExt;
+use serde_json::json;
+use support::{backend, chat_body, expect_error, header, local_and_cloud, sample, Gateway};
+use wattgate_testkit::{refused_base_url, Behavior, ResetUpstream, ScriptedUpstream};
+
+async fn cloud_ok() -> ScriptedUpstream {
+    ScriptedUpstream::start(
+        "cloud-upstream",
+        vec![Behavior::Reply("cloud saved the day".to_owned())],
+    )
+    .await
+    .expect("cloud upstream")
+}
+
+async fn local_with(script: Vec<Behavior>) -> ScriptedUpstream {
+    ScriptedUpstream::start("local-upstream", script)
+        .await
+        .expect("local upstream")
+}
+
+/// Sends one non-streaming and one streaming request through a gateway whose local backend is
+/// at `local_url`, and checks both were served by the cloud with `reason`.
+async fn assert_falls_back(local_url: &str, local_extra: &str, reason: &str) {
+    let cloud = cloud_ok().await;
+    let gw = Gateway::start(&local_and_cloud(
+        "",
+        local_url,
+        &cloud.base_url(),
+        local_extra,
+    ))
+    .await;
+
+    let started = Instant::now();
+    let r = gw.post_chat(&chat_body("auto", "hi")).await;
+    assert_eq!(r.status(), 200, "{reason}");
+    assert_eq!(header(&r, "x-wattgate-route"), "cloud");
+    assert_eq!(header(&r, "x-wattgate-backend"), "cloud");
+    assert_eq!(header(&r, "x-wattgate-reason"), reason);
+    assert_eq!(header(&r, "x-wattgate-fallback-from"), "local");
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "cloud saved the day"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fallback took {:?}",
+        started.elapsed()
+    );
+
+    // The same through async-openai, streaming.
+    let req = CreateChatCompletionRequestArgs::default()
+        .model("auto")
+        .messages(vec![ChatCompletionRequestUserMessageArgs::default()
+            .content("hi")
+            .build()
+            .expect("msg")
+            .into()])
+        .stream_options(ChatCompletionStreamOptions {
+            include_usage: Some(true),
+            include_obfuscation: None,
+        })
+        .build()
+        .expect("request");
+    let mut stream = gw
+        .openai()
+        .chat()
+        .create_stream(req)
+        .await
+        .expect("stream opened");
+    let mut text = String::new();
+    let mut usage = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("chunk");
+        text.extend(chunk.choices.iter().filter_map(|c| c.delta.content.clone()));
+        usage = usage.or(chunk.usage);
+    }
+    assert_eq!(text, "cloud saved the day");
+    assert_eq!(usage.map(|u| u.completion_tokens), Some(4));
+    assert_eq!(cloud.hits(), 2);
+
+    let m = gw.metrics().await;
+    let fallbacks: f64 = ["timeout", "unreachable", "protocol", "error_status"]
+        .iter()
+        .map(|k| {
+            sample(
+                &m,
+                "wattgate_fallbacks_total",
+                &[("from", "local"), ("to", "cloud"), ("kind", k)],
+            )
+        })
+        .sum();
+    assert_eq!(fallbacks, 2.0);
+    assert_eq!(
+        sample(
+            &m,
+            "wattgate_chat_requests_total",
+            &[
+                ("route", "cloud"),
+                ("backend", "cloud"),
+                ("reason", reason),
+                ("outcome", "ok")
+            ]
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn local_500_falls_back_to_cloud() {
+    let local = local_with(vec![Behavior::server_error("model crashed")]).await;
+    assert_falls_back(&local.base_url(), "", "fallback_local_error").await;
+    assert_eq!(local.hits(), 2);
+}
+
+#[tokio::test]
+async fn local_429_falls_back_to_cloud() {
+    let local = local_with(vec![Behavior::rate_limited(1)]).await;
+    assert_falls_back(&local.base_url(), "", "fallback_local_error").await;
+}
+
+#[tokio::test]
+async fn local_connection_refused_falls_back_to_cloud() {
+    let url = refused_base_url().expect("port");
+    assert_falls_back(&url, "", "fallback_local_unreachable").await;
+}
+
+#[tokio::test]
+async fn local_connection_reset_falls_back_to_cloud() {
+    let local = ResetUpstream::start().await.expect("reset upstream");
+    assert_falls_back(&local.base_url(), "", "fallback_local_unreachable").await;
+    assert!(local.hits() >= 2);
+}
+
+#[tokio::test]
+async fn local_timeout_before_first_byte_falls_back_to_cloud() {
+    let local = local_with(vec![Behavior::slow(Duration::from_secs(30), "too late")]).await;
+    assert_falls_back(
+        &local.base_url(),
+        "first_byte_timeout_s = 0.3",
+        "fallback_local_timeout",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn local_garbage_falls_back_to_cloud() {
+    let local = local_with(vec![Behavior::Garbage]).await;
+    assert_falls_back(&local.base_url(), "", "fallback_local_error").await;
+}
+
+#[tokio::test]
+async fn pinned_local_backend_does_not_fall_back() {
+    let local = local_with(vec![Behavior::server_error("model crashed")]).await;
+    let cloud = cloud_ok().await;
+    let gw = Gateway::start(&local_and_cloud(
+        "",
+        &local.base_url(),
+        &cloud.base_url(),
+        "",
+    ))
+    .await;
+    let r = gw.post_chat(&chat_body("local", "hi")).await;
+    assert_eq!(header(&r, "x-wattgate-reason"), "pinned");
+    let e = expect_error(r, 502).await;
+    assert_eq!(e["type"], "upstream_error");
+    assert_eq!(e["code"], "upstream_http_500");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("model crashed"),
+        "{e}"
+    );
+    assert_eq!(cloud.hits(), 0);
+}
+
+#[tokio::test]
+async fn fallback_can_be_disabled() {
+    let local = local_with(vec![Behavior::server_error("model crashed")]).await;
+    let cloud = cloud_ok().await;
+    let gw = Gateway::start(&local_and_cloud(
+        "[routing]\nfallback_to_cloud = false",
+        &local.base_url(),
+        &cloud.base_url(),
+        "",
+    ))
+    .await;
+    let r = gw.post_chat(&chat_body("auto", "hi")).await;
+    assert_eq!(header(&r, "x-wattgate-route"), "local");
+    expect_error(r, 502).await;
+    assert_eq!(cloud.hits(), 0);
+}
+
+async fn cloud_only_gateway(script: Vec<Behavior>, extra: &str) -> (ScriptedUpstream, Gateway) {
+    let cloud = ScriptedUpstream::start("cloud-upstream", script)
+        .await
+        .expect("cloud");
+    let gw = Gateway::start(&backend("cloud", "cloud", &cloud.base_url(), extra)).await;
+    (cloud, gw)
+}
+
+#[tokio::test]
+async fn cloud_500_is_a_502_with_the_upstream_message() {
+    let (_cloud, gw) =
+        cloud_only_gateway(vec![Behavior::server_error("overloaded, try later")], "").await;
+    let r = gw.post_chat(&chat_body("auto", "hi")).await;
+    assert_eq!(header(&r, "x-wattgate-route"), "cloud");
+    assert_eq!(header(&r, "x-wattgate-reason"), "no_local_backend");
+    let e = expect_error(r, 502).await;
+    assert_eq!(e["type"], "upstream_error");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("overloaded, try later"),
+        "{e}"
+    );
+
+    // async-openai sees the same status and error object.
+    let req = CreateChatCompletionRequestArgs::default()
+        .model("auto")
+        .messages(vec![ChatCompletionRequestUserMessageArgs::default()
+            .content("hi")
+            .build()
+            .expect("msg")
+            .into()])
+        .build()
+        .expect("request");
+    match gw.openai().chat().create(req).await {
+        Err(OpenAIError::ApiError(e)) => {
+            assert_eq!(e.status_code.as_u16(), 502);
+            // async-openai keeps 5xx bodies raw in `message`: it must be our JSON error object.
+            let body: serde_json::Value =
+                serde_json::from_str(&e.api_error.message).expect("JSON error body");
+            assert_eq!(body["error"]["type"], "upstream_error");
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn cloud_429_is_relayed_with_retry_after() {
+    let (_cloud, gw) = cloud_only_gateway(vec![Behavior::rate_limited(7)], "").await;
+    let r = gw.post_chat(&chat_body("auto", "hi")).await;
+    assert_eq!(header(&r, "retry-after"), "7");
+    let e = expect_error(r, 429).await;
+    assert_eq!(e["type"], "rate_limit_error");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Rate limit reached"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn cloud_timeout_is_a_504() {
+    let (_cloud, gw) = cloud_only_gateway(
+        vec![Behavior::slow(Duration::from_secs(30), "late")],
+        "first_byte_timeout_s = 0.3",
+    )
+    .await;
+    let started = Instant::now();
+    let e = expect_error(gw.post_chat(&chat_body("auto", "hi")).await, 504).await;
+    assert_eq!(e["code"], "upstream_timeout");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("first_byte_timeout_s"),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn cloud_unreachable_is_a_502() {
+    let url = refused_base_url().expect("port");
+    let gw = Gateway::start(&backend("cloud", "cloud", &url, "")).await;
+    let e = expect_error(gw.post_chat(&chat_body("auto", "hi")).await, 502).await;
+    assert_eq!(e["code"], "upstream_unreachable");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_lowercase()
+            .contains("refused"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn local_and_cloud_both_failing_reports_the_cloud_failure() {
+    let local = local_with(vec![Behavior::server_error("local down")]).await;
+    let cloud = ScriptedUpstream::start("c", vec![Behavior::server_error("cloud down too")])
+        .await
+        .expect("cloud");
+    let gw = Gateway::start(&local_and_cloud(
+        "",
+        &local.base_url(),
+        &cloud.base_url(),
+        "",
+    ))
+    .await;
+    let r = gw.post_chat(&chat_body("auto", "hi")).await;
+    assert_eq!(header(&r, "x-wattgate-route"), "cloud");
+    assert_eq!(header(&r, "x-wattgate-reason"), "fallback_local_error");
+    let e = expect_error(r, 502).await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cloud down too"),
+        "{e}"
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "wattgate_upstream_errors_total",
+            &[("backend", "local"), ("kind", "error_status")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "wattgate_upstream_errors_total",
+            &[("backend", "cloud"), ("kind", "error_status")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_the_first_byte_ends_with_an_error_frame() {
+    let (_cloud, gw) = cloud_only_gateway(vec![Behavior::TruncatedStream { chunks: 2 }], "").await;
+    let mut body = chat_body("auto", "hi");
+    body["stream"] = json!(true);
+    let r = gw.post_chat(&body).await;
+    assert_eq!(r.status(), 200, "headers were already committed");
+    let text = r.text().await.expect("body");
+    let frames: Vec<&str> = text.split("\n\n").filter(|f| !f.is_empty()).collect();
+    assert_eq!(frames.len(), 4, "role, two words, error:\n{text}");
+    let last: serde_json::Value =
+        serde_json::from_str(frames[3].trim_start_matches("data: ")).expect("error frame");
+    assert_eq!(last["error"]["code"], "upstream_protocol_error");
+    assert!(last["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("[DONE]"));
+    assert!(!text.contains("[DONE]\n"), "no [DONE] after a failure");
+    let m = gw.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "wattgate_chat_requests_total",
+            &[
+                ("route", "cloud"),
+                ("backend", "cloud"),
+                ("reason", "no_local_backend"),
+                ("outcome", "error")
+            ]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_stalls_is_cut_at_the_total_timeout() {
+    // The first chunk arrives in time, then the upstream goes silent with the connection open.
+    let (_cloud, gw) = cloud_only_gateway(
+        vec![Behavior::StalledStream { chunks: 1 }],
+        "total_timeout_s = 0.5\nfirst_byte_timeout_s = 0.5",
+    )
+    .await;
+    let mut body = chat_body("auto", "hi");
+    body["stream"] = json!(true);
+    let started = Instant::now();
+    let text = gw.post_chat(&body).await.text().await.expect("body");
+    let elapsed = started.elapsed();
+    let frames: Vec<&str> = text.split("\n\n").filter(|f| !f.is_empty()).collect();
+    assert_eq!(frames.len(), 3, "role, one word, error:\n{text}");
+    let last: serde_json::Value =
+        serde_json::from_str(frames[2].trim_start_matches("data: ")).expect("error frame");
+    assert_eq!(last["error"]["code"], "upstream_timeout");
+    assert!(
+        elapsed >= Duration::from_millis(450) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+}
