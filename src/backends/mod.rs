@@ -9,9 +9,9 @@ pub mod openai;
 
 use std::sync::Arc;
 
+use axum::http::StatusCode;
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use axum::http::StatusCode;
 
 use crate::config::{BackendConfig, BackendKind, Role};
 use crate::error::ApiError;

@@ -1,0 +1,41 @@
+//! A standalone OpenAI-compatible upstream for scripts and load tests: answers every chat request
+//! with a fixed reply (JSON or SSE), optionally after a delay. Prints its address on stdout.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use wattgate_testkit::{Behavior, ScriptedUpstream};
+
+#[derive(Parser)]
+#[command(about = "Scripted OpenAI-compatible upstream on loopback")]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Model name reported in responses.
+    #[arg(long, default_value = "testkit-model")]
+    model: String,
+    /// Assistant reply text (streamed word by word for stream requests).
+    #[arg(long, default_value = "Hello from the wattgate testkit upstream.")]
+    reply: String,
+    /// Delay before answering, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let reply = Behavior::Reply(args.reply);
+    let behavior = if args.delay_ms > 0 {
+        Behavior::Delay(Duration::from_millis(args.delay_ms), Box::new(reply))
+    } else {
+        reply
+    };
+    let upstream =
+        ScriptedUpstream::start_on(args.listen, &args.model, vec![behavior], false).await?;
+    println!("{}", upstream.base_url());
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
