@@ -37,7 +37,7 @@ parameters = 1e9
 TOML
 WATTGATE_LOG=warn "$BIN/wattgate" serve --config "$work/wattgate.toml" &
 pids+=($!)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$GW_PORT/healthz" >/dev/null && break; sleep 0.1; done
+python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
 
 prompts_arg=()
 [ -f "$PROMPTS" ] && prompts_arg=(--prompts "$PROMPTS")

@@ -1,0 +1,108 @@
+"""End-to-end checks of a running wattgate with the official `openai` Python package.
+
+Usage: e2e_openai.py BASE_URL   (the gateway configured by scripts/e2e_openai_python.sh)
+Prints one line per check and a closing "N passed, M failed" line; exits 1 on any failure.
+"""
+import sys
+
+import openai
+
+base_url = sys.argv[1]
+client = openai.OpenAI(base_url=base_url, api_key="unused-by-the-gateway", max_retries=0)
+results = []
+
+
+def check(name, fn):
+    try:
+        fn()
+        results.append(True)
+        print(f"ok    {name}")
+    except Exception as e:  # report every failure, keep going
+        results.append(False)
+        print(f"FAIL  {name}: {type(e).__name__}: {e}")
+
+
+def non_streaming():
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "say hello"}]
+    )
+    reply = raw.parse()
+    assert reply.choices[0].message.content == "local says hello", reply
+    assert reply.model == "local-model", reply.model
+    assert reply.usage.prompt_tokens == 2 and reply.usage.completion_tokens == 3, reply.usage
+    assert raw.headers["x-wattgate-route"] == "local", dict(raw.headers)
+    assert raw.headers["x-wattgate-reason"] == "prefer_local"
+    assert float(raw.headers["x-wattgate-overhead-ms"]) >= 0
+    assert raw.headers.get("x-request-id")
+
+
+def streaming_with_usage():
+    stream = client.chat.completions.create(
+        model="auto",
+        messages=[{"role": "user", "content": "stream please"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    for chunk in stream:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert text == "local says hello", text
+    assert usage is not None and usage.completion_tokens == 3, usage
+
+
+def streaming_without_usage():
+    stream = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "stream"}], stream=True
+    )
+    chunks = list(stream)
+    assert all(getattr(c, "usage", None) is None for c in chunks), "usage leaked into the stream"
+    assert "".join(ch.delta.content or "" for c in chunks for ch in c.choices) == "local says hello"
+
+
+def pinned_cloud():
+    reply = client.chat.completions.create(
+        model="cloud", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.choices[0].message.content == "cloud says hello", reply
+
+
+def models_list():
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["auto", "local", "cloud"], ids
+
+
+def unknown_model_is_not_found():
+    try:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    except openai.NotFoundError as e:
+        assert e.body["code"] == "model_not_found", e.body
+        return
+    raise AssertionError("expected NotFoundError")
+
+
+def missing_messages_is_bad_request():
+    try:
+        client.chat.completions.create(model="auto", messages=[])
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "messages", e.body
+        return
+    raise AssertionError("expected BadRequestError")
+
+
+for name, fn in [
+    ("non-streaming completion, routed local, headers", non_streaming),
+    ("streaming completion with include_usage", streaming_with_usage),
+    ("streaming completion without usage", streaming_without_usage),
+    ("pinned cloud model", pinned_cloud),
+    ("models list", models_list),
+    ("unknown model -> NotFoundError", unknown_model_is_not_found),
+    ("empty messages -> BadRequestError", missing_messages_is_bad_request),
+]:
+    check(name, fn)
+
+passed, failed = results.count(True), results.count(False)
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
