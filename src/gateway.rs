@@ -89,7 +89,8 @@ impl Gateway {
 
         // 3. Serve, with fallback to the cloud before the first byte.
         let meter = RequestMeter::start(self.metrics.clone());
-        let (decision, fallback_from, result, upstream_wait) = self.serve(&request, decision).await;
+        let (decision, fallback_from, first_failure, result, upstream_wait) =
+            self.serve(&request, decision).await;
         let info = self.backends[decision.backend].info();
         let route = Route {
             role: info.role,
@@ -113,7 +114,14 @@ impl Gateway {
             )),
             Err(e) => {
                 meter.finish(Outcome::Error, None);
-                AnswerBody::Error(e.to_api_error(&route.backend))
+                let mut error = e.to_api_error(&route.backend);
+                if let (Some(from), Some(first)) = (&route.fallback_from, &first_failure) {
+                    error.message = format!(
+                        "{} (This was a fallback: local backend `{from}` failed first: {first}.)",
+                        error.message
+                    );
+                }
+                AnswerBody::Error(error)
             }
         };
         let overhead = started.elapsed().saturating_sub(upstream_wait);
@@ -147,8 +155,8 @@ impl Gateway {
     }
 
     /// Runs the decided backend; on a local failure, the cloud. Returns the decision that
-    /// produced the result, the backend that failed first (if any), the result, and the time
-    /// spent waiting on upstreams.
+    /// produced the result, the backend that failed first and how (if it fell back), the
+    /// result, and the time spent waiting on upstreams.
     async fn serve(
         &self,
         request: &ChatRequest,
@@ -156,17 +164,18 @@ impl Gateway {
     ) -> (
         Decision,
         Option<usize>,
+        Option<BackendError>,
         Result<Reply, BackendError>,
         Duration,
     ) {
         let waited = Instant::now();
         let first = self.attempt(decision.backend, request).await;
         let err = match first {
-            Ok(reply) => return (decision, None, Ok(reply), waited.elapsed()),
+            Ok(reply) => return (decision, None, None, Ok(reply), waited.elapsed()),
             Err(e) => e,
         };
         let Some(cloud) = self.fallback_target(decision) else {
-            return (decision, None, Err(err), waited.elapsed());
+            return (decision, None, None, Err(err), waited.elapsed());
         };
         let from = self.backends[decision.backend].info();
         let to = self.backends[cloud].info();
@@ -185,7 +194,13 @@ impl Gateway {
             reason: fallback_reason(&err),
         };
         let result = self.attempt(cloud, request).await;
-        (fallback, Some(decision.backend), result, waited.elapsed())
+        (
+            fallback,
+            Some(decision.backend),
+            Some(err),
+            result,
+            waited.elapsed(),
+        )
     }
 
     async fn attempt(&self, backend: usize, request: &ChatRequest) -> Result<Reply, BackendError> {

@@ -161,6 +161,11 @@ async fn streaming_without_include_usage_hides_the_metering_chunk_but_counts_tok
         !text.contains("usage"),
         "no usage the client did not ask for:\n{text}"
     );
+    assert_eq!(
+        frames.len(),
+        6,
+        "role + 3 words + finish + [DONE], no usage chunk:\n{text}"
+    );
     let content: String = frames[..frames.len() - 1]
         .iter()
         .map(|f| {

@@ -96,7 +96,7 @@ impl OpenAiBackend {
         BackendError::Timeout { phase, seconds }
     }
 
-    fn transport_error(&self, e: &reqwest::Error) -> BackendError {
+    fn transport_error(&self, url: &str, e: &reqwest::Error) -> BackendError {
         // No reqwest-level total timeout is set, so a reqwest timeout is the connect timeout.
         if e.is_timeout() {
             return self.timeout(TimeoutPhase::Connect);
@@ -107,7 +107,7 @@ impl OpenAiBackend {
             "connection failed"
         };
         BackendError::Unreachable {
-            detail: format!("{what} to {}: {}", self.chat_url, error_chain(e)),
+            detail: format!("{what} to {url}: {}", error_chain(e)),
         }
     }
 }
@@ -133,7 +133,7 @@ impl Backend for OpenAiBackend {
         }
         let response = match timeout_at(first_byte_deadline, builder.send()).await {
             Err(_) => return Err(self.timeout(TimeoutPhase::FirstByte)),
-            Ok(Err(e)) => return Err(self.transport_error(&e)),
+            Ok(Err(e)) => return Err(self.transport_error(&self.chat_url, &e)),
             Ok(Ok(r)) => r,
         };
 
@@ -155,7 +155,7 @@ impl Backend for OpenAiBackend {
         if !request.stream {
             let body = match timeout_at(deadline, response.bytes()).await {
                 Err(_) => return Err(self.timeout(TimeoutPhase::Total)),
-                Ok(Err(e)) => return Err(self.transport_error(&e)),
+                Ok(Err(e)) => return Err(self.transport_error(&self.chat_url, &e)),
                 Ok(Ok(b)) => b,
             };
             let usage = completion_usage(&body)?;
@@ -207,7 +207,7 @@ impl Backend for OpenAiBackend {
                 self.models_url,
                 PROBE_TIMEOUT.as_secs()
             )),
-            Ok(Err(e)) => Err(self.transport_error(&e).to_string()),
+            Ok(Err(e)) => Err(self.transport_error(&self.models_url, &e).to_string()),
             Ok(Ok(r)) if r.status().is_success() => Ok(()),
             Ok(Ok(r)) => Err(format!(
                 "GET {} answered HTTP {}",
