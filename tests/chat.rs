@@ -4,31 +4,13 @@
 mod support;
 
 use async_openai::types::chat::{
-    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessageArgs,
-    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions, ChatCompletionTool,
-    ChatCompletionTools, CreateChatCompletionRequest, CreateChatCompletionRequestArgs,
-    FunctionObject, ResponseFormat, ResponseFormatJsonSchema,
+    ChatCompletionRequestMessage, ChatCompletionRequestSystemMessageArgs, ChatCompletionTool,
+    ChatCompletionTools, CreateChatCompletionRequestArgs, FunctionObject, ResponseFormat,
+    ResponseFormatJsonSchema,
 };
-use futures::StreamExt;
 use serde_json::{json, Value};
 use support::{chat_body, header, local_and_cloud, sample, Gateway};
 use wattgate_testkit::{Behavior, ScriptedUpstream};
-
-fn user(text: &str) -> ChatCompletionRequestMessage {
-    ChatCompletionRequestUserMessageArgs::default()
-        .content(text)
-        .build()
-        .expect("message")
-        .into()
-}
-
-fn request(model: &str, text: &str) -> CreateChatCompletionRequest {
-    CreateChatCompletionRequestArgs::default()
-        .model(model)
-        .messages(vec![user(text)])
-        .build()
-        .expect("request")
-}
 
 async fn pair(local: &str, cloud: &str) -> (ScriptedUpstream, ScriptedUpstream) {
     let l = ScriptedUpstream::start("local-upstream", vec![Behavior::Reply(local.to_owned())])
@@ -54,7 +36,7 @@ async fn non_streaming_auto_is_served_locally_with_usage_and_headers() {
     let reply = gw
         .openai()
         .chat()
-        .create(request("auto", "say hi please"))
+        .create(support::user_request("auto", "say hi please"))
         .await
         .expect("completion");
     assert_eq!(reply.model, "local-upstream");
@@ -102,31 +84,9 @@ async fn streaming_relays_chunks_and_the_usage_chunk_when_asked() {
     ))
     .await;
 
-    let mut req = request("auto", "one two three four");
-    req.stream_options = Some(ChatCompletionStreamOptions {
-        include_usage: Some(true),
-        include_obfuscation: None,
-    });
-    let mut stream = gw
-        .openai()
-        .chat()
-        .create_stream(req)
-        .await
-        .expect("stream opened");
-    let mut text = String::new();
-    let mut usage = None;
-    let mut chunks = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.expect("chunk");
-        chunks += 1;
-        for choice in &chunk.choices {
-            text.push_str(choice.delta.content.as_deref().unwrap_or_default());
-        }
-        if chunk.usage.is_some() {
-            assert!(chunk.choices.is_empty(), "usage arrives in its own chunk");
-            usage = chunk.usage;
-        }
-    }
+    let got =
+        support::stream_with_usage(&gw, support::user_request("auto", "one two three four")).await;
+    let (text, chunks, usage) = (got.text, got.chunks, got.usage);
     assert_eq!(text, "the quick brown fox");
     assert_eq!(chunks, 7, "role + 4 words + finish + usage");
     let usage = usage.expect("final usage chunk");
@@ -287,7 +247,7 @@ async fn tools_response_format_and_unknown_fields_pass_through_untouched() {
     });
     let req = CreateChatCompletionRequestArgs::default()
         .model("auto")
-        .messages(vec![system, user("Weather in Paris?")])
+        .messages(vec![system, support::user_message("Weather in Paris?")])
         .tools(vec![tool])
         .response_format(ResponseFormat::JsonSchema {
             json_schema: ResponseFormatJsonSchema {
@@ -356,7 +316,7 @@ async fn naming_a_backend_pins_it() {
     let reply = gw
         .openai()
         .chat()
-        .create(request("cloud", "hi"))
+        .create(support::user_request("cloud", "hi"))
         .await
         .expect("pinned cloud");
     assert_eq!(
@@ -567,10 +527,7 @@ async fn a_missing_cloud_key_is_reported_not_sent() {
     let gw = Gateway::start(&config).await;
     let e = support::expect_error(gw.post_chat(&chat_body("cloud", "hi")).await, 503).await;
     assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("WATTGATE_TEST_UNSET_KEY_VAR"),
+        support::message(&e).contains("WATTGATE_TEST_UNSET_KEY_VAR"),
         "{e}"
     );
     assert_eq!(cloud.hits(), 0);

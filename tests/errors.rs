@@ -4,9 +4,7 @@
 mod support;
 
 use async_openai::error::OpenAIError;
-use async_openai::types::chat::{
-    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
-};
+use async_openai::types::chat::CreateChatCompletionRequestArgs;
 use serde_json::json;
 use support::{chat_body, expect_error, local_and_cloud, Gateway};
 use wattgate_testkit::{Behavior, ScriptedUpstream};
@@ -41,17 +39,11 @@ async fn malformed_json_is_400_invalid_json() {
         let e = expect_error(post_raw(&gw, body.to_vec()).await, 400).await;
         assert_eq!(e["code"], "invalid_json", "{e}");
         assert_eq!(e["type"], "invalid_request_error");
-        assert!(
-            e["message"].as_str().unwrap_or_default().contains("JSON"),
-            "{e}"
-        );
+        assert!(support::message(&e).contains("JSON"), "{e}");
     }
     let e = expect_error(post_raw(&gw, "[1,2]").await, 400).await;
     assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("must be a JSON object"),
+        support::message(&e).contains("must be a JSON object"),
         "{e}"
     );
     assert_eq!(up.hits(), 0);
@@ -88,10 +80,7 @@ async fn missing_or_wrong_fields_are_400_naming_the_field() {
     for (body, param) in cases {
         let e = expect_error(gw.post_chat(&body).await, 400).await;
         assert_eq!(e["param"], param, "{body} -> {e}");
-        assert!(
-            e["message"].as_str().unwrap_or_default().contains(param),
-            "{e}"
-        );
+        assert!(support::message(&e).contains(param), "{e}");
     }
     assert_eq!(up.hits(), 0);
 }
@@ -117,15 +106,7 @@ async fn empty_messages_through_async_openai_is_400() {
 #[tokio::test]
 async fn unknown_model_is_404_listing_the_available_ones() {
     let (up, gw) = setup("").await;
-    let req = CreateChatCompletionRequestArgs::default()
-        .model("gpt-9-ultra")
-        .messages(vec![ChatCompletionRequestUserMessageArgs::default()
-            .content("hi")
-            .build()
-            .expect("msg")
-            .into()])
-        .build()
-        .expect("request");
+    let req = support::user_request("gpt-9-ultra", "hi");
     match gw.openai().chat().create(req).await {
         Err(OpenAIError::ApiError(e)) => {
             assert_eq!(e.status_code.as_u16(), 404);
@@ -149,10 +130,7 @@ async fn a_body_over_the_limit_is_413() {
     let big = "x".repeat(1024 * 1024);
     let e = expect_error(gw.post_chat(&chat_body("auto", &big)).await, 413).await;
     assert_eq!(e["code"], "request_too_large");
-    assert!(
-        e["message"].as_str().unwrap_or_default().contains("65536"),
-        "{e}"
-    );
+    assert!(support::message(&e).contains("65536"), "{e}");
     // A chunked body without Content-Length is limited too.
     let chunks = futures::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b' '; 4096])));
     let r = post_raw(&gw, reqwest::Body::wrap_stream(chunks)).await;
@@ -168,10 +146,7 @@ async fn a_10_mb_body_gets_413_under_the_default_limit() {
     let (up, gw) = setup("").await;
     let big = "z".repeat(10 * 1024 * 1024);
     let e = expect_error(gw.post_chat(&chat_body("auto", &big)).await, 413).await;
-    assert!(e["message"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("server.max_body_bytes"));
+    assert!(support::message(&e).contains("server.max_body_bytes"));
     assert_eq!(up.hits(), 0);
 }
 
@@ -190,13 +165,7 @@ async fn unknown_endpoints_are_404_and_wrong_methods_405() {
     )
     .await;
     assert_eq!(e["code"], "unknown_url");
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("POST /v1/embeddings"),
-        "{e}"
-    );
+    assert!(support::message(&e).contains("POST /v1/embeddings"), "{e}");
     expect_error(client.get(gw.url("/")).send().await.expect("send"), 404).await;
     let e = expect_error(
         client
@@ -207,10 +176,7 @@ async fn unknown_endpoints_are_404_and_wrong_methods_405() {
         405,
     )
     .await;
-    assert!(
-        e["message"].as_str().unwrap_or_default().contains("GET"),
-        "{e}"
-    );
+    assert!(support::message(&e).contains("GET"), "{e}");
     expect_error(
         client
             .delete(gw.url("/v1/models"))

@@ -6,11 +6,6 @@ mod support;
 use std::time::{Duration, Instant};
 
 use async_openai::error::OpenAIError;
-use async_openai::types::chat::{
-    ChatCompletionRequestUserMessageArgs, ChatCompletionStreamOptions,
-    CreateChatCompletionRequestArgs,
-};
-use futures::StreamExt;
 use serde_json::json;
 use support::{backend, chat_body, expect_error, header, local_and_cloud, sample, Gateway};
 use wattgate_testkit::{refused_base_url, Behavior, ResetUpstream, ScriptedUpstream};
@@ -61,32 +56,8 @@ async fn assert_falls_back(local_url: &str, local_extra: &str, reason: &str) {
     );
 
     // The same through async-openai, streaming.
-    let req = CreateChatCompletionRequestArgs::default()
-        .model("auto")
-        .messages(vec![ChatCompletionRequestUserMessageArgs::default()
-            .content("hi")
-            .build()
-            .expect("msg")
-            .into()])
-        .stream_options(ChatCompletionStreamOptions {
-            include_usage: Some(true),
-            include_obfuscation: None,
-        })
-        .build()
-        .expect("request");
-    let mut stream = gw
-        .openai()
-        .chat()
-        .create_stream(req)
-        .await
-        .expect("stream opened");
-    let mut text = String::new();
-    let mut usage = None;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.expect("chunk");
-        text.extend(chunk.choices.iter().filter_map(|c| c.delta.content.clone()));
-        usage = usage.or(chunk.usage);
-    }
+    let got = support::stream_with_usage(&gw, support::user_request("auto", "hi")).await;
+    let (text, usage) = (got.text, got.usage);
     assert_eq!(text, "cloud saved the day");
     assert_eq!(usage.map(|u| u.completion_tokens), Some(4));
     assert_eq!(cloud.hits(), 2);
@@ -177,13 +148,7 @@ async fn pinned_local_backend_does_not_fall_back() {
     let e = expect_error(r, 502).await;
     assert_eq!(e["type"], "upstream_error");
     assert_eq!(e["code"], "upstream_http_500");
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("model crashed"),
-        "{e}"
-    );
+    assert!(support::message(&e).contains("model crashed"), "{e}");
     assert_eq!(cloud.hits(), 0);
 }
 
@@ -222,23 +187,12 @@ async fn cloud_500_is_a_502_with_the_upstream_message() {
     let e = expect_error(r, 502).await;
     assert_eq!(e["type"], "upstream_error");
     assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("overloaded, try later"),
+        support::message(&e).contains("overloaded, try later"),
         "{e}"
     );
 
     // async-openai sees the same status and error object.
-    let req = CreateChatCompletionRequestArgs::default()
-        .model("auto")
-        .messages(vec![ChatCompletionRequestUserMessageArgs::default()
-            .content("hi")
-            .build()
-            .expect("msg")
-            .into()])
-        .build()
-        .expect("request");
+    let req = support::user_request("auto", "hi");
     match gw.openai().chat().create(req).await {
         Err(OpenAIError::ApiError(e)) => {
             assert_eq!(e.status_code.as_u16(), 502);
@@ -258,13 +212,7 @@ async fn cloud_429_is_relayed_with_retry_after() {
     assert_eq!(header(&r, "retry-after"), "7");
     let e = expect_error(r, 429).await;
     assert_eq!(e["type"], "rate_limit_error");
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("Rate limit reached"),
-        "{e}"
-    );
+    assert!(support::message(&e).contains("Rate limit reached"), "{e}");
 }
 
 #[tokio::test]
@@ -277,13 +225,7 @@ async fn cloud_timeout_is_a_504() {
     let started = Instant::now();
     let e = expect_error(gw.post_chat(&chat_body("auto", "hi")).await, 504).await;
     assert_eq!(e["code"], "upstream_timeout");
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("first_byte_timeout_s"),
-        "{e}"
-    );
+    assert!(support::message(&e).contains("first_byte_timeout_s"), "{e}");
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
@@ -294,11 +236,7 @@ async fn cloud_unreachable_is_a_502() {
     let e = expect_error(gw.post_chat(&chat_body("auto", "hi")).await, 502).await;
     assert_eq!(e["code"], "upstream_unreachable");
     assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_lowercase()
-            .contains("refused"),
+        support::message(&e).to_lowercase().contains("refused"),
         "{e}"
     );
 }
@@ -320,13 +258,7 @@ async fn local_and_cloud_both_failing_reports_the_cloud_failure() {
     assert_eq!(header(&r, "x-wattgate-route"), "cloud");
     assert_eq!(header(&r, "x-wattgate-reason"), "fallback_local_error");
     let e = expect_error(r, 502).await;
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("cloud down too"),
-        "{e}"
-    );
+    assert!(support::message(&e).contains("cloud down too"), "{e}");
     let m = gw.metrics().await;
     assert_eq!(
         sample(
@@ -359,10 +291,7 @@ async fn a_stream_cut_after_the_first_byte_ends_with_an_error_frame() {
     let last: serde_json::Value =
         serde_json::from_str(frames[3].trim_start_matches("data: ")).expect("error frame");
     assert_eq!(last["error"]["code"], "upstream_protocol_error");
-    assert!(last["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("[DONE]"));
+    assert!(support::message(&last["error"]).contains("[DONE]"));
     assert!(!text.contains("[DONE]\n"), "no [DONE] after a failure");
     let m = gw.metrics().await;
     assert_eq!(
@@ -402,4 +331,48 @@ async fn a_stream_that_stalls_is_cut_at_the_total_timeout() {
         elapsed >= Duration::from_millis(450) && elapsed < Duration::from_secs(3),
         "{elapsed:?}"
     );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_is_counted_as_cancelled() {
+    let (_cloud, gw) = cloud_only_gateway(vec![Behavior::StalledStream { chunks: 2 }], "").await;
+    let mut body = chat_body("auto", "hi");
+    body["stream"] = json!(true);
+    let mut response = gw.post_chat(&body).await;
+    assert_eq!(response.status(), 200);
+    let first = response
+        .chunk()
+        .await
+        .expect("read")
+        .expect("a first frame");
+    assert!(first.starts_with(b"data: "));
+    assert_eq!(
+        sample(&gw.metrics().await, "wattgate_chat_in_flight_requests", &[]),
+        1.0
+    );
+    drop(response);
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = gw.metrics().await;
+        let cancelled = sample(
+            &m,
+            "wattgate_chat_requests_total",
+            &[
+                ("route", "cloud"),
+                ("backend", "cloud"),
+                ("reason", "no_local_backend"),
+                ("outcome", "cancelled"),
+            ],
+        );
+        if cancelled == 1.0 {
+            assert_eq!(sample(&m, "wattgate_chat_in_flight_requests", &[]), 0.0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned stream was never released:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

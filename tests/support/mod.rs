@@ -6,6 +6,12 @@ use std::net::SocketAddr;
 
 use async_openai::config::OpenAIConfig;
 use async_openai::middleware::ReqwestService;
+use async_openai::types::chat::{
+    ChatCompletionRequestMessage, ChatCompletionRequestUserMessageArgs,
+    ChatCompletionStreamOptions, CompletionUsage, CreateChatCompletionRequest,
+    CreateChatCompletionRequestArgs,
+};
+use futures::StreamExt;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -170,4 +176,68 @@ pub fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             (have == want).then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// A user message for async-openai requests.
+pub fn user_message(text: &str) -> ChatCompletionRequestMessage {
+    ChatCompletionRequestUserMessageArgs::default()
+        .content(text)
+        .build()
+        .expect("message")
+        .into()
+}
+
+/// An async-openai request with one user message.
+pub fn user_request(model: &str, text: &str) -> CreateChatCompletionRequest {
+    CreateChatCompletionRequestArgs::default()
+        .model(model)
+        .messages(vec![user_message(text)])
+        .build()
+        .expect("request")
+}
+
+/// What a streamed completion delivered to async-openai.
+pub struct Streamed {
+    /// The concatenated content deltas.
+    pub text: String,
+    /// The usage chunk's usage, if one arrived.
+    pub usage: Option<CompletionUsage>,
+    /// Chunks received.
+    pub chunks: usize,
+}
+
+/// Streams `request` (with `include_usage`) through the gateway with async-openai and collects
+/// it, checking that usage arrives only in a chunk of its own.
+pub async fn stream_with_usage(gw: &Gateway, mut request: CreateChatCompletionRequest) -> Streamed {
+    request.stream_options = Some(ChatCompletionStreamOptions {
+        include_usage: Some(true),
+        include_obfuscation: None,
+    });
+    let mut stream = gw
+        .openai()
+        .chat()
+        .create_stream(request)
+        .await
+        .expect("stream opened");
+    let mut out = Streamed {
+        text: String::new(),
+        usage: None,
+        chunks: 0,
+    };
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("chunk");
+        out.chunks += 1;
+        out.text
+            .extend(chunk.choices.iter().filter_map(|c| c.delta.content.clone()));
+        if chunk.usage.is_some() {
+            assert!(chunk.choices.is_empty(), "usage arrives in its own chunk");
+            out.usage = chunk.usage;
+        }
+    }
+    out
+}
+
+/// The `message` of an error object ("" when absent).
+pub fn message(error: &Value) -> &str {
+    error["message"].as_str().unwrap_or_default()
 }
