@@ -144,6 +144,16 @@ fn serve(arg: &ConfigArg, listen: Option<SocketAddr>) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        for b in &config.backends {
+            tracing::info!(backend = %b.name, role = b.role.as_str(), url = %b.base_url, model = %b.model, "backend");
+        }
+        let state = match wattgate::server::AppState::from_config(&config) {
+            Ok(state) => state,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
         let addr = config.server.listen;
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
@@ -158,15 +168,13 @@ fn serve(arg: &ConfigArg, listen: Option<SocketAddr>) -> ExitCode {
                 "listening on {bound}, which is not loopback: anyone who can reach it can spend your cloud keys (client authentication is not implemented yet)"
             );
         }
-        for b in &config.backends {
-            tracing::info!(backend = %b.name, role = b.role.as_str(), url = %b.base_url, model = %b.model, "backend");
-        }
         tracing::info!(
             "wattgate {} listening on http://{bound}/v1 (model \"{}\" routes)",
             env!("CARGO_PKG_VERSION"),
             config.routing.alias
         );
-        match wattgate::server::serve(&config, listener, shutdown_signal()).await {
+        let grace = wattgate::config::secs(config.server.shutdown_grace_s);
+        match wattgate::server::serve_app(state, listener, shutdown_signal(), grace).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
