@@ -5,6 +5,7 @@
 //! already produced its first chunk, so a failure up to that point is still invisible to the
 //! client and the gateway can retry elsewhere.
 
+pub mod candle;
 pub mod openai;
 
 use std::sync::Arc;

