@@ -3,5 +3,6 @@
 //! Built up in steps (issue 3): the tokenizer comes first, read from the GGUF's own metadata so
 //! that no extra download is needed; the forward pass and the backend follow.
 
+pub mod gemma3;
 pub mod gguf;
 pub mod tokenizer;
