@@ -5,4 +5,6 @@
 
 pub mod gemma3;
 pub mod gguf;
+pub mod prompt;
+pub mod sampling;
 pub mod tokenizer;
