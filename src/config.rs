@@ -128,6 +128,8 @@ impl Role {
 pub enum BackendKind {
     /// Any OpenAI-compatible `/chat/completions` server: OpenAI, llama.cpp, Ollama, vLLM...
     Openai,
+    /// A GGUF model run in-process with candle (no other server).
+    Embedded,
 }
 
 /// One upstream model.
@@ -140,10 +142,30 @@ pub struct BackendConfig {
     pub kind: BackendKind,
     /// `local` or `cloud`.
     pub role: Role,
-    /// Base URL including the version prefix, e.g. `https://api.openai.com/v1`.
-    pub base_url: Url,
-    /// The model name sent upstream.
+    /// Base URL including the version prefix, e.g. `https://api.openai.com/v1` (`openai` only).
+    #[serde(default)]
+    pub base_url: Option<Url>,
+    /// The model name sent upstream (`openai`), or the catalog model to load (`embedded`).
     pub model: String,
+    /// `embedded`: a GGUF file to load instead of the catalog model (which is pulled on start).
+    #[serde(default)]
+    pub gguf: Option<PathBuf>,
+    /// `embedded`: generation worker threads (each runs one request at a time).
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// `embedded`: requests allowed to wait for a worker; beyond it they fall back (`local_busy`).
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: usize,
+    /// `embedded`: seconds a request may wait for a worker before it falls back (`local_busy`).
+    #[serde(default = "default_queue_timeout_s")]
+    pub queue_timeout_s: f64,
+    /// `embedded`: positions (prompt + output) a request may use; longer prompts go to the cloud
+    /// (`context_too_long`). Also sizes the RoPE tables.
+    #[serde(default = "default_max_context")]
+    pub max_context: usize,
+    /// `embedded`: default and ceiling of `max_tokens`.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
     /// Environment variable holding the upstream API key; none means no Authorization header.
     #[serde(default)]
     pub api_key_env: Option<String>,
@@ -178,6 +200,21 @@ fn default_total_timeout_s() -> f64 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_workers() -> usize {
+    1
+}
+fn default_queue_depth() -> usize {
+    4
+}
+fn default_queue_timeout_s() -> f64 {
+    10.0
+}
+fn default_max_context() -> usize {
+    8192
+}
+fn default_max_tokens() -> usize {
+    512
 }
 
 impl Default for ServerConfig {
@@ -222,9 +259,9 @@ fn default_backends() -> Vec<BackendConfig> {
     vec![
         BackendConfig {
             name: "gemma-3-270m".to_owned(),
-            kind: BackendKind::Openai,
+            kind: BackendKind::Embedded,
             role: Role::Local,
-            base_url: parse("http://127.0.0.1:8081/v1"),
+            base_url: None,
             model: "gemma-3-270m".to_owned(),
             api_key_env: None,
             // Gemma 3 270M: 268M parameters (Google's Gemma 3 model card).
@@ -234,12 +271,18 @@ fn default_backends() -> Vec<BackendConfig> {
             first_byte_timeout_s: default_first_byte_timeout_s(),
             total_timeout_s: default_total_timeout_s(),
             stream_usage: true,
+            gguf: None,
+            workers: default_workers(),
+            queue_depth: default_queue_depth(),
+            queue_timeout_s: default_queue_timeout_s(),
+            max_context: default_max_context(),
+            max_tokens: default_max_tokens(),
         },
         BackendConfig {
             name: "gpt-4.1".to_owned(),
             kind: BackendKind::Openai,
             role: Role::Cloud,
-            base_url: parse("https://api.openai.com/v1"),
+            base_url: Some(parse("https://api.openai.com/v1")),
             model: "gpt-4.1".to_owned(),
             api_key_env: Some("OPENAI_API_KEY".to_owned()),
             // OpenAI publishes no parameter count. Assumption: the IPW paper's cloud reference,
@@ -250,6 +293,12 @@ fn default_backends() -> Vec<BackendConfig> {
             first_byte_timeout_s: default_first_byte_timeout_s(),
             total_timeout_s: default_total_timeout_s(),
             stream_usage: true,
+            gguf: None,
+            workers: default_workers(),
+            queue_depth: default_queue_depth(),
+            queue_timeout_s: default_queue_timeout_s(),
+            max_context: default_max_context(),
+            max_tokens: default_max_tokens(),
         },
     ]
 }
@@ -392,14 +441,53 @@ impl Config {
                     format!("\"{}\" is already used by backends[{j}]", b.name),
                 ));
             }
-            if !matches!(b.base_url.scheme(), "http" | "https") {
-                return Err(invalid(
-                    key("base_url"),
-                    format!("must be http:// or https://, got \"{}\"", b.base_url),
-                ));
-            }
-            if b.base_url.host().is_none() {
-                return Err(invalid(key("base_url"), "has no host"));
+            match (b.kind, &b.base_url) {
+                (BackendKind::Openai, None) => {
+                    return Err(invalid(
+                        key("base_url"),
+                        "is required for kind = \"openai\"",
+                    ))
+                }
+                (BackendKind::Openai, Some(url)) => {
+                    if !matches!(url.scheme(), "http" | "https") {
+                        return Err(invalid(
+                            key("base_url"),
+                            format!("must be http:// or https://, got \"{url}\""),
+                        ));
+                    }
+                    if url.host().is_none() {
+                        return Err(invalid(key("base_url"), "has no host"));
+                    }
+                }
+                (BackendKind::Embedded, Some(_)) => {
+                    return Err(invalid(
+                        key("base_url"),
+                        "does not apply to kind = \"embedded\" (the model runs in-process)",
+                    ))
+                }
+                (BackendKind::Embedded, None) => {
+                    if b.gguf.is_none() && crate::models::find(&b.model).is_err() {
+                        return Err(invalid(
+                            key("model"),
+                            format!(
+                                "\"{}\" is not a catalog model ({}); set `gguf` to a file path for other models",
+                                b.model,
+                                crate::models::catalog().iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                            ),
+                        ));
+                    }
+                    for (field, v) in [
+                        ("workers", b.workers),
+                        ("queue_depth", b.queue_depth),
+                        ("max_context", b.max_context),
+                        ("max_tokens", b.max_tokens),
+                    ] {
+                        if v == 0 {
+                            return Err(invalid(key(field), "must be at least 1"));
+                        }
+                    }
+                    check_seconds(&key("queue_timeout_s"), b.queue_timeout_s, false)?;
+                }
             }
             if b.model.trim().is_empty() {
                 return Err(invalid(key("model"), "must not be empty"));

@@ -249,7 +249,12 @@ fn fallback_reason(e: &BackendError) -> Reason {
         BackendError::Timeout { .. } => Reason::FallbackLocalTimeout,
         BackendError::Unreachable { .. } => Reason::FallbackLocalUnreachable,
         BackendError::NotConfigured { .. } => Reason::FallbackLocalNotConfigured,
-        BackendError::Status { .. } | BackendError::Protocol { .. } => Reason::FallbackLocalError,
+        BackendError::Busy { .. } => Reason::LocalBusy,
+        BackendError::ContextTooLong { .. } => Reason::ContextTooLong,
+        BackendError::Unsupported { .. } => Reason::LocalUnsupported,
+        BackendError::Status { .. }
+        | BackendError::Protocol { .. }
+        | BackendError::Internal { .. } => Reason::FallbackLocalError,
     }
 }
 

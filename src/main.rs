@@ -221,6 +221,17 @@ fn check(arg: &ConfigArg) -> ExitCode {
                 config.server.listen, config.routing.alias, config.routing.policy
             );
             for b in &config.backends {
+                let url = b.base_url.as_ref().map_or_else(
+                    || {
+                        format!(
+                            "embedded ({})",
+                            b.gguf
+                                .as_ref()
+                                .map_or_else(|| "catalog".to_owned(), |p| p.display().to_string())
+                        )
+                    },
+                    ToString::to_string,
+                );
                 let key = match &b.api_key_env {
                     None => "no key".to_owned(),
                     Some(var) if std::env::var_os(var).is_some() => format!("key from {var}"),
@@ -230,7 +241,7 @@ fn check(arg: &ConfigArg) -> ExitCode {
                     "  {:<6} {:<24} {} model={} ({key})",
                     b.role.as_str(),
                     b.name,
-                    b.base_url,
+                    url,
                     b.model
                 );
             }
@@ -274,7 +285,7 @@ fn serve(arg: &ConfigArg, listen: Option<SocketAddr>) -> ExitCode {
     };
     runtime.block_on(async move {
         for b in &config.backends {
-            tracing::info!(backend = %b.name, role = b.role.as_str(), url = %b.base_url, model = %b.model, "backend");
+            tracing::info!(backend = %b.name, role = b.role.as_str(), kind = ?b.kind, model = %b.model, "backend");
         }
         let state = match wattgate::server::AppState::from_config(&config) {
             Ok(state) => state,

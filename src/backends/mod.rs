@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::config::{BackendConfig, BackendKind, Role};
+use crate::config::{BackendConfig, BackendKind, ModelsConfig, Role};
 use crate::error::ApiError;
 use crate::wire::{ChatRequest, Usage};
 
@@ -126,6 +126,30 @@ pub enum BackendError {
         /// What is missing.
         detail: String,
     },
+    /// A local model's queue is full, or the request waited past the queue deadline.
+    #[error("busy: {detail}")]
+    Busy {
+        /// Queue state.
+        detail: String,
+    },
+    /// The prompt does not fit the local model's usable context.
+    #[error("context too long: {detail}")]
+    ContextTooLong {
+        /// Sizes involved.
+        detail: String,
+    },
+    /// The request asks for something this backend cannot do (images, n > 1, tools...).
+    #[error("unsupported: {detail}")]
+    Unsupported {
+        /// What.
+        detail: String,
+    },
+    /// The backend failed internally.
+    #[error("internal error: {detail}")]
+    Internal {
+        /// What failed.
+        detail: String,
+    },
 }
 
 impl BackendError {
@@ -137,6 +161,10 @@ impl BackendError {
             BackendError::Status { .. } => "error_status",
             BackendError::Protocol { .. } => "protocol",
             BackendError::NotConfigured { .. } => "not_configured",
+            BackendError::Busy { .. } => "busy",
+            BackendError::ContextTooLong { .. } => "context_too_long",
+            BackendError::Unsupported { .. } => "unsupported",
+            BackendError::Internal { .. } => "internal",
         }
     }
 
@@ -209,6 +237,26 @@ impl BackendError {
                 format!("Backend `{backend}` is not usable: {detail}"),
                 "backend_not_configured",
             ),
+            BackendError::Busy { detail } => {
+                let mut e = ApiError::unavailable(
+                    format!("Backend `{backend}` is busy: {detail}"),
+                    "backend_busy",
+                );
+                e.retry_after = Some("1".to_owned());
+                e
+            }
+            BackendError::ContextTooLong { detail } => ApiError::invalid_request(format!(
+                "The request does not fit backend `{backend}`: {detail}"
+            ))
+            .with_param("messages")
+            .with_code("context_length_exceeded"),
+            BackendError::Unsupported { detail } => ApiError::invalid_request(format!(
+                "Backend `{backend}` cannot serve this request: {detail}"
+            ))
+            .with_code("unsupported_by_backend"),
+            BackendError::Internal { detail } => {
+                ApiError::internal(format!("Backend `{backend}` failed: {detail}"))
+            }
         }
     }
 }
@@ -226,13 +274,20 @@ pub trait Backend: Send + Sync + 'static {
     async fn probe(&self) -> Result<(), String>;
 }
 
-/// Builds the configured backends, in config order.
-pub fn build_all(configs: &[BackendConfig]) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
+/// Builds the configured backends, in config order. Embedded models are fetched (if missing)
+/// and loaded here, so this can take seconds.
+pub fn build_all(
+    configs: &[BackendConfig],
+    models: &ModelsConfig,
+) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
     configs
         .iter()
         .map(|c| -> anyhow::Result<Arc<dyn Backend>> {
             match c.kind {
                 BackendKind::Openai => Ok(Arc::new(openai::OpenAiBackend::new(c)?)),
+                BackendKind::Embedded => {
+                    Ok(Arc::new(candle::backend::EmbeddedBackend::new(c, models)?))
+                }
             }
         })
         .collect()

@@ -58,7 +58,12 @@ impl OpenAiBackend {
                 }
             },
         };
-        let base = c.base_url.as_str().trim_end_matches('/');
+        let base = c
+            .base_url
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("backend `{}` has no base_url", c.name))?
+            .as_str()
+            .trim_end_matches('/');
         Ok(Self {
             info: BackendInfo {
                 name: c.name.clone(),

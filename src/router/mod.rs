@@ -33,6 +33,12 @@ pub enum Reason {
     FallbackLocalUnreachable,
     /// The local backend is not usable as configured; the cloud served.
     FallbackLocalNotConfigured,
+    /// The local model's queue was full (or its deadline passed); the cloud served.
+    LocalBusy,
+    /// The prompt does not fit the local model's context; the cloud served.
+    ContextTooLong,
+    /// The request needs something the local model cannot do; the cloud served.
+    LocalUnsupported,
 }
 
 impl Reason {
@@ -50,6 +56,9 @@ impl Reason {
             Reason::FallbackLocalTimeout => "fallback_local_timeout",
             Reason::FallbackLocalUnreachable => "fallback_local_unreachable",
             Reason::FallbackLocalNotConfigured => "fallback_local_not_configured",
+            Reason::LocalBusy => "local_busy",
+            Reason::ContextTooLong => "context_too_long",
+            Reason::LocalUnsupported => "local_unsupported",
         }
     }
 }

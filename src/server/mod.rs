@@ -42,7 +42,7 @@ impl AppState {
     /// Builds metrics, backends and the gateway from a validated config.
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new()?);
-        let backends = crate::backends::build_all(&config.backends)?;
+        let backends = crate::backends::build_all(&config.backends, &config.models)?;
         let gateway = Gateway::new(config, backends, metrics.clone());
         Ok(Self {
             inner: Arc::new(Shared {

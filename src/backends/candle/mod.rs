@@ -3,6 +3,7 @@
 //! Built up in steps (issue 3): the tokenizer comes first, read from the GGUF's own metadata so
 //! that no extra download is needed; the forward pass and the backend follow.
 
+pub mod backend;
 pub mod gemma3;
 pub mod gguf;
 pub mod prompt;

