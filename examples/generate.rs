@@ -24,7 +24,12 @@ fn main() -> anyhow::Result<()> {
     ids.extend(tokenizer.encode(&args[2])?);
     let mut cache = model.new_cache();
     let t = Instant::now();
-    let mut next = argmax(&model.forward(&ids, &mut cache)?);
+    let logits = model.forward(&ids, &mut cache)?;
+    if let Ok(dump) = std::env::var("WATTGATE_DUMP_LOGITS") {
+        let text: Vec<String> = logits.iter().map(|v| v.to_string()).collect();
+        std::fs::write(dump, text.join("\n"))?;
+    }
+    let mut next = argmax(&logits);
     let prefill = t.elapsed();
     let mut out = vec![next];
     let t = Instant::now();

@@ -1,0 +1,265 @@
+//! The embedded Gemma 3 backend through the real gateway on loopback: local answers with real
+//! usage, determinism, stop strings and max_tokens, and the fallbacks to the cloud that keep
+//! requests from waiting or failing (context too long, queue full, unsupported features).
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{chat_body, header, sample, Gateway};
+use wattgate_testkit::{Behavior, ScriptedUpstream};
+
+fn embedded(extra: &str) -> String {
+    let path = support::gemma_gguf();
+    format!(
+        "[[backends]]\nname = \"gemma\"\nkind = \"embedded\"\nrole = \"local\"\nmodel = \"gemma-3-270m\"\ngguf = \"{}\"\nparameters = 268e6\nmax_tokens = 32\n{extra}\n",
+        path.display()
+    )
+}
+
+async fn with_cloud(extra: &str) -> (ScriptedUpstream, Gateway) {
+    let cloud = ScriptedUpstream::start(
+        "cloud-upstream",
+        vec![Behavior::Reply("from the cloud".into())],
+    )
+    .await
+    .expect("cloud");
+    let config = format!(
+        "{}{}",
+        embedded(extra),
+        support::backend("cloud", "cloud", &cloud.base_url(), "")
+    );
+    (cloud, Gateway::start(&config).await)
+}
+
+fn greedy(text: &str, max_tokens: u64) -> Value {
+    json!({"model": "auto", "messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": max_tokens})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_locally_without_any_cloud_key_streaming_and_not() {
+    // The embedded backend alone: no cloud configured at all.
+    let gw = Gateway::start(&embedded("")).await;
+    let reply = gw
+        .openai()
+        .chat()
+        .create(support::user_request("auto", "Name a fruit."))
+        .await
+        .expect("completion");
+    assert_eq!(reply.model, "gemma-3-270m");
+    let usage = reply.usage.expect("usage");
+    assert!(
+        usage.prompt_tokens > 5 && usage.completion_tokens > 0,
+        "{usage:?}"
+    );
+    assert_eq!(
+        usage.total_tokens,
+        usage.prompt_tokens + usage.completion_tokens
+    );
+    assert!(!reply.choices[0]
+        .message
+        .content
+        .clone()
+        .unwrap_or_default()
+        .is_empty());
+
+    let raw = gw.post_chat(&greedy("Name a fruit.", 8)).await;
+    assert_eq!(header(&raw, "x-wattgate-route"), "local");
+    assert_eq!(header(&raw, "x-wattgate-backend"), "gemma");
+
+    let streamed =
+        support::stream_with_usage(&gw, support::user_request("auto", "Name a color.")).await;
+    let usage = streamed.usage.expect("usage chunk");
+    assert!(usage.completion_tokens > 0);
+    assert!(
+        streamed.chunks as u64 >= 3,
+        "role, deltas, finish, usage: {}",
+        streamed.chunks
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_generation_is_deterministic_and_so_is_a_seed() {
+    let gw = Gateway::start(&embedded("")).await;
+    let text = |v: Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let a = text(
+        gw.post_chat(&greedy("Write a sentence about rivers.", 24))
+            .await
+            .json()
+            .await
+            .expect("json"),
+    );
+    let b = text(
+        gw.post_chat(&greedy("Write a sentence about rivers.", 24))
+            .await
+            .json()
+            .await
+            .expect("json"),
+    );
+    assert_eq!(a, b);
+    assert!(!a.is_empty());
+    let seeded = json!({"model": "auto", "messages": [{"role": "user", "content": "Tell me a word."}], "temperature": 1.0, "seed": 42, "max_tokens": 12});
+    let c = text(gw.post_chat(&seeded).await.json().await.expect("json"));
+    let d = text(gw.post_chat(&seeded).await.json().await.expect("json"));
+    assert_eq!(c, d, "same seed, same sample");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_and_stop_strings_hold() {
+    let gw = Gateway::start(&embedded("")).await;
+    let v: Value = gw
+        .post_chat(&greedy("Count from one to twenty in words.", 5))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    // Generate freely, then stop at a word from the middle of that same greedy output.
+    let free: Value = gw
+        .post_chat(&greedy("Count from one to twenty in words.", 40))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let full = free["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let words: Vec<&str> = full.split_whitespace().collect();
+    assert!(
+        words.len() >= 4,
+        "need some words to pick a stop string from: {full:?}"
+    );
+    let stop = words[words.len() / 2];
+    let cut_at = full.find(stop).expect("stop word is in the text");
+    let mut body = greedy("Count from one to twenty in words.", 40);
+    body["stop"] = json!([stop]);
+    let v: Value = gw.post_chat(&body).await.json().await.expect("json");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        full[..cut_at],
+        "text up to the stop string, without it"
+    );
+
+    // The same through a stream.
+    body["stream"] = json!(true);
+    let text = gw.post_chat(&body).await.text().await.expect("stream");
+    let content: String = text
+        .split("\n\n")
+        .filter_map(|f| f.strip_prefix("data: "))
+        .filter(|f| *f != "[DONE]")
+        .filter_map(|f| serde_json::from_str::<Value>(f).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(content, full[..cut_at]);
+    assert!(text.contains("\"finish_reason\":\"stop\""), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_turn_prompts_use_the_gemma_turn_format() {
+    let gw = Gateway::start(&embedded("")).await;
+    let body = json!({"model": "auto", "temperature": 0, "max_tokens": 1, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"}
+    ]});
+    let v: Value = gw.post_chat(&body).await.json().await.expect("json");
+    // <bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n
+    // <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n — counted with the reference tokenizer.
+    let header =
+        wattgate::backends::candle::gguf::read_header(&support::gemma_gguf()).expect("header");
+    let tokenizer = wattgate::backends::candle::tokenizer::GgufTokenizer::from_gguf(&header)
+        .expect("tokenizer");
+    let rendered = "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n";
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        tokenizer.encode(rendered).expect("encode").len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_over_the_context_goes_to_the_cloud() {
+    let (cloud, gw) = with_cloud("max_context = 64").await;
+    let long = "word ".repeat(200);
+    let r = gw.post_chat(&chat_body("auto", &long)).await;
+    assert_eq!(header(&r, "x-wattgate-route"), "cloud");
+    assert_eq!(header(&r, "x-wattgate-reason"), "context_too_long");
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["choices"][0]["message"]["content"],
+        "from the cloud"
+    );
+    assert_eq!(cloud.hits(), 1);
+    // Pinned to the local model, the same request is a clear 400.
+    let e = support::expect_error(gw.post_chat(&chat_body("gemma", &long)).await, 400).await;
+    assert_eq!(e["code"], "context_length_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_the_local_model_lacks_go_to_the_cloud() {
+    let (cloud, gw) = with_cloud("").await;
+    let mut body = chat_body("auto", "What's the weather?");
+    body["tools"] =
+        json!([{"type": "function", "function": {"name": "weather", "parameters": {}}}]);
+    let r = gw.post_chat(&body).await;
+    assert_eq!(header(&r, "x-wattgate-reason"), "local_unsupported");
+    assert_eq!(cloud.hits(), 1);
+    let mut body = chat_body("auto", "x");
+    body["messages"] = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]);
+    assert_eq!(
+        header(&gw.post_chat(&body).await, "x-wattgate-reason"),
+        "local_unsupported"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_sends_the_excess_to_the_cloud_and_loses_nothing() {
+    let (cloud, gw) = with_cloud("workers = 1\nqueue_depth = 1\nqueue_timeout_s = 30").await;
+    let client = reqwest::Client::new();
+    let url = gw.url("/v1/chat/completions");
+    let requests = (0..6).map(|i| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let body = json!({"model": "auto", "messages": [{"role": "user", "content": format!("Story {i}:")}], "temperature": 0, "max_tokens": 48, "stream": true});
+            let r = client.post(url).json(&body).send().await.expect("send");
+            let route = header(&r, "x-wattgate-route");
+            let reason = header(&r, "x-wattgate-reason");
+            let status = r.status().as_u16();
+            let text = r.text().await.expect("body");
+            (status, route, reason, text.ends_with("data: [DONE]\n\n"))
+        }
+    });
+    let results = futures::future::join_all(requests).await;
+    for (status, _, _, complete) in &results {
+        assert_eq!(*status, 200);
+        assert!(complete, "every stream completed: {results:?}");
+    }
+    let local = results.iter().filter(|r| r.1 == "local").count();
+    let busy = results.iter().filter(|r| r.2 == "local_busy").count();
+    assert!(
+        local >= 1 && local <= 2,
+        "one running + one queued at most: {results:?}"
+    );
+    assert_eq!(local + busy, 6, "{results:?}");
+    assert_eq!(cloud.hits(), busy);
+    let m = gw.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "wattgate_fallbacks_total",
+            &[("from", "gemma"), ("to", "cloud"), ("kind", "busy")]
+        ),
+        busy as f64
+    );
+}
