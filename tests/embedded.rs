@@ -248,7 +248,7 @@ async fn a_full_queue_sends_the_excess_to_the_cloud_and_loses_nothing() {
     let local = results.iter().filter(|r| r.1 == "local").count();
     let busy = results.iter().filter(|r| r.2 == "local_busy").count();
     assert!(
-        local >= 1 && local <= 2,
+        (1..=2).contains(&local),
         "one running + one queued at most: {results:?}"
     );
     assert_eq!(local + busy, 6, "{results:?}");
