@@ -1,0 +1,57 @@
+//! One measurement of the embedded engine for scripts/bench_embedded.sh: model load, prefill and
+//! greedy decode speed, and peak RSS, as one JSON line.
+//! `cargo run --release --example bench_embedded -- PATH.gguf PROMPT DECODE_TOKENS`
+//! Threads: candle reads RAYON_NUM_THREADS.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use wattgate::backends::candle::gemma3::{argmax, Gemma3};
+use wattgate::backends::candle::tokenizer::GgufTokenizer;
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(
+        args.len() == 4,
+        "usage: bench_embedded PATH.gguf PROMPT DECODE_TOKENS"
+    );
+    let decode_tokens: usize = args[3].parse()?;
+    let started = Instant::now();
+    let mut file = std::fs::File::open(&args[1])?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+    let tokenizer = GgufTokenizer::from_gguf(&content)?;
+    let model = Gemma3::load(&content, &mut file, 8192, &Device::Cpu)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let mut ids = vec![tokenizer.bos];
+    ids.extend(tokenizer.encode(&args[2])?);
+    let mut cache = model.new_cache();
+    let t = Instant::now();
+    let mut next = argmax(&model.forward(&ids, &mut cache)?);
+    let prefill_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for _ in 0..decode_tokens {
+        next = argmax(&model.forward(&[next], &mut cache)?);
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "wattgate", "load_s": load_s, "prompt_tokens": ids.len(),
+            "prefill_tok_s": ids.len() as f64 / prefill_s, "decode_tok_s": decode_tokens as f64 / decode_s,
+            "peak_rss_mb": peak_rss_mb(),
+        })
+    );
+    Ok(())
+}
