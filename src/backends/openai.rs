@@ -65,13 +65,7 @@ impl OpenAiBackend {
             .as_str()
             .trim_end_matches('/');
         Ok(Self {
-            info: BackendInfo {
-                name: c.name.clone(),
-                role: c.role,
-                model: c.model.clone(),
-                parameters: c.parameters,
-                active_parameters: c.active_parameters.unwrap_or(c.parameters),
-            },
+            info: BackendInfo::from_config(c),
             client,
             chat_url: format!("{base}/chat/completions"),
             models_url: format!("{base}/models"),

@@ -205,13 +205,7 @@ impl EmbeddedBackend {
                 .spawn(move || worker(&engine, &jobs))?;
         }
         Ok(Self {
-            info: BackendInfo {
-                name: c.name.clone(),
-                role: c.role,
-                model: c.model.clone(),
-                parameters: c.parameters,
-                active_parameters: c.active_parameters.unwrap_or(c.parameters),
-            },
+            info: BackendInfo::from_config(c),
             engine,
             queue,
             queue_depth: c.queue_depth,
