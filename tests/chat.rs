@@ -25,13 +25,7 @@ async fn pair(local: &str, cloud: &str) -> (ScriptedUpstream, ScriptedUpstream) 
 #[tokio::test]
 async fn non_streaming_auto_is_served_locally_with_usage_and_headers() {
     let (local, cloud) = pair("hello from the local model", "from the cloud").await;
-    let gw = Gateway::start(&local_and_cloud(
-        "",
-        &local.base_url(),
-        &cloud.base_url(),
-        "",
-    ))
-    .await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
 
     let reply = gw
         .openai()
@@ -76,13 +70,7 @@ async fn non_streaming_auto_is_served_locally_with_usage_and_headers() {
 #[tokio::test]
 async fn streaming_relays_chunks_and_the_usage_chunk_when_asked() {
     let (local, cloud) = pair("the quick brown fox", "cloud").await;
-    let gw = Gateway::start(&local_and_cloud(
-        "",
-        &local.base_url(),
-        &cloud.base_url(),
-        "",
-    ))
-    .await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
 
     let got =
         support::stream_with_usage(&gw, support::user_request("auto", "one two three four")).await;
@@ -100,13 +88,7 @@ async fn streaming_relays_chunks_and_the_usage_chunk_when_asked() {
 #[tokio::test]
 async fn streaming_without_include_usage_hides_the_metering_chunk_but_counts_tokens() {
     let (local, cloud) = pair("alpha beta gamma", "cloud").await;
-    let gw = Gateway::start(&local_and_cloud(
-        "",
-        &local.base_url(),
-        &cloud.base_url(),
-        "",
-    ))
-    .await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
 
     let mut body = chat_body("auto", "count these five words please");
     body["stream"] = json!(true);
@@ -196,13 +178,7 @@ async fn stream_usage_can_be_turned_off_per_backend() {
 #[tokio::test]
 async fn models_lists_the_alias_and_every_backend() {
     let (local, cloud) = pair("a", "b").await;
-    let gw = Gateway::start(&local_and_cloud(
-        "",
-        &local.base_url(),
-        &cloud.base_url(),
-        "",
-    ))
-    .await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
     let list = gw.openai().models().list().await.expect("models");
     let ids: Vec<&str> = list.data.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["auto", "local", "cloud"]);
@@ -222,13 +198,7 @@ async fn models_lists_the_alias_and_every_backend() {
 #[tokio::test]
 async fn tools_response_format_and_unknown_fields_pass_through_untouched() {
     let (local, cloud) = pair("{\"ok\":true}", "b").await;
-    let gw = Gateway::start(&local_and_cloud(
-        "",
-        &local.base_url(),
-        &cloud.base_url(),
-        "",
-    ))
-    .await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
 
     let system: ChatCompletionRequestMessage = ChatCompletionRequestSystemMessageArgs::default()
         .content("Answer in JSON.")
@@ -305,13 +275,7 @@ async fn tools_response_format_and_unknown_fields_pass_through_untouched() {
 #[tokio::test]
 async fn naming_a_backend_pins_it() {
     let (local, cloud) = pair("local answer", "cloud answer").await;
-    let gw = Gateway::start(&local_and_cloud(
-        "",
-        &local.base_url(),
-        &cloud.base_url(),
-        "",
-    ))
-    .await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
 
     let reply = gw
         .openai()
@@ -371,13 +335,7 @@ async fn long_prompts_and_policies_route_to_the_cloud() {
 #[tokio::test]
 async fn client_request_ids_are_kept_and_bad_ones_replaced() {
     let (local, cloud) = pair("x", "y").await;
-    let gw = Gateway::start(&local_and_cloud(
-        "",
-        &local.base_url(),
-        &cloud.base_url(),
-        "",
-    ))
-    .await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
     let client = reqwest::Client::new();
     let r = client
         .post(gw.url("/v1/chat/completions"))
@@ -400,13 +358,7 @@ async fn client_request_ids_are_kept_and_bad_ones_replaced() {
 #[tokio::test]
 async fn metrics_count_requests_and_latency_by_route_and_model() {
     let (local, cloud) = pair("x", "y").await;
-    let gw = Gateway::start(&local_and_cloud(
-        "",
-        &local.base_url(),
-        &cloud.base_url(),
-        "",
-    ))
-    .await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
     for model in ["auto", "auto", "cloud"] {
         assert_eq!(gw.post_chat(&chat_body(model, "hi")).await.status(), 200);
     }

@@ -136,13 +136,7 @@ async fn local_garbage_falls_back_to_cloud() {
 async fn pinned_local_backend_does_not_fall_back() {
     let local = local_with(vec![Behavior::server_error("model crashed")]).await;
     let cloud = cloud_ok().await;
-    let gw = Gateway::start(&local_and_cloud(
-        "",
-        &local.base_url(),
-        &cloud.base_url(),
-        "",
-    ))
-    .await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
     let r = gw.post_chat(&chat_body("local", "hi")).await;
     assert_eq!(header(&r, "x-wattgate-reason"), "pinned");
     let e = expect_error(r, 502).await;
@@ -247,13 +241,7 @@ async fn local_and_cloud_both_failing_reports_the_cloud_failure() {
     let cloud = ScriptedUpstream::start("c", vec![Behavior::server_error("cloud down too")])
         .await
         .expect("cloud");
-    let gw = Gateway::start(&local_and_cloud(
-        "",
-        &local.base_url(),
-        &cloud.base_url(),
-        "",
-    ))
-    .await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
     let r = gw.post_chat(&chat_body("auto", "hi")).await;
     assert_eq!(header(&r, "x-wattgate-route"), "cloud");
     assert_eq!(header(&r, "x-wattgate-reason"), "fallback_local_error");

@@ -47,6 +47,11 @@ impl Gateway {
         }
     }
 
+    /// The gateway with one local and one cloud backend and otherwise default config.
+    pub async fn pair(local_url: &str, cloud_url: &str) -> Self {
+        Self::start(&local_and_cloud("", local_url, cloud_url, "")).await
+    }
+
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)

@@ -424,21 +424,13 @@ impl Backend for EmbeddedBackend {
                 })
             }
         }
-        let first = match timeout_at(first_byte_deadline, rx.recv()).await {
-            Err(_) => {
-                return Err(BackendError::Timeout {
-                    phase: TimeoutPhase::FirstByte,
-                    seconds: self.first_byte_timeout_s,
-                })
-            }
-            Ok(None) => {
-                return Err(BackendError::Internal {
-                    detail: "the worker stopped without an answer".to_owned(),
-                })
-            }
-            Ok(Some(Event::Failed(e))) => return Err(e),
-            Ok(Some(event)) => event,
-        };
+        let first = next_event(
+            &mut rx,
+            first_byte_deadline,
+            TimeoutPhase::FirstByte,
+            self.first_byte_timeout_s,
+        )
+        .await?;
         let (id, created, model) = (completion_id(), unix_now(), self.info.model.clone());
 
         if !request.stream {
@@ -460,20 +452,8 @@ impl Backend for EmbeddedBackend {
                         }));
                     }
                 }
-                event = match timeout_at(deadline, rx.recv()).await {
-                    Err(_) => {
-                        return Err(BackendError::Timeout {
-                            phase: TimeoutPhase::Total,
-                            seconds: self.total_timeout_s,
-                        })
-                    }
-                    Ok(None) => {
-                        return Err(BackendError::Internal {
-                            detail: "the worker stopped mid-answer".to_owned(),
-                        })
-                    }
-                    Ok(Some(e)) => e,
-                };
+                event = next_event(&mut rx, deadline, TimeoutPhase::Total, self.total_timeout_s)
+                    .await?;
             }
         }
 
@@ -506,6 +486,24 @@ impl Backend for EmbeddedBackend {
     }
 }
 
+/// The worker's next event before `deadline`; a timeout, a vanished worker, or a reported
+/// failure becomes the error.
+async fn next_event(
+    rx: &mut UnboundedReceiver<Event>,
+    deadline: tokio::time::Instant,
+    phase: TimeoutPhase,
+    seconds: f64,
+) -> Result<Event, BackendError> {
+    match timeout_at(deadline, rx.recv()).await {
+        Err(_) => Err(BackendError::Timeout { phase, seconds }),
+        Ok(None) => Err(BackendError::Internal {
+            detail: "the model worker stopped before finishing".to_owned(),
+        }),
+        Ok(Some(Event::Failed(e))) => Err(e),
+        Ok(Some(event)) => Ok(event),
+    }
+}
+
 struct StreamState {
     rx: UnboundedReceiver<Event>,
     pending: Option<Event>,
@@ -528,28 +526,22 @@ impl StreamState {
         }
         let event = match self.pending.take() {
             Some(e) => e,
-            None => match timeout_at(self.deadline, self.rx.recv()).await {
-                Err(_) => {
-                    self.done = true;
-                    return Some((
-                        Err(BackendError::Timeout {
-                            phase: TimeoutPhase::Total,
-                            seconds: self.total_timeout_s,
-                        }),
-                        self,
-                    ));
+            None => {
+                let next = next_event(
+                    &mut self.rx,
+                    self.deadline,
+                    TimeoutPhase::Total,
+                    self.total_timeout_s,
+                )
+                .await;
+                match next {
+                    Ok(e) => e,
+                    Err(e) => {
+                        self.done = true;
+                        return Some((Err(e), self));
+                    }
                 }
-                Ok(None) => {
-                    self.done = true;
-                    return Some((
-                        Err(BackendError::Internal {
-                            detail: "the worker stopped mid-stream".to_owned(),
-                        }),
-                        self,
-                    ));
-                }
-                Ok(Some(e)) => e,
-            },
+            }
         };
         match event {
             Event::Text(t) => {
