@@ -15,14 +15,12 @@
 //! positions (RoPE base 10,000). The output projection is tied to the embedding table. The GGUF
 //! stores norm weights with Gemma's "+1" already applied, so norms are plain RMSNorm.
 
-use std::borrow::Cow;
-use std::sync::Arc;
-
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::{QMatMul, QStorage, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{DType, Device, Tensor};
 
 use super::gguf::{GgufError, Metadata};
+use super::linear::Linear;
 
 /// Local (sliding-window) layers' RoPE base (llama.cpp's and Hugging Face's default for Gemma 3).
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
@@ -115,7 +113,7 @@ impl Gemma3Config {
     }
 
     fn is_global(&self, layer: usize) -> bool {
-        (layer + 1) % self.global_every.max(1) == 0
+        (layer + 1).is_multiple_of(self.global_every.max(1))
     }
 }
 
@@ -168,17 +166,17 @@ impl RmsNorm {
 
 struct Layer {
     attn_norm: RmsNorm,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     post_attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     post_ffn_norm: RmsNorm,
     global: bool,
 }
@@ -206,8 +204,9 @@ impl Cache {
 /// A loaded Gemma 3 model; shareable across threads, each sequence has its own [`Cache`].
 pub struct Gemma3 {
     cfg: Gemma3Config,
-    embed: Arc<QTensor>,
-    lm_head: QMatMul,
+    /// The embedding table; `None` when the output projection is tied to it.
+    embed: Option<Linear>,
+    lm_head: Linear,
     layers: Vec<Layer>,
     final_norm: RmsNorm,
     rope_local: Rope,
@@ -224,53 +223,54 @@ impl Gemma3 {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let cfg = Gemma3Config::from_gguf(content, max_positions)?;
-        let mut tensor = |name: &str| -> Result<QTensor, ModelError> {
-            content
-                .tensor(reader, name, device)
-                .map_err(|e| ModelError::Tensor {
-                    name: name.to_owned(),
-                    detail: e.to_string(),
-                })
-        };
-        let norm = |t: QTensor, eps: f64| -> Result<RmsNorm, ModelError> {
+        let norm = |reader: &mut R, name: &str| -> Result<RmsNorm, ModelError> {
+            let t: QTensor =
+                content
+                    .tensor(reader, name, device)
+                    .map_err(|e| ModelError::Tensor {
+                        name: name.to_owned(),
+                        detail: e.to_string(),
+                    })?;
             Ok(RmsNorm {
                 weight: t.dequantize(device)?,
-                eps: eps as f32,
+                eps: cfg.eps as f32,
             })
         };
-        let embed = Arc::new(tensor("token_embd.weight")?);
-        let (vocab, hidden) = embed.shape().dims2()?;
+        let linear = |reader: &mut R, name: &str| Linear::load(content, reader, name, device);
+        let table = linear(reader, "token_embd.weight")?;
+        let (vocab, hidden) = (table.out_features()?, table.in_features()?);
         if hidden != cfg.hidden {
             return Err(ModelError::Tensor {
                 name: "token_embd.weight".to_owned(),
                 detail: format!("width {hidden}, metadata says {}", cfg.hidden),
             });
         }
-        let lm_head = match tensor("output.weight") {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_arc(embed.clone())?,
+        let (embed, lm_head) = if content.tensor_infos.contains_key("output.weight") {
+            (Some(table), linear(reader, "output.weight")?)
+        } else {
+            (None, table)
         };
         let mut layers = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let p = |n: &str| format!("blk.{i}.{n}.weight");
             layers.push(Layer {
-                attn_norm: norm(tensor(&p("attn_norm"))?, cfg.eps)?,
-                q: QMatMul::from_qtensor(tensor(&p("attn_q"))?)?,
-                k: QMatMul::from_qtensor(tensor(&p("attn_k"))?)?,
-                v: QMatMul::from_qtensor(tensor(&p("attn_v"))?)?,
-                o: QMatMul::from_qtensor(tensor(&p("attn_output"))?)?,
-                q_norm: norm(tensor(&p("attn_q_norm"))?, cfg.eps)?,
-                k_norm: norm(tensor(&p("attn_k_norm"))?, cfg.eps)?,
-                post_attn_norm: norm(tensor(&p("post_attention_norm"))?, cfg.eps)?,
-                ffn_norm: norm(tensor(&p("ffn_norm"))?, cfg.eps)?,
-                gate: QMatMul::from_qtensor(tensor(&p("ffn_gate"))?)?,
-                up: QMatMul::from_qtensor(tensor(&p("ffn_up"))?)?,
-                down: QMatMul::from_qtensor(tensor(&p("ffn_down"))?)?,
-                post_ffn_norm: norm(tensor(&p("post_ffw_norm"))?, cfg.eps)?,
+                attn_norm: norm(reader, &p("attn_norm"))?,
+                q: linear(reader, &p("attn_q"))?,
+                k: linear(reader, &p("attn_k"))?,
+                v: linear(reader, &p("attn_v"))?,
+                o: linear(reader, &p("attn_output"))?,
+                q_norm: norm(reader, &p("attn_q_norm"))?,
+                k_norm: norm(reader, &p("attn_k_norm"))?,
+                post_attn_norm: norm(reader, &p("post_attention_norm"))?,
+                ffn_norm: norm(reader, &p("ffn_norm"))?,
+                gate: linear(reader, &p("ffn_gate"))?,
+                up: linear(reader, &p("ffn_up"))?,
+                down: linear(reader, &p("ffn_down"))?,
+                post_ffn_norm: norm(reader, &p("post_ffw_norm"))?,
                 global: cfg.is_global(i),
             });
         }
-        let final_norm = norm(tensor("output_norm.weight")?, cfg.eps)?;
+        let final_norm = norm(reader, "output_norm.weight")?;
         let rope_local = Rope::new(cfg.rope_local, cfg.head_dim, cfg.max_positions, device)?;
         let rope_global = Rope::new(cfg.rope_global, cfg.head_dim, cfg.max_positions, device)?;
         tracing::debug!(vocab, layers = cfg.layers, "gemma3 loaded");
@@ -324,8 +324,8 @@ impl Gemma3 {
             let h = layer.post_attn_norm.forward(&h)?;
             x = (x + h)?;
             let h = layer.ffn_norm.forward(&x)?;
-            let gate = layer.gate.forward(&h)?.gelu()?;
-            let h = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+            let [gate, up] = shared::<2>(&[&layer.gate, &layer.up], &h)?;
+            let h = layer.down.forward(&(gate.gelu()? * up)?)?;
             let h = layer.post_ffn_norm.forward(&h)?;
             x = (x + h)?;
         }
@@ -341,26 +341,8 @@ impl Gemma3 {
     /// Embedding rows for `tokens`, dequantized one row at a time so the 262k-row table stays
     /// quantized in memory.
     fn embed_tokens(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
-        let (vocab, hidden) = self.embed.shape().dims2()?;
-        let dtype = self.embed.dtype();
-        let data = self.embed.data()?;
-        let row_bytes = hidden / dtype.block_size() * dtype.type_size();
-        let mut rows = Vec::with_capacity(tokens.len());
-        for &t in tokens {
-            let t = t as usize;
-            if t >= vocab {
-                return Err(ModelError::Limit(format!(
-                    "token id {t} is outside the vocabulary of {vocab}"
-                )));
-            }
-            let bytes = &data[t * row_bytes..(t + 1) * row_bytes];
-            let row = QTensor::new(
-                QStorage::from_data(Cow::Borrowed(bytes), &self.device, dtype)?,
-                (1, hidden),
-            )?;
-            rows.push(row.dequantize(&self.device)?);
-        }
-        Ok(Tensor::cat(&rows, 0)?.unsqueeze(0)?)
+        let table = self.embed.as_ref().unwrap_or(&self.lm_head);
+        Ok(table.rows(tokens, &self.device)?.unsqueeze(0)?)
     }
 
     fn attention(
@@ -373,21 +355,10 @@ impl Gemma3 {
         let cfg = &self.cfg;
         let (b, n, _) = x.dims3()?;
         let (heads, kv_heads, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
-        let q = layer
-            .q
-            .forward(x)?
-            .reshape((b, n, heads, d))?
-            .transpose(1, 2)?;
-        let k = layer
-            .k
-            .forward(x)?
-            .reshape((b, n, kv_heads, d))?
-            .transpose(1, 2)?;
-        let v = layer
-            .v
-            .forward(x)?
-            .reshape((b, n, kv_heads, d))?
-            .transpose(1, 2)?;
+        let [q, k, v] = shared::<3>(&[&layer.q, &layer.k, &layer.v], x)?;
+        let q = q.reshape((b, n, heads, d))?.transpose(1, 2)?;
+        let k = k.reshape((b, n, kv_heads, d))?.transpose(1, 2)?;
+        let v = v.reshape((b, n, kv_heads, d))?.transpose(1, 2)?;
         let q = layer.q_norm.forward(&q)?;
         let k = layer.k_norm.forward(&k)?;
         let rope = if layer.global {
@@ -467,6 +438,13 @@ impl Gemma3 {
         }
         Ok(Some(Tensor::from_vec(mask, (group * n, m), &self.device)?))
     }
+}
+
+/// `N` projections of the same input (see [`Linear::forward_shared`]).
+fn shared<const N: usize>(parts: &[&Linear; N], x: &Tensor) -> Result<[Tensor; N], ModelError> {
+    Linear::forward_shared(parts, x)?
+        .try_into()
+        .map_err(|_| ModelError::Limit(format!("expected {N} projections")))
 }
 
 /// Index of the largest logit (greedy decoding).

@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod gemma3;
 pub mod gguf;
+pub mod linear;
 pub mod prompt;
 pub mod sampling;
 pub mod tokenizer;

@@ -1,0 +1,562 @@
+//! CPU matrix multiplication for the 32-value GGUF block formats Q8_0 and Q5_0, used by
+//! wattgate's embedded model.
+//!
+//! Why our own: candle 0.11.1 has no SIMD path for Q5_0 (its dot product is scalar), and its
+//! repacked AVX-512/VNNI kernels require the inner dimension to be a multiple of 256, which
+//! Gemma 3 270M's hidden size of 640 is not. Those two gaps cover every projection that reads the
+//! residual stream (q, k, v, gate, up) and the 262,144-row output head, i.e. most of the bytes a
+//! decode step touches. K-quant tensors whose shapes candle handles well stay with candle.
+//!
+//! The method is the one ggml uses for these formats: activations are quantized to 8 bits per
+//! 32-value block, each weight block is widened to 32 signed bytes, and the integer dot product
+//! of the two blocks is scaled by both block scales. On x86-64 the integer dot runs on AVX2
+//! (`vpmaddubsw`) or, where the CPU has it, AVX-VNNI (`vpdpbusd`); elsewhere a scalar loop that
+//! the tests also use as the reference.
+
+use std::ops::Range;
+
+use half::f16;
+
+/// Values per block in both formats.
+pub const BLOCK: usize = 32;
+
+/// A GGUF block format these kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// f16 scale, 32 signed bytes (34 bytes per block).
+    Q8_0,
+    /// f16 scale, 32 high bits, 32 low nibbles (22 bytes per block); value = scale * (q - 16).
+    Q5_0,
+}
+
+impl BlockFormat {
+    /// Bytes of one 32-value block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => 34,
+            Self::Q5_0 => 22,
+        }
+    }
+
+    /// Widens one block to signed bytes and returns its scale.
+    fn decode(self, block: &[u8], out: &mut [i8; BLOCK]) -> f32 {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        match self {
+            Self::Q8_0 => {
+                for (o, &b) in out.iter_mut().zip(&block[2..2 + BLOCK]) {
+                    *o = b as i8;
+                }
+            }
+            Self::Q5_0 => {
+                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                for j in 0..BLOCK / 2 {
+                    let byte = block[6 + j];
+                    let lo = (byte & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+                    let hi = (byte >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+                    out[j] = lo as i8 - 16;
+                    out[j + BLOCK / 2] = hi as i8 - 16;
+                }
+            }
+        }
+        d
+    }
+}
+
+/// A weight matrix of `rows` x `cols` in one block format, stored exactly as in the GGUF file.
+pub struct BlockMatrix {
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl BlockMatrix {
+    /// Wraps GGUF tensor bytes; fails when `cols` is not a whole number of blocks or the byte
+    /// count does not match the shape.
+    pub fn new(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self, String> {
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
+            return Err(format!("{cols} columns is not a multiple of {BLOCK}"));
+        }
+        let expected = rows * (cols / BLOCK) * format.block_bytes();
+        if data.len() != expected {
+            return Err(format!(
+                "{} bytes for a {rows}x{cols} {format:?} matrix, expected {expected}",
+                data.len()
+            ));
+        }
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// Output features (rows of the stored matrix).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The block format.
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.format.block_bytes()
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let n = self.row_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    /// Row `r` as f32 (an embedding lookup); `None` when `r` is out of range.
+    pub fn dequantize_row(&self, r: usize) -> Option<Vec<f32>> {
+        if r >= self.rows {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.cols);
+        let mut q = [0i8; BLOCK];
+        for block in self.row(r).chunks_exact(self.format.block_bytes()) {
+            let d = self.format.decode(block, &mut q);
+            out.extend(q.iter().map(|&v| d * f32::from(v)));
+        }
+        Some(out)
+    }
+
+    /// `out[t][r] = sum_c x[t][c] * w[r][c]` for the `x.rows()` activation rows, using candle's
+    /// CPU thread pool. `out` has `x.rows() * self.rows()` elements.
+    pub fn matmul(&self, x: &QuantizedActivations, out: &mut [f32]) -> Result<(), String> {
+        if x.cols != self.cols {
+            return Err(format!(
+                "activations have {} columns, the matrix {}",
+                x.cols, self.cols
+            ));
+        }
+        if out.len() != x.rows * self.rows {
+            return Err(format!(
+                "output has {} elements, expected {}",
+                out.len(),
+                x.rows * self.rows
+            ));
+        }
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        let kernel = Kernel::detect();
+        let work = |rows: Range<usize>| {
+            // SAFETY: the pool hands out disjoint row ranges, and a range writes only
+            // `out[t * self.rows + r]` for its own rows, all inside `out` (checked above).
+            unsafe { self.rows_into(kernel, rows, x, out_ptr) }
+        };
+        // Small matrices run inline: waking the pool costs more than it saves.
+        if self.rows * x.rows * self.cols < 1 << 16 {
+            work(0..self.rows);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(self.rows, work);
+        }
+        Ok(())
+    }
+
+    /// Computes output rows `rows` for every activation row.
+    ///
+    /// # Safety
+    /// `out` must point to `x.rows * self.rows` writable floats, and no other thread may write
+    /// the elements of these rows concurrently.
+    unsafe fn rows_into(
+        &self,
+        kernel: Kernel,
+        rows: Range<usize>,
+        x: &QuantizedActivations,
+        out: OutPtr,
+    ) {
+        let blocks = self.cols / BLOCK;
+        let mut w = vec![0i8; self.cols];
+        let mut wd = vec![0f32; blocks];
+        for r in rows {
+            let mut q = [0i8; BLOCK];
+            for (b, block) in self
+                .row(r)
+                .chunks_exact(self.format.block_bytes())
+                .enumerate()
+            {
+                wd[b] = self.format.decode_fast(kernel, block, &mut q);
+                w[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&q);
+            }
+            for t in 0..x.rows {
+                let v = kernel.dot(&w, &wd, x.row_q(t), x.row_d(t));
+                // SAFETY: see the function's contract.
+                unsafe { *out.0.add(t * self.rows + r) = v };
+            }
+        }
+    }
+}
+
+/// The output pointer shared with the pool's workers.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: workers write disjoint elements (see `BlockMatrix::matmul`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// Activation rows quantized to 8 bits per block, computed once per matmul and shared by all
+/// output rows (and by several matrices that read the same input).
+pub struct QuantizedActivations {
+    rows: usize,
+    cols: usize,
+    q: Vec<i8>,
+    d: Vec<f32>,
+}
+
+impl QuantizedActivations {
+    /// Quantizes `rows` rows of `cols` values; `cols` must be a multiple of 32.
+    pub fn new(x: &[f32], rows: usize, cols: usize) -> Result<Self, String> {
+        if cols == 0 || !cols.is_multiple_of(BLOCK) || x.len() != rows * cols {
+            return Err(format!(
+                "cannot quantize {} values as {rows} rows of {cols} (a multiple of {BLOCK})",
+                x.len()
+            ));
+        }
+        let mut q = vec![0i8; x.len()];
+        let mut d = vec![0f32; x.len() / BLOCK];
+        for ((src, dst), scale) in x
+            .chunks_exact(BLOCK)
+            .zip(q.chunks_exact_mut(BLOCK))
+            .zip(d.iter_mut())
+        {
+            let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = amax / 127.0;
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            for (o, v) in dst.iter_mut().zip(src) {
+                *o = (v * inv).round() as i8;
+            }
+            *scale = s;
+        }
+        Ok(Self { rows, cols, q, d })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn row_q(&self, t: usize) -> &[i8] {
+        &self.q[t * self.cols..(t + 1) * self.cols]
+    }
+
+    fn row_d(&self, t: usize) -> &[f32] {
+        let b = self.cols / BLOCK;
+        &self.d[t * b..(t + 1) * b]
+    }
+}
+
+/// The integer dot-product implementation chosen for this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// Portable loop.
+    Scalar,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX2 + FMA + AVX-VNNI.
+    AvxVnni,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU supports (detected once).
+    pub fn detect() -> Self {
+        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::env::var_os("WATTGATE_SCALAR_KERNELS").is_some() {
+                    return Kernel::Scalar;
+                }
+                let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+                if avx2 && is_x86_feature_detected!("avxvnni") {
+                    return Kernel::AvxVnni;
+                }
+                if avx2 {
+                    return Kernel::Avx2;
+                }
+            }
+            Kernel::Scalar
+        })
+    }
+
+    /// `sum_b wd[b] * xd[b] * (w_b . x_b)` over the blocks of one weight row and one activation
+    /// row.
+    fn dot(self, w: &[i8], wd: &[f32], x: &[i8], xd: &[f32]) -> f32 {
+        debug_assert_eq!(w.len(), x.len());
+        debug_assert_eq!(wd.len(), xd.len());
+        debug_assert_eq!(w.len(), wd.len() * BLOCK);
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` chose this kernel only where the CPU has AVX2, FMA and AVX-VNNI.
+            Self::AvxVnni => unsafe { x86::dot_vnni(w, wd, x, xd) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `detect` chose this kernel only where the CPU has AVX2 and FMA.
+            Self::Avx2 => unsafe { x86::dot_avx2(w, wd, x, xd) },
+            _ => dot_scalar(w, wd, x, xd),
+        }
+    }
+}
+
+impl BlockFormat {
+    /// [`BlockFormat::decode`] with SIMD where the kernel allows.
+    fn decode_fast(self, kernel: Kernel, block: &[u8], out: &mut [i8; BLOCK]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if kernel != Kernel::Scalar && self == Self::Q5_0 {
+            // SAFETY: every non-scalar kernel implies AVX2; `block` is one 22-byte Q5_0 block.
+            return unsafe { x86::decode_q5_0(block, out) };
+        }
+        let _ = kernel;
+        self.decode(block, out)
+    }
+}
+
+fn dot_scalar(w: &[i8], wd: &[f32], x: &[i8], xd: &[f32]) -> f32 {
+    w.chunks_exact(BLOCK)
+        .zip(x.chunks_exact(BLOCK))
+        .zip(wd.iter().zip(xd))
+        .map(|((wb, xb), (a, b))| {
+            let s: i32 = wb
+                .iter()
+                .zip(xb)
+                .map(|(&p, &q)| i32::from(p) * i32::from(q))
+                .sum();
+            a * b * s as f32
+        })
+        .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::BLOCK;
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Signed-by-signed byte dot product of one block, as eight i32 partial sums (AVX2: the
+    /// unsigned-by-signed multiply needs |w| and x carrying w's sign).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn block_dot_avx2(w: __m256i, x: __m256i) -> __m256i {
+        let aw = _mm256_sign_epi8(w, w);
+        let sx = _mm256_sign_epi8(x, w);
+        // |w| <= 128 and |x| <= 127, so a pair sum is at most 32,512: no i16 saturation.
+        let pairs = _mm256_maddubs_epi16(aw, sx);
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    fn block_dot_vnni(w: __m256i, x: __m256i) -> __m256i {
+        let aw = _mm256_sign_epi8(w, w);
+        let sx = _mm256_sign_epi8(x, w);
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), aw, sx)
+    }
+
+    macro_rules! dot_fn {
+        ($name:ident, $features:literal, $block:ident) => {
+            /// # Safety
+            /// The CPU must have the named features; `w`/`x` hold `wd.len()` blocks.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(w: &[i8], wd: &[f32], x: &[i8], xd: &[f32]) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..wd.len() {
+                    // SAFETY: block b lies inside both slices (32 bytes each).
+                    let (wv, xv) = unsafe {
+                        (
+                            _mm256_loadu_si256(w.as_ptr().add(b * BLOCK) as *const __m256i),
+                            _mm256_loadu_si256(x.as_ptr().add(b * BLOCK) as *const __m256i),
+                        )
+                    };
+                    let p = _mm256_cvtepi32_ps($block(wv, xv));
+                    acc = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[b] * xd[b]), acc);
+                }
+                hsum(acc)
+            }
+        };
+    }
+    dot_fn!(dot_avx2, "avx2,fma", block_dot_avx2);
+    dot_fn!(dot_vnni, "avx2,fma,avxvnni", block_dot_vnni);
+
+    /// Widens one Q5_0 block: 16 low nibbles then 16 high nibbles, each with its fifth bit from
+    /// the 32-bit `qh` field, minus 16.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `block` must be at least 22 bytes.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn decode_q5_0(block: &[u8], out: &mut [i8; BLOCK]) -> f32 {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+        // SAFETY: bytes 6..22 are the 16 nibble bytes.
+        let qs = unsafe { _mm_loadu_si128(block.as_ptr().add(6) as *const __m128i) };
+        let low4 = _mm_set1_epi8(0x0F);
+        let nibbles = _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16::<4>(qs), low4),
+            _mm_and_si128(qs, low4),
+        );
+        // Byte lane i takes byte i / 8 of qh and tests bit i % 8.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(qh as i32),
+            _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        let q = _mm256_or_si256(nibbles, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+        let q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+        // SAFETY: `out` is 32 bytes.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, q) };
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random byte stream (xorshift), so the tests need no extra crate.
+    fn bytes(n: usize, mut seed: u64) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// Random blocks with small finite f16 scales.
+    fn matrix(format: BlockFormat, rows: usize, cols: usize, seed: u64) -> BlockMatrix {
+        let mut data = bytes(rows * cols / BLOCK * format.block_bytes(), seed);
+        for block in data.chunks_exact_mut(format.block_bytes()) {
+            let d = f16::from_f32(0.001 + f32::from(block[0]) / 25_600.0);
+            block[..2].copy_from_slice(&d.to_le_bytes());
+        }
+        BlockMatrix::new(format, rows, cols, data).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn activations(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        bytes(rows * cols, seed)
+            .into_iter()
+            .map(|b| (f32::from(b) - 127.5) / 40.0)
+            .collect()
+    }
+
+    /// The f32 product of the dequantized matrix and the (unquantized) activations.
+    fn reference(m: &BlockMatrix, x: &[f32], rows: usize) -> Vec<f32> {
+        let w: Vec<Vec<f32>> = (0..m.rows())
+            .map(|r| m.dequantize_row(r).unwrap_or_default())
+            .collect();
+        let mut out = vec![0f32; rows * m.rows()];
+        for t in 0..rows {
+            for (r, wr) in w.iter().enumerate() {
+                out[t * m.rows() + r] = wr
+                    .iter()
+                    .zip(&x[t * m.cols()..(t + 1) * m.cols()])
+                    .map(|(a, b)| a * b)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn q5_0_decode_matches_the_ggml_layout() {
+        // qh bit j is the fifth bit of value j; nibble byte j holds values j (low) and j+16.
+        let mut block = [0u8; 22];
+        block[..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        block[2..6].copy_from_slice(&(1u32 | 1 << 17 | 1 << 31).to_le_bytes());
+        block[6] = 0x3A; // value 0 = 0xA | 0x10, value 16 = 0x3
+        block[7] = 0xF1; // value 1 = 0x1 (bit 1 unset), value 17 = 0xF | 0x10 (bit 17 set)
+        let mut scalar = [0i8; BLOCK];
+        let d = BlockFormat::Q5_0.decode(&block, &mut scalar);
+        assert_eq!(d, 0.5);
+        assert_eq!(scalar[0], 0x1A - 16);
+        assert_eq!(scalar[16], 0x3 - 16);
+        assert_eq!(scalar[1], 0x1 - 16);
+        assert_eq!(scalar[17], 0x1F - 16);
+        assert_eq!(scalar[31], 0x10 - 16);
+        assert_eq!(scalar[2], -16);
+        for kernel in [Kernel::Scalar, Kernel::detect()] {
+            let mut fast = [0i8; BLOCK];
+            assert_eq!(
+                BlockFormat::Q5_0.decode_fast(kernel, &block, &mut fast),
+                0.5
+            );
+            assert_eq!(fast, scalar, "{kernel:?}");
+        }
+    }
+
+    #[test]
+    fn kernels_agree_with_each_other_and_with_f32() {
+        for format in [BlockFormat::Q8_0, BlockFormat::Q5_0] {
+            let (rows, cols, m) = (67, 640, 5);
+            let w = matrix(format, rows, cols, 7);
+            let x = activations(m, cols, 11);
+            let xq = QuantizedActivations::new(&x, m, cols).unwrap_or_else(|e| panic!("{e}"));
+            let expected = reference(&w, &x, m);
+            let mut scalar = vec![0f32; m * rows];
+            // SAFETY: `scalar` holds m * rows floats; one thread.
+            unsafe { w.rows_into(Kernel::Scalar, 0..rows, &xq, OutPtr(scalar.as_mut_ptr())) };
+            let mut fast = vec![0f32; m * rows];
+            w.matmul(&xq, &mut fast).unwrap_or_else(|e| panic!("{e}"));
+            let scale = expected.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for i in 0..expected.len() {
+                // Integer sums are exact, so kernels differ only by f32 summation order.
+                assert!(
+                    (scalar[i] - fast[i]).abs() <= 1e-4 * scale,
+                    "{format:?} {i}: {} vs {}",
+                    scalar[i],
+                    fast[i]
+                );
+                // 8-bit activations cost well under 1% of the largest output.
+                assert!(
+                    (scalar[i] - expected[i]).abs() <= 0.01 * scale,
+                    "{format:?} {i}: {} vs f32 {}",
+                    scalar[i],
+                    expected[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        assert!(BlockMatrix::new(BlockFormat::Q8_0, 2, 48, vec![0; 68]).is_err());
+        assert!(BlockMatrix::new(BlockFormat::Q8_0, 2, 64, vec![0; 67]).is_err());
+        let w = matrix(BlockFormat::Q8_0, 2, 64, 1);
+        assert!(w.dequantize_row(2).is_none());
+        let x = QuantizedActivations::new(&[0.0; 32], 1, 32).unwrap_or_else(|e| panic!("{e}"));
+        assert!(w.matmul(&x, &mut [0.0; 2]).is_err());
+        assert!(QuantizedActivations::new(&[0.0; 33], 1, 33).is_err());
+    }
+}
