@@ -40,9 +40,11 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     let mut next = argmax(&model.forward(&ids, &mut cache)?);
     let prefill_s = t.elapsed().as_secs_f64();
+    let mut greedy = vec![next];
     let t = Instant::now();
     for _ in 0..decode_tokens {
         next = argmax(&model.forward(&[next], &mut cache)?);
+        greedy.push(next);
     }
     let decode_s = t.elapsed().as_secs_f64();
     println!(
@@ -50,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "engine": "wattgate", "load_s": load_s, "prompt_tokens": ids.len(),
             "prefill_tok_s": ids.len() as f64 / prefill_s, "decode_tok_s": decode_tokens as f64 / decode_s,
-            "peak_rss_mb": peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(), "greedy_ids": greedy,
         })
     );
     Ok(())

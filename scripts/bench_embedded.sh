@@ -39,4 +39,10 @@ for i in range(0, len(a), 3):
         print(f"{t:>7} {key:>16} {o[key]:>10.1f} {r[key]:>10.1f} {o[key]/r[key]:>7.2f} {target}")
     print(f"{t:>7} {'peak_rss_mb':>16} {o['peak_rss_mb']:>10.0f} {r['peak_rss_mb']:>10.0f} {'':>7} <= 600 MB")
     print(f"{t:>7} {'load_s':>16} {o['load_s']:>10.2f} {r['load_s']:>10.2f} {'':>7} <= 1.5 s")
+    same = 0
+    for ours_id, ref_id in zip(o["greedy_ids"], r["greedy_ids"]):
+        if ours_id != ref_id:
+            break
+        same += 1
+    print(f"{t:>7} {'greedy agreement':>16} first {same} of {min(len(o['greedy_ids']), len(r['greedy_ids']))} tokens identical")
 PY

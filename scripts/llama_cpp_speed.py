@@ -10,10 +10,12 @@ llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=thre
 load = time.time() - t0
 toks = llm.tokenize(prompt.encode(), add_bos=True, special=True)
 t = time.time(); llm.eval(toks); prefill = time.time() - t
+vocab = llm.n_vocab()
 out = []
 t = time.time()
 for _ in range(n):
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    # The last evaluated token's logits (llm.scores is only filled with logits_all=True).
+    tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))))
     out.append(tok); llm.eval([tok])
 decode = time.time() - t
-print(json.dumps({"engine": "llama.cpp", "load_s": load, "prompt_tokens": len(toks), "prefill_tok_s": len(toks)/prefill, "decode_tok_s": n/decode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))
+print(json.dumps({"engine": "llama.cpp", "load_s": load, "prompt_tokens": len(toks), "prefill_tok_s": len(toks)/prefill, "decode_tok_s": n/decode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, "greedy_ids": out}))

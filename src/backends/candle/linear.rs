@@ -22,7 +22,7 @@ pub enum Linear {
 
 impl Linear {
     /// Loads tensor `name` from the GGUF file. Q8_0 and Q5_0 tensors for the CPU are read
-    /// straight from the file into our kernels' layout, so no second copy is ever made.
+    /// straight from the file into our kernels' layout, never holding a second copy.
     pub fn load<R: Read + Seek>(
         content: &Content,
         reader: &mut R,
@@ -45,15 +45,11 @@ impl Linear {
         if let (Some(format), true) = (format, device.is_cpu()) {
             let (rows, cols) = info.shape.dims2().map_err(|e| err(e.to_string()))?;
             if cols.is_multiple_of(BLOCK) {
-                let bytes = rows * cols / BLOCK * format.block_bytes();
-                let mut data = vec![0u8; bytes];
-                reader
+                return reader
                     .seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
-                    .and_then(|_| reader.read_exact(&mut data))
-                    .map_err(|e| err(format!("reading {bytes} bytes: {e}")))?;
-                return BlockMatrix::new(format, rows, cols, data)
+                    .and_then(|_| BlockMatrix::read(format, rows, cols, reader))
                     .map(Self::Blocks)
-                    .map_err(err);
+                    .map_err(|e| err(format!("reading the {format:?} data: {e}")));
             }
         }
         let tensor = content
