@@ -72,11 +72,30 @@ pub struct BlockMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
-    /// One scale per block, row-major.
+    /// One scale per block, in the order of `layout`.
     scales: Vec<f32>,
-    /// Each block's values as in the GGUF file, without the scale, row-major.
+    /// The blocks' values, in the order of `layout`.
     quants: Vec<u8>,
+    layout: Layout,
 }
+
+/// How a [`BlockMatrix`] keeps its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Row-major, each block's values as in the GGUF file without the scale.
+    Rows,
+    /// For AVX-VNNI: tiles of [`TILE`] rows. Per (tile, block) come 8 chunks of 4 values for
+    /// each of the 8 rows, as unsigned bytes (value + 128), so that one `vpdpbusd` multiplies
+    /// 4 values of 8 rows at once and its 8 lanes are the 8 rows' sums: no horizontal
+    /// reduction, and a decode step reads the weights as one sequential stream. Scales are
+    /// [tile][block][row].
+    Tiles,
+}
+
+/// Rows per tile of [`Layout::Tiles`].
+const TILE: usize = 8;
+/// Added to each signed value in [`Layout::Tiles`] to make it unsigned.
+const TILE_OFFSET: i32 = 128;
 
 impl BlockMatrix {
     /// Splits GGUF tensor bytes; fails when `cols` is not a whole number of blocks or the byte
@@ -97,28 +116,75 @@ impl BlockMatrix {
         Self::read(format, rows, cols, &mut &data[..]).map_err(|e| e.to_string())
     }
 
-    /// Reads the tensor's GGUF bytes from `reader`, a megabyte at a time, so that loading never
-    /// holds the file's layout and ours at once.
+    /// Reads the tensor's GGUF bytes from `reader`, about a megabyte at a time, so that loading
+    /// never holds the file's layout and ours at once. The layout suits the CPU's kernel.
     pub fn read<R: std::io::Read>(
         format: BlockFormat,
         rows: usize,
         cols: usize,
         reader: &mut R,
     ) -> std::io::Result<Self> {
-        let total = Self::gguf_bytes(format, rows, cols)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let block = format.block_bytes();
+        let tiled = Kernel::detect() == Kernel::AvxVnni && rows.is_multiple_of(TILE);
+        let layout = if tiled { Layout::Tiles } else { Layout::Rows };
+        Self::read_as(format, rows, cols, reader, layout)
+    }
+
+    fn read_as<R: std::io::Read>(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        reader: &mut R,
+        layout: Layout,
+    ) -> std::io::Result<Self> {
+        let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let total = Self::gguf_bytes(format, rows, cols).map_err(invalid)?;
+        if layout == Layout::Tiles && !rows.is_multiple_of(TILE) {
+            return Err(invalid(format!("{rows} rows is not a multiple of {TILE}")));
+        }
+        let (block, nb) = (format.block_bytes(), cols / BLOCK);
         let blocks = total / block;
         let mut scales = Vec::with_capacity(blocks);
-        let mut quants = Vec::with_capacity(blocks * format.quant_bytes());
-        let mut chunk = vec![0u8; (1 << 20) / block * block];
+        let value_bytes = match layout {
+            Layout::Rows => format.quant_bytes(),
+            Layout::Tiles => BLOCK,
+        };
+        let mut quants = Vec::with_capacity(blocks * value_bytes);
+        // Whole tiles of rows per read.
+        let unit = TILE * nb * block;
+        let mut chunk = vec![0u8; unit * ((1 << 20) / unit).max(1)];
         let mut left = total;
+        let mut values = vec![[0i8; BLOCK]; TILE * nb];
+        let mut tile_scales = vec![0f32; TILE * nb];
         while left > 0 {
             let n = left.min(chunk.len());
             reader.read_exact(&mut chunk[..n])?;
-            for b in chunk[..n].chunks_exact(block) {
-                scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-                quants.extend_from_slice(&b[2..]);
+            match layout {
+                Layout::Rows => {
+                    for b in chunk[..n].chunks_exact(block) {
+                        scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+                        quants.extend_from_slice(&b[2..]);
+                    }
+                }
+                Layout::Tiles => {
+                    for tile in chunk[..n].chunks_exact(unit) {
+                        for (i, b) in tile.chunks_exact(block).enumerate() {
+                            // i = row * nb + block
+                            tile_scales[i] = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                            format.decode(&b[2..], &mut values[i]);
+                        }
+                        for b in 0..nb {
+                            scales.extend((0..TILE).map(|j| tile_scales[j * nb + b]));
+                            for c in 0..BLOCK / 4 {
+                                for j in 0..TILE {
+                                    let v = &values[j * nb + b][c * 4..c * 4 + 4];
+                                    quants.extend(
+                                        v.iter().map(|&v| (i32::from(v) + TILE_OFFSET) as u8),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
             }
             left -= n;
         }
@@ -128,7 +194,38 @@ impl BlockMatrix {
             cols,
             scales,
             quants,
+            layout,
         })
+    }
+
+    /// Row `r` widened to signed bytes, with its block scales.
+    fn row_i8(&self, r: usize, w: &mut [i8], wd: &mut [f32]) {
+        let nb = self.blocks_per_row();
+        match self.layout {
+            Layout::Rows => {
+                let qb = self.format.quant_bytes();
+                let quants = &self.quants[r * nb * qb..(r + 1) * nb * qb];
+                let mut q = [0i8; BLOCK];
+                for (b, block) in quants.chunks_exact(qb).enumerate() {
+                    self.format.decode(block, &mut q);
+                    w[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&q);
+                }
+                wd.copy_from_slice(&self.scales[r * nb..(r + 1) * nb]);
+            }
+            Layout::Tiles => {
+                let (tile, j) = (r / TILE, r % TILE);
+                for b in 0..nb {
+                    let base = (tile * nb + b) * TILE * BLOCK;
+                    for c in 0..BLOCK / 4 {
+                        for k in 0..4 {
+                            let u = self.quants[base + (c * TILE + j) * 4 + k];
+                            w[b * BLOCK + c * 4 + k] = (i32::from(u) - TILE_OFFSET) as i8;
+                        }
+                    }
+                    wd[b] = self.scales[(tile * nb + b) * TILE + j];
+                }
+            }
+        }
     }
 
     /// Size in the GGUF file of a `rows` x `cols` tensor.
@@ -163,16 +260,15 @@ impl BlockMatrix {
         if r >= self.rows {
             return None;
         }
-        let (nb, qb) = (self.blocks_per_row(), self.format.quant_bytes());
-        let quants = &self.quants[r * nb * qb..(r + 1) * nb * qb];
-        let scales = &self.scales[r * nb..(r + 1) * nb];
-        let mut out = Vec::with_capacity(self.cols);
-        let mut q = [0i8; BLOCK];
-        for (block, &d) in quants.chunks_exact(qb).zip(scales) {
-            self.format.decode(block, &mut q);
-            out.extend(q.iter().map(|&v| d * f32::from(v)));
-        }
-        Some(out)
+        let mut w = vec![0i8; self.cols];
+        let mut wd = vec![0f32; self.blocks_per_row()];
+        self.row_i8(r, &mut w, &mut wd);
+        Some(
+            w.chunks_exact(BLOCK)
+                .zip(&wd)
+                .flat_map(|(q, &d)| q.iter().map(move |&v| d * f32::from(v)))
+                .collect(),
+        )
     }
 
     /// `out[t][r] = sum_c x[t][c] * w[r][c]` for the `x.rows()` activation rows, using candle's
@@ -198,11 +294,18 @@ impl BlockMatrix {
             // `out[t * self.rows + r]` for its own rows, all inside `out` (checked above).
             unsafe { self.rows_into(kernel, rows, x, out_ptr) }
         };
+        // Work items are whole tiles for the tiled layout, rows otherwise.
+        let unit = match self.layout {
+            Layout::Rows => 1,
+            Layout::Tiles => TILE,
+        };
         // Small matrices run inline: waking the pool costs more than it saves.
         if self.rows * x.rows * self.cols < 1 << 16 {
             work(0..self.rows);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(self.rows, work);
+            candle_core::utils::barrier_pool().execute_chunked(self.rows / unit, |items| {
+                work(items.start * unit..items.end * unit)
+            });
         }
         Ok(())
     }
@@ -220,7 +323,24 @@ impl BlockMatrix {
         out: OutPtr,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if kernel != Kernel::Scalar {
+        if kernel == Kernel::AvxVnni && self.layout == Layout::Tiles {
+            debug_assert!(rows.start.is_multiple_of(TILE) && rows.end.is_multiple_of(TILE));
+            let args = x86::Args {
+                quants: &self.quants,
+                scales: &self.scales,
+                blocks: self.blocks_per_row(),
+                rows: rows.start / TILE..rows.end / TILE,
+                out_stride: self.rows,
+                x,
+                out: out.0,
+            };
+            // SAFETY: AvxVnni is chosen only on a CPU with AVX2, FMA and AVX-VNNI; the ranges
+            // are whole tiles; the output contract is this function's.
+            unsafe { x86::matmul_tiles_vnni(args) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if kernel != Kernel::Scalar && self.layout == Layout::Rows {
             let args = x86::Args {
                 quants: &self.quants,
                 scales: &self.scales,
@@ -243,18 +363,12 @@ impl BlockMatrix {
             return;
         }
         let _ = kernel;
-        let (nb, qb) = (self.blocks_per_row(), self.format.quant_bytes());
         let mut w = vec![0i8; self.cols];
+        let mut wd = vec![0f32; self.blocks_per_row()];
         for r in rows {
-            let mut q = [0i8; BLOCK];
-            let quants = &self.quants[r * nb * qb..(r + 1) * nb * qb];
-            for (b, block) in quants.chunks_exact(qb).enumerate() {
-                self.format.decode(block, &mut q);
-                w[b * BLOCK..(b + 1) * BLOCK].copy_from_slice(&q);
-            }
-            let wd = &self.scales[r * nb..(r + 1) * nb];
+            self.row_i8(r, &mut w, &mut wd);
             for t in 0..x.rows {
-                let v = dot_scalar(&w, wd, x.row_q(t), x.row_d(t));
+                let v = dot_scalar(&w, &wd, x.row_q(t), x.row_d(t));
                 // SAFETY: see the function's contract.
                 unsafe { *out.0.add(t * self.rows + r) = v };
             }
@@ -277,6 +391,8 @@ pub struct QuantizedActivations {
     cols: usize,
     q: Vec<i8>,
     d: Vec<f32>,
+    /// Per block, scale times the sum of its values: the correction for unsigned weights.
+    s: Vec<f32>,
 }
 
 impl QuantizedActivations {
@@ -290,20 +406,31 @@ impl QuantizedActivations {
         }
         let mut q = vec![0i8; x.len()];
         let mut d = vec![0f32; x.len() / BLOCK];
-        for ((src, dst), scale) in x
+        let mut sums = vec![0f32; x.len() / BLOCK];
+        for (((src, dst), scale), sum) in x
             .chunks_exact(BLOCK)
             .zip(q.chunks_exact_mut(BLOCK))
             .zip(d.iter_mut())
+            .zip(sums.iter_mut())
         {
             let amax = src.iter().fold(0f32, |m, v| m.max(v.abs()));
             let s = amax / 127.0;
             let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            let mut total = 0i32;
             for (o, v) in dst.iter_mut().zip(src) {
                 *o = (v * inv).round() as i8;
+                total += i32::from(*o);
             }
             *scale = s;
+            *sum = s * total as f32;
         }
-        Ok(Self { rows, cols, q, d })
+        Ok(Self {
+            rows,
+            cols,
+            q,
+            d,
+            s: sums,
+        })
     }
 
     /// Number of rows.
@@ -582,6 +709,102 @@ mod x86 {
         block_dot_vnni
     );
 
+    /// The tiled layout (`Layout::Tiles`); `args.rows` counts tiles here.
+    ///
+    /// For each tile and activation row: per block, eight `vpdpbusd` of the tile's unsigned
+    /// bytes with 4 activation bytes broadcast give the 8 rows' integer sums, scaled by the
+    /// rows' block scales times the activation's; the +128 offset is taken off at the end as
+    /// 128 * sum_b row_scale_b * activation_block_sum_b.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and AVX-VNNI; `args` must describe whole tiles of one
+    /// matrix; `args.out` must take `x.rows * out_stride` floats, of which only this call
+    /// writes its tiles' rows.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn matmul_tiles_vnni(args: Args<'_>) {
+        let Args {
+            quants,
+            scales,
+            blocks,
+            rows: tiles,
+            out_stride,
+            x,
+            out,
+        } = args;
+        const TILE: usize = super::TILE;
+        let tile_bytes = blocks * TILE * BLOCK;
+        debug_assert!(tiles.end * tile_bytes <= quants.len());
+        debug_assert!(tiles.end * blocks * TILE <= scales.len());
+        let offset = _mm256_set1_ps(super::TILE_OFFSET as f32);
+        for tile in tiles {
+            // SAFETY (all reads): the tile's bytes and scales lie inside the slices (checked
+            // by the caller's shapes); activation row t's blocks lie inside `x.q`.
+            let qp = unsafe { quants.as_ptr().add(tile * tile_bytes) };
+            let sp = unsafe { scales.as_ptr().add(tile * blocks * TILE) };
+            if x.rows == 1 {
+                // One stream through the weights: fetch the next tile while this one runs.
+                let next = qp.wrapping_add(tile_bytes);
+                let mut acc = _mm256_setzero_ps();
+                let mut corr = _mm256_setzero_ps();
+                let xq = x.q.as_ptr();
+                for b in 0..blocks {
+                    let wb = unsafe { qp.add(b * TILE * BLOCK) };
+                    for line in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            next.wrapping_add(b * TILE * BLOCK + line * 64) as *const i8,
+                        );
+                    }
+                    let mut dot = _mm256_setzero_si256();
+                    for c in 0..BLOCK / 4 {
+                        let w = unsafe { _mm256_loadu_si256(wb.add(c * 32) as *const __m256i) };
+                        let xv =
+                            unsafe { (xq.add(b * BLOCK + c * 4) as *const i32).read_unaligned() };
+                        dot = _mm256_dpbusd_avx_epi32(dot, w, _mm256_set1_epi32(xv));
+                    }
+                    let sc = unsafe { _mm256_loadu_ps(sp.add(b * TILE)) };
+                    acc = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(dot),
+                        _mm256_mul_ps(sc, _mm256_set1_ps(x.d[b])),
+                        acc,
+                    );
+                    corr = _mm256_fmadd_ps(sc, _mm256_set1_ps(x.s[b]), corr);
+                }
+                let res = _mm256_fnmadd_ps(corr, offset, acc);
+                unsafe { _mm256_storeu_ps(out.add(tile * TILE), res) };
+                continue;
+            }
+            for t in 0..x.rows {
+                let xq = unsafe { x.q.as_ptr().add(t * blocks * BLOCK) };
+                let (xd, xs) = (
+                    &x.d[t * blocks..(t + 1) * blocks],
+                    &x.s[t * blocks..(t + 1) * blocks],
+                );
+                let mut acc = _mm256_setzero_ps();
+                let mut corr = _mm256_setzero_ps();
+                for b in 0..blocks {
+                    let wb = unsafe { qp.add(b * TILE * BLOCK) };
+                    let mut dot = _mm256_setzero_si256();
+                    for c in 0..BLOCK / 4 {
+                        let w = unsafe { _mm256_loadu_si256(wb.add(c * 32) as *const __m256i) };
+                        let xv =
+                            unsafe { (xq.add(b * BLOCK + c * 4) as *const i32).read_unaligned() };
+                        dot = _mm256_dpbusd_avx_epi32(dot, w, _mm256_set1_epi32(xv));
+                    }
+                    let sc = unsafe { _mm256_loadu_ps(sp.add(b * TILE)) };
+                    acc = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(dot),
+                        _mm256_mul_ps(sc, _mm256_set1_ps(xd[b])),
+                        acc,
+                    );
+                    corr = _mm256_fmadd_ps(sc, _mm256_set1_ps(xs[b]), corr);
+                }
+                let res = _mm256_fnmadd_ps(corr, offset, acc);
+                // The 8 rows' results go to 8 consecutive outputs of activation row t.
+                unsafe { _mm256_storeu_ps(out.add(t * out_stride + tile * TILE), res) };
+            }
+        }
+    }
+
     /// Widens one block's values with the SIMD loaders (for tests against the scalar decoder).
     ///
     /// # Safety
@@ -617,12 +840,23 @@ mod tests {
 
     /// Random blocks with small finite f16 scales.
     fn matrix(format: BlockFormat, rows: usize, cols: usize, seed: u64) -> BlockMatrix {
+        matrix_as(format, rows, cols, seed, Layout::Rows)
+    }
+
+    fn matrix_as(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+        layout: Layout,
+    ) -> BlockMatrix {
         let mut data = bytes(rows * cols / BLOCK * format.block_bytes(), seed);
         for block in data.chunks_exact_mut(format.block_bytes()) {
             let d = f16::from_f32(0.001 + f32::from(block[0]) / 25_600.0);
             block[..2].copy_from_slice(&d.to_le_bytes());
         }
-        BlockMatrix::new(format, rows, cols, data).unwrap_or_else(|e| panic!("{e}"))
+        BlockMatrix::read_as(format, rows, cols, &mut &data[..], layout)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn activations(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
@@ -699,16 +933,30 @@ mod tests {
 
     #[test]
     fn kernels_agree_with_each_other_and_with_f32() {
-        // One activation row (decode) and several (prefill, with a partial tile of four);
-        // 67 output rows leave a partial group of four as well.
-        for (format, m) in [
-            (BlockFormat::Q8_0, 1),
-            (BlockFormat::Q5_0, 1),
-            (BlockFormat::Q8_0, 6),
-            (BlockFormat::Q5_0, 6),
+        // One activation row (decode) and several (prefill, with a partial group of four);
+        // 67 output rows leave a partial group of four as well; the tiled layout needs whole
+        // tiles of eight (72 rows, 9 tiles, more than the pool's inline threshold at m = 6).
+        for (format, m, layout, rows) in [
+            (BlockFormat::Q8_0, 1, Layout::Rows, 67),
+            (BlockFormat::Q5_0, 1, Layout::Rows, 67),
+            (BlockFormat::Q8_0, 6, Layout::Rows, 67),
+            (BlockFormat::Q5_0, 6, Layout::Rows, 67),
+            (BlockFormat::Q8_0, 1, Layout::Tiles, 72),
+            (BlockFormat::Q5_0, 1, Layout::Tiles, 72),
+            (BlockFormat::Q8_0, 6, Layout::Tiles, 72),
+            (BlockFormat::Q5_0, 6, Layout::Tiles, 72),
         ] {
-            let (rows, cols) = (67, 640);
-            let w = matrix(format, rows, cols, 7);
+            let cols = 640;
+            let w = matrix_as(format, rows, cols, 7, layout);
+            // Both layouts hold the same matrix.
+            let plain = matrix(format, rows, cols, 7);
+            for r in [0, 5, rows - 1] {
+                assert_eq!(
+                    w.dequantize_row(r),
+                    plain.dequantize_row(r),
+                    "{layout:?} row {r}"
+                );
+            }
             let x = activations(m, cols, 11);
             let xq = QuantizedActivations::new(&x, m, cols).unwrap_or_else(|e| panic!("{e}"));
             let expected = reference(&w, &x, m);
@@ -730,7 +978,7 @@ mod tests {
                     // Integer sums are exact, so kernels differ only by f32 summation order.
                     assert!(
                         (scalar[i] - fast[i]).abs() <= 1e-4 * scale,
-                        "{format:?} {kernel:?} m={m} {i}: {} vs {}",
+                        "{format:?} {layout:?} {kernel:?} m={m} {i}: {} vs {}",
                         scalar[i],
                         fast[i]
                     );
