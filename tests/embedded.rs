@@ -8,10 +8,16 @@ use serde_json::{json, Value};
 use support::{chat_body, header, sample, Gateway};
 use wattgate_testkit::{Behavior, ScriptedUpstream};
 
+/// The embedded backend's config; `extra` adds keys (max_tokens defaults to 32 here).
 fn embedded(extra: &str) -> String {
     let path = support::gemma_gguf();
+    let cap = if extra.contains("max_tokens") {
+        ""
+    } else {
+        "max_tokens = 32\n"
+    };
     format!(
-        "[[backends]]\nname = \"gemma\"\nkind = \"embedded\"\nrole = \"local\"\nmodel = \"gemma-3-270m\"\ngguf = \"{}\"\nparameters = 268e6\nmax_tokens = 32\n{extra}\n",
+        "[[backends]]\nname = \"gemma\"\nkind = \"embedded\"\nrole = \"local\"\nmodel = \"gemma-3-270m\"\ngguf = \"{}\"\nparameters = 268e6\n{cap}{extra}\n",
         path.display()
     )
 }
@@ -262,4 +268,53 @@ async fn a_full_queue_sends_the_excess_to_the_cloud_and_loses_nothing() {
         ),
         busy as f64
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_gives_up_at_the_queue_deadline_not_when_a_worker_frees() {
+    // One worker busy with a long generation; the queue has room, so the next request waits
+    // in it, and must fall back when queue_timeout_s passes, long before the worker is free.
+    // 256 tokens take seconds here, the deadline is 0.3 s.
+    let (cloud, gw) =
+        with_cloud("workers = 1\nqueue_depth = 4\nqueue_timeout_s = 0.3\nmax_tokens = 256").await;
+    let client = reqwest::Client::new();
+    // The server accepts once the model is loaded: wait for that, so that the long request
+    // surely reaches the worker first.
+    client.get(gw.url("/readyz")).send().await.expect("readyz");
+    let url = gw.url("/v1/chat/completions");
+    let long = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .json(&greedy(
+                    "Write a long story about a lighthouse keeper.",
+                    256,
+                ))
+                .send()
+                .await
+                .expect("send");
+            let route = header(&r, "x-wattgate-route");
+            let body: Value = r.json().await.expect("json");
+            (route, body["usage"]["completion_tokens"].as_u64())
+        })
+    };
+    // Let the long request reach the worker first.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let r = client
+        .post(url)
+        .json(&greedy("Say hi.", 8))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(header(&r, "x-wattgate-route"), "cloud");
+    assert_eq!(header(&r, "x-wattgate-reason"), "local_busy");
+    assert_eq!(cloud.hits(), 1);
+    assert!(
+        !long.is_finished(),
+        "the fallback came back while the worker was still generating"
+    );
+    let (route, tokens) = long.await.expect("join");
+    assert_eq!(route, "local");
+    assert!(tokens.unwrap_or(0) > 32, "a long generation: {tokens:?}");
 }

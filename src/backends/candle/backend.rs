@@ -157,6 +157,8 @@ struct Job {
     stops: Vec<String>,
     enqueued: Instant,
     queue_timeout: Duration,
+    /// Told when a worker takes the job; dropped by a requester that stopped waiting.
+    started: Option<tokio::sync::oneshot::Sender<()>>,
     events: UnboundedSender<Event>,
 }
 
@@ -221,6 +223,7 @@ impl EmbeddedBackend {
         &self,
         request: &ChatRequest,
         events: UnboundedSender<Event>,
+        started: tokio::sync::oneshot::Sender<()>,
     ) -> Result<Job, BackendError> {
         let body = request.body();
         let unsupported = |detail: &str| {
@@ -289,6 +292,7 @@ impl EmbeddedBackend {
             stops,
             enqueued: Instant::now(),
             queue_timeout: secs(self.queue_timeout_s),
+            started: Some(started),
             events,
         })
     }
@@ -344,7 +348,7 @@ fn device() -> anyhow::Result<Device> {
 
 fn worker(engine: &Engine, jobs: &Mutex<Receiver<Job>>) {
     loop {
-        let job = {
+        let mut job = {
             let Ok(queue) = jobs.lock() else { return };
             match queue.recv() {
                 Ok(job) => job,
@@ -362,7 +366,9 @@ fn worker(engine: &Engine, jobs: &Mutex<Receiver<Job>>) {
             }));
             continue;
         }
-        if job.events.is_closed() {
+        // A requester that gave up waiting (queue deadline, disconnect) dropped its receiver.
+        let taken = job.started.take().is_some_and(|s| s.send(()).is_ok());
+        if !taken || job.events.is_closed() {
             continue;
         }
         if let Err(e) = engine.run(&job) {
@@ -407,7 +413,8 @@ impl Backend for EmbeddedBackend {
         let first_byte_deadline = started + secs(self.first_byte_timeout_s);
         let deadline = started + secs(self.total_timeout_s);
         let (tx, mut rx) = unbounded_channel();
-        let job = self.job(request, tx)?;
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let job = self.job(request, tx, started_tx)?;
         match self.queue.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -421,6 +428,36 @@ impl Backend for EmbeddedBackend {
             Err(TrySendError::Disconnected(_)) => {
                 return Err(BackendError::Internal {
                     detail: "the model workers have stopped".to_owned(),
+                })
+            }
+        }
+        // The queue deadline holds from here, not only when a worker gets to the job: a request
+        // never waits longer than `queue_timeout_s` for a worker (unless the first-byte timeout
+        // is shorter, which then applies).
+        let queue_deadline = started + secs(self.queue_timeout_s);
+        match timeout_at(queue_deadline.min(first_byte_deadline), started_rx).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                // The worker refused the job; its reason is on the event channel.
+                return match rx.recv().await {
+                    Some(Event::Failed(e)) => Err(e),
+                    _ => Err(BackendError::Internal {
+                        detail: "the model worker dropped the request".to_owned(),
+                    }),
+                };
+            }
+            Err(_) if queue_deadline <= first_byte_deadline => {
+                return Err(BackendError::Busy {
+                    detail: format!(
+                        "no worker free within {:.1}s (queue_timeout_s)",
+                        self.queue_timeout_s
+                    ),
+                })
+            }
+            Err(_) => {
+                return Err(BackendError::Timeout {
+                    phase: TimeoutPhase::FirstByte,
+                    seconds: self.first_byte_timeout_s,
                 })
             }
         }
