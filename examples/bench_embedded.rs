@@ -6,7 +6,8 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use wattgate::backends::candle::gemma3::{argmax, Gemma3};
+use wattgate::backends::candle::backend::Model;
+use wattgate::backends::candle::gemma3::argmax;
 use wattgate::backends::candle::tokenizer::GgufTokenizer;
 
 fn peak_rss_mb() -> f64 {
@@ -32,9 +33,13 @@ fn main() -> anyhow::Result<()> {
     let mut file = std::fs::File::open(&args[1])?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
     let tokenizer = GgufTokenizer::from_gguf(&content)?;
-    let model = Gemma3::load(&content, &mut file, 8192, &Device::Cpu)?;
+    let model = Model::load(&content, &mut file, 8192, &Device::Cpu)?;
     let load_s = started.elapsed().as_secs_f64();
-    let mut ids = vec![tokenizer.bos];
+    let mut ids = if tokenizer.add_bos {
+        vec![tokenizer.bos]
+    } else {
+        Vec::new()
+    };
     ids.extend(tokenizer.encode(&args[2])?);
     let mut cache = model.new_cache();
     let t = Instant::now();

@@ -17,7 +17,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::timeout_at;
 
-use super::gemma3::{Gemma3, ModelError};
+use super::decoder::{Decoder, DecoderCache, Family};
+use super::gemma3::{Cache, Gemma3, ModelError};
 use super::gguf::Metadata;
 use super::prompt::{text_messages, PromptFormat};
 use super::sampling::{FinishReason, Sampler, SamplingParams, StopFilter};
@@ -28,9 +29,89 @@ use crate::backends::{
 use crate::config::{secs, BackendConfig, ModelsConfig};
 use crate::wire::{ChatRequest, Usage};
 
+/// A loaded model of any supported architecture.
+pub enum Model {
+    /// Gemma 3.
+    Gemma3(Gemma3),
+    /// Llama, Qwen2, Qwen3.
+    Decoder(Decoder),
+}
+
+/// A sequence's state in either architecture.
+pub enum SequenceCache {
+    /// Gemma 3's.
+    Gemma3(Cache),
+    /// The decoder family's.
+    Decoder(DecoderCache),
+}
+
+impl Model {
+    /// Loads the architecture named by `general.architecture`.
+    pub fn load(
+        content: &candle_core::quantized::gguf_file::Content,
+        file: &mut std::fs::File,
+        max_context: usize,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let meta = Metadata(&content.metadata);
+        let arch = meta.string("general.architecture")?;
+        if arch == "gemma3" {
+            return Ok(Self::Gemma3(Gemma3::load(
+                content,
+                file,
+                max_context,
+                device,
+            )?));
+        }
+        match Family::from_architecture(arch) {
+            Some(family) => Ok(Self::Decoder(Decoder::load(
+                content,
+                file,
+                family,
+                max_context,
+                device,
+            )?)),
+            None => Err(ModelError::Limit(format!(
+                "architecture \"{arch}\" is not supported (supported: gemma3, llama, qwen2, qwen3)"
+            ))),
+        }
+    }
+
+    /// Usable positions.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Self::Gemma3(m) => m.config().max_positions,
+            Self::Decoder(m) => m.config().max_positions,
+        }
+    }
+
+    /// A fresh cache for a new sequence.
+    pub fn new_cache(&self) -> SequenceCache {
+        match self {
+            Self::Gemma3(m) => SequenceCache::Gemma3(m.new_cache()),
+            Self::Decoder(m) => SequenceCache::Decoder(m.new_cache()),
+        }
+    }
+
+    /// Runs `tokens` at the cache's position; the logits after the last one.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut SequenceCache,
+    ) -> Result<Vec<f32>, ModelError> {
+        match (self, cache) {
+            (Self::Gemma3(m), SequenceCache::Gemma3(c)) => m.forward(tokens, c),
+            (Self::Decoder(m), SequenceCache::Decoder(c)) => m.forward(tokens, c),
+            _ => Err(ModelError::Limit(
+                "a cache from another model was passed".to_owned(),
+            )),
+        }
+    }
+}
+
 /// A loaded model with its tokenizer and prompt format.
 pub struct Engine {
-    model: Gemma3,
+    model: Model,
     tokenizer: GgufTokenizer,
     format: PromptFormat,
     stop_ids: Vec<u32>,
@@ -45,21 +126,36 @@ impl Engine {
             .map_err(|e| describe(&e))?;
         let tokenizer = GgufTokenizer::from_gguf(&content).map_err(|e| describe(&e))?;
         let meta = Metadata(&content.metadata);
+        let arch = meta
+            .string("general.architecture")
+            .map_err(|e| describe(&e))?;
         let format = match meta.string("tokenizer.chat_template") {
             Ok(source) => PromptFormat::Template {
                 source: source.to_owned(),
-                bos_token: "<bos>".to_owned(),
-                eos_token: "<eos>".to_owned(),
+                bos_token: tokenizer.token(tokenizer.bos).unwrap_or_default(),
+                eos_token: tokenizer.token(tokenizer.eos).unwrap_or_default(),
             },
-            Err(_) => PromptFormat::Gemma,
+            Err(_) if arch == "gemma3" => PromptFormat::Gemma,
+            Err(_) => {
+                return Err(describe(&format!(
+                "no tokenizer.chat_template in the file and no built-in turn format for \"{arch}\""
+            )))
+            }
         };
         let model =
-            Gemma3::load(&content, &mut file, max_context, device).map_err(|e| describe(&e))?;
+            Model::load(&content, &mut file, max_context, device).map_err(|e| describe(&e))?;
         let mut stop_ids = vec![tokenizer.eos];
+        // End-of-turn tokens of the supported families' chat formats.
         stop_ids.extend(
-            ["<end_of_turn>", "<eot>"]
-                .iter()
-                .filter_map(|t| tokenizer.token_id(t)),
+            [
+                "<end_of_turn>",
+                "<eot>",
+                "<|im_end|>",
+                "<|eot_id|>",
+                "<|endoftext|>",
+            ]
+            .iter()
+            .filter_map(|t| tokenizer.token_id(t)),
         );
         Ok(Self {
             model,
@@ -71,7 +167,7 @@ impl Engine {
 
     /// Usable positions (prompt + output).
     pub fn max_positions(&self) -> usize {
-        self.model.config().max_positions
+        self.model.max_positions()
     }
 
     /// The prompt token ids for OpenAI `messages`.

@@ -118,13 +118,13 @@ impl Gemma3Config {
 }
 
 /// Cosine and sine tables for one RoPE base.
-struct Rope {
+pub(super) struct Rope {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rope {
-    fn new(
+    pub(super) fn new(
         base: f32,
         head_dim: usize,
         positions: usize,
@@ -144,22 +144,32 @@ impl Rope {
         })
     }
 
-    /// Rotates `x` of shape (batch, heads, n, head_dim) for positions `pos..pos + n`.
-    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+    /// Rotates `x` of shape (batch, heads, n, head_dim) for positions `pos..pos + n`, pairing
+    /// dimension i with i + head_dim / 2 (GPT-NeoX style: Gemma, Qwen).
+    pub(super) fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         let n = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, n)?;
         let sin = self.sin.narrow(0, pos, n)?;
         candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     }
+
+    /// As [`Rope::apply`], pairing adjacent dimensions (2i, 2i + 1): Llama in GGUF, whose
+    /// converter permutes the q/k weights for this form.
+    pub(super) fn apply_interleaved(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let n = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, n)?;
+        let sin = self.sin.narrow(0, pos, n)?;
+        candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+    }
 }
 
-struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
+pub(super) struct RmsNorm {
+    pub(super) weight: Tensor,
+    pub(super) eps: f32,
 }
 
 impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
     }
 }
@@ -441,7 +451,10 @@ impl Gemma3 {
 }
 
 /// `N` projections of the same input (see [`Linear::forward_shared`]).
-fn shared<const N: usize>(parts: &[&Linear; N], x: &Tensor) -> Result<[Tensor; N], ModelError> {
+pub(super) fn shared<const N: usize>(
+    parts: &[&Linear; N],
+    x: &Tensor,
+) -> Result<[Tensor; N], ModelError> {
     Linear::forward_shared(parts, x)?
         .try_into()
         .map_err(|_| ModelError::Limit(format!("expected {N} projections")))

@@ -4,6 +4,7 @@
 //! that no extra download is needed; the forward pass and the backend follow.
 
 pub mod backend;
+pub mod decoder;
 pub mod gemma3;
 pub mod gguf;
 pub mod linear;

@@ -34,7 +34,7 @@ pub enum TokenizerError {
     #[error(transparent)]
     Metadata(#[from] GgufError),
     /// A vocabulary kind this build does not handle.
-    #[error("tokenizer.ggml.model = \"{0}\" is not supported yet (supported: \"llama\", SentencePiece vocabularies such as Gemma's)")]
+    #[error("tokenizer.ggml.model = \"{0}\" is not supported (supported: \"llama\", SentencePiece vocabularies such as Gemma's and Llama 2's; \"gpt2\", byte-level BPE such as Llama 3's and Qwen's)")]
     Unsupported(String),
     /// The tokenizers library refused the construction or the input.
     #[error("tokenizer: {0}")]
@@ -63,6 +63,7 @@ impl GgufTokenizer {
         let meta = Metadata(&content.metadata);
         match meta.string("tokenizer.ggml.model")? {
             "llama" => sentencepiece_bpe(&meta),
+            "gpt2" => byte_level_bpe(content, &meta),
             other => Err(TokenizerError::Unsupported(other.to_owned())),
         }
     }
@@ -83,6 +84,11 @@ impl GgufTokenizer {
         self.inner.decode(ids, true).map_err(lib)
     }
 
+    /// The string of a token id, if it is in the vocabulary.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -92,6 +98,23 @@ impl GgufTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
+}
+
+/// Byte-level BPE with explicit merges (`tokenizer.ggml.model = "gpt2"`): candle's builder
+/// reads the vocabulary, merges and the pre-tokenizer named by `tokenizer.ggml.pre`.
+fn byte_level_bpe(content: &Content, meta: &Metadata<'_>) -> Result<GgufTokenizer, TokenizerError> {
+    use candle_core::quantized::tokenizer::TokenizerFromGguf;
+    let inner = Tokenizer::from_gguf(content).map_err(lib)?;
+    let vocab_size = meta.strings("tokenizer.ggml.tokens")?.len();
+    let eos = meta.u32("tokenizer.ggml.eos_token_id")?;
+    Ok(GgufTokenizer {
+        inner,
+        // Qwen's vocabularies name no BOS and do not add one.
+        bos: meta.u32("tokenizer.ggml.bos_token_id").unwrap_or(eos),
+        eos,
+        add_bos: meta.bool_or("tokenizer.ggml.add_bos_token", false)?,
+        vocab_size,
+    })
 }
 
 fn sentencepiece_bpe(meta: &Metadata<'_>) -> Result<GgufTokenizer, TokenizerError> {
