@@ -12,9 +12,9 @@
 //! - qwen3: GPT-NeoX RoPE, RMSNorm on each head of q and k.
 
 use candle_core::quantized::gguf_file::Content;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
-use super::gemma3::{shared, ModelError, RmsNorm, Rope};
+use super::gemma3::{check_fits, last_logits, shared, ModelError, RmsNorm, Rope};
 use super::gguf::{GgufError, Metadata};
 use super::linear::Linear;
 
@@ -264,20 +264,8 @@ impl Decoder {
         tokens: &[u32],
         cache: &mut DecoderCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let n = tokens.len();
-        if n == 0 {
-            return Err(ModelError::Limit(
-                "forward needs at least one token".to_owned(),
-            ));
-        }
-        let pos = cache.pos;
-        if pos + n > self.cfg.max_positions {
-            return Err(ModelError::Limit(format!(
-                "{} positions exceed the model's usable context of {}",
-                pos + n,
-                self.cfg.max_positions
-            )));
-        }
+        let (n, pos) = (tokens.len(), cache.pos);
+        check_fits(n, pos, self.cfg.max_positions)?;
         let table = self.embed.as_ref().unwrap_or(&self.lm_head);
         let mut x = table.rows(tokens, &self.device)?.unsqueeze(0)?;
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -288,12 +276,7 @@ impl Decoder {
             x = (x + layer.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?)?;
         }
         cache.pos += n;
-        let last = x.narrow(1, n - 1, 1)?;
-        let logits = self.lm_head.forward(&self.final_norm.forward(&last)?)?;
-        Ok(logits
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?)
+        last_logits(&x, n, &self.final_norm, &self.lm_head)
     }
 
     fn attention(

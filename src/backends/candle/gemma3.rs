@@ -313,20 +313,8 @@ impl Gemma3 {
 
     /// Runs `tokens` at the cache's position and returns the logits after the last one.
     pub fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>, ModelError> {
-        let n = tokens.len();
-        if n == 0 {
-            return Err(ModelError::Limit(
-                "forward needs at least one token".to_owned(),
-            ));
-        }
-        let pos = cache.pos;
-        if pos + n > self.cfg.max_positions {
-            return Err(ModelError::Limit(format!(
-                "{} positions exceed the model's usable context of {}",
-                pos + n,
-                self.cfg.max_positions
-            )));
-        }
+        let (n, pos) = (tokens.len(), cache.pos);
+        check_fits(n, pos, self.cfg.max_positions)?;
         let mut x = (self.embed_tokens(tokens)? * (self.cfg.hidden as f64).sqrt())?;
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let h = layer.attn_norm.forward(&x)?;
@@ -340,12 +328,7 @@ impl Gemma3 {
             x = (x + h)?;
         }
         cache.pos += n;
-        let last = x.narrow(1, n - 1, 1)?;
-        let logits = self.lm_head.forward(&self.final_norm.forward(&last)?)?;
-        Ok(logits
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?)
+        last_logits(&x, n, &self.final_norm, &self.lm_head)
     }
 
     /// Embedding rows for `tokens`, dequantized one row at a time so the 262k-row table stays
@@ -448,6 +431,37 @@ impl Gemma3 {
         }
         Ok(Some(Tensor::from_vec(mask, (group * n, m), &self.device)?))
     }
+}
+
+/// Checks that `n` new tokens at position `pos` fit the usable context.
+pub(super) fn check_fits(n: usize, pos: usize, max_positions: usize) -> Result<(), ModelError> {
+    if n == 0 {
+        return Err(ModelError::Limit(
+            "forward needs at least one token".to_owned(),
+        ));
+    }
+    if pos + n > max_positions {
+        return Err(ModelError::Limit(format!(
+            "{} positions exceed the model's usable context of {max_positions}",
+            pos + n
+        )));
+    }
+    Ok(())
+}
+
+/// The logits after the last of the `n` positions of `x` (batch, n, hidden).
+pub(super) fn last_logits(
+    x: &Tensor,
+    n: usize,
+    norm: &RmsNorm,
+    head: &Linear,
+) -> Result<Vec<f32>, ModelError> {
+    let last = x.narrow(1, n - 1, 1)?;
+    let logits = head.forward(&norm.forward(&last)?)?;
+    Ok(logits
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?)
 }
 
 /// `N` projections of the same input (see [`Linear::forward_shared`]).
