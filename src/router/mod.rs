@@ -5,6 +5,7 @@
 //! explained. This release routes by a configured rule; the learned router will produce the
 //! same [`Decision`].
 
+pub mod data;
 pub mod evaluation;
 
 use crate::config::{Role, RoutingConfig, RoutingPolicy};

@@ -1,0 +1,117 @@
+//! Labeled routing data in the shared schema, one JSON object per line:
+//! `{"id", "source", "category", "prompt", "scores": {"<model>": 0..1}}` (see
+//! `../shared/data/README.md`). Training and evaluation read it; a malformed line is an error
+//! naming the file and line, never skipped silently.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// One labeled query.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Example {
+    /// Stable id.
+    pub id: String,
+    /// The data set it comes from (the unit of leave-one-source-out validation).
+    pub source: String,
+    /// Optional subject or task.
+    #[serde(default)]
+    pub category: Option<String>,
+    /// The full prompt text.
+    pub prompt: String,
+    /// Each labeled model's score on this query, 0..1.
+    pub scores: BTreeMap<String, f64>,
+}
+
+impl Example {
+    /// The scores of `local` and `cloud`, when both are labeled.
+    pub fn pair(&self, local: &str, cloud: &str) -> Option<(f64, f64)> {
+        Some((*self.scores.get(local)?, *self.scores.get(cloud)?))
+    }
+}
+
+/// Reads every example of a JSONL file.
+pub fn read_examples(path: &Path) -> Result<Vec<Example>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let example: Example = serde_json::from_str(&line)
+            .map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        if let Some((model, score)) = example
+            .scores
+            .iter()
+            .find(|(_, s)| !(0.0..=1.0).contains(*s))
+        {
+            return Err(format!(
+                "{}:{}: score {score} of `{model}` is outside 0..1",
+                path.display(),
+                i + 1
+            ));
+        }
+        out.push(example);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        f
+    }
+
+    #[test]
+    fn reads_the_shared_schema_and_pairs_scores() {
+        let f = write(concat!(
+            r#"{"id": "a", "source": "s1", "category": null, "prompt": "2+2?", "scores": {"small": 1.0, "big": 1.0}}"#,
+            "\n\n",
+            r#"{"id": "b", "source": "s2", "prompt": "prove it", "scores": {"small": 0.0}}"#,
+            "\n"
+        ));
+        let rows = read_examples(f.path()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].pair("small", "big"), Some((1.0, 1.0)));
+        assert_eq!(rows[1].pair("small", "big"), None);
+        assert_eq!(rows[1].category, None);
+    }
+
+    #[test]
+    fn malformed_lines_are_errors_with_their_line_number() {
+        let f =
+            write("{\"id\": \"a\", \"source\": \"s\", \"prompt\": \"p\", \"scores\": {}}\n{oops\n");
+        let err = read_examples(f.path()).err().unwrap_or_default();
+        assert!(err.contains(":2:"), "{err}");
+        let f = write(
+            "{\"id\": \"a\", \"source\": \"s\", \"prompt\": \"p\", \"scores\": {\"m\": 1.5}}\n",
+        );
+        let err = read_examples(f.path()).err().unwrap_or_default();
+        assert!(err.contains(":1:") && err.contains("outside 0..1"), "{err}");
+    }
+
+    #[test]
+    fn the_shared_files_parse_when_present() {
+        // The real data, read from ../shared/data (never copied into the repository).
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/routing");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return; // a checkout without the shared data: the other tests cover the parser
+        };
+        for entry in entries.flatten() {
+            let rows = read_examples(&entry.path()).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                rows.len() > 1000,
+                "{}: {} rows",
+                entry.path().display(),
+                rows.len()
+            );
+        }
+    }
+}
