@@ -15,15 +15,9 @@ PROMPTS=../shared/data/traffic/chat-prompts.jsonl
 
 cargo build --release -q -p wattgate -p wattgate-testkit --bins
 BIN=target/release
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source scripts/lib.sh
 UP_PORT=$(free_port); GW_PORT=$(free_port)
-"$BIN/wattgate-upstream" --listen "127.0.0.1:$UP_PORT" --model instant --reply "ok" >/dev/null &
-pids+=($!)
+run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$UP_PORT" --model instant --reply "ok" >/dev/null
 cat >"$work/wattgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
@@ -35,8 +29,7 @@ base_url = "http://127.0.0.1:$UP_PORT/v1"
 model = "instant"
 parameters = 1e9
 TOML
-WATTGATE_LOG=warn "$BIN/wattgate" serve --config "$work/wattgate.toml" &
-pids+=($!)
+WATTGATE_LOG=warn run_bg "$BIN/wattgate" serve --config "$work/wattgate.toml"
 python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
 
 prompts_arg=()

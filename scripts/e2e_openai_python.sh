@@ -10,23 +10,11 @@ cd "$(dirname "$0")/.."
 
 cargo build -q -p wattgate -p wattgate-testkit --bins
 BIN=target/debug
-VENV=target/e2e-venv
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check 'openai>=1.40,<3'
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source scripts/lib.sh
+openai_venv
 LOCAL_PORT=$(free_port); CLOUD_PORT=$(free_port); GW_PORT=$(free_port)
-"$BIN/wattgate-upstream" --listen "127.0.0.1:$LOCAL_PORT" --model local-model --reply "local says hello" >/dev/null &
-pids+=($!)
-"$BIN/wattgate-upstream" --listen "127.0.0.1:$CLOUD_PORT" --model cloud-model --reply "cloud says hello" >/dev/null &
-pids+=($!)
+run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$LOCAL_PORT" --model local-model --reply "local says hello" >/dev/null
+run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$CLOUD_PORT" --model cloud-model --reply "cloud says hello" >/dev/null
 cat >"$work/wattgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
@@ -47,8 +35,7 @@ base_url = "http://127.0.0.1:$CLOUD_PORT/v1"
 model = "cloud-model"
 parameters = 1e11
 TOML
-WATTGATE_LOG=warn "$BIN/wattgate" serve --config "$work/wattgate.toml" &
-pids+=($!)
+WATTGATE_LOG=warn run_bg "$BIN/wattgate" serve --config "$work/wattgate.toml"
 python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
 
 "$VENV/bin/python" scripts/e2e_openai.py "http://127.0.0.1:$GW_PORT/v1"

@@ -13,22 +13,11 @@ CLIENTS=${1:-8}; PER_CLIENT=${2:-4}; WORKERS=${3:-2}; DEPTH=${4:-2}; QUEUE_TIMEO
 cargo build -q --release -p wattgate -p wattgate-testkit --bins
 BIN=target/release
 "$BIN/wattgate" models pull >/dev/null
-VENV=target/e2e-venv
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check 'openai>=1.40,<3'
-
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source scripts/lib.sh
+openai_venv
 CLOUD_PORT=$(free_port); GW_PORT=$(free_port)
-"$BIN/wattgate-upstream" --listen "127.0.0.1:$CLOUD_PORT" --model cloud-model \
-  --reply "The cloud model answers this one because every local worker is busy." >/dev/null &
-pids+=($!)
+run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$CLOUD_PORT" --model cloud-model \
+  --reply "The cloud model answers this one because every local worker is busy." >/dev/null
 cat >"$work/wattgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
@@ -51,8 +40,7 @@ base_url = "http://127.0.0.1:$CLOUD_PORT/v1"
 model = "cloud-model"
 parameters = 1e11
 TOML
-WATTGATE_LOG=error "$BIN/wattgate" serve --config "$work/wattgate.toml" &
-pids+=($!)
+WATTGATE_LOG=error run_bg "$BIN/wattgate" serve --config "$work/wattgate.toml"
 python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/readyz" 60 2>/dev/null \
   || python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 5
 
