@@ -10,6 +10,9 @@ use wattgate::backends::candle::backend::Model;
 use wattgate::backends::candle::gemma3::argmax;
 use wattgate::backends::candle::tokenizer::GgufTokenizer;
 
+/// Prefill repetitions (the median is reported); the same in scripts/llama_cpp_speed.py.
+const PREFILL_RUNS: usize = 5;
+
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -41,10 +44,22 @@ fn main() -> anyhow::Result<()> {
         Vec::new()
     };
     ids.extend(tokenizer.encode(&args[2])?);
-    let mut cache = model.new_cache();
-    let t = Instant::now();
-    let mut next = argmax(&model.forward(&ids, &mut cache)?);
-    let prefill_s = t.elapsed().as_secs_f64();
+    // Prefill is timed PREFILL_RUNS times on a fresh cache and the median kept: one run of a
+    // short prompt lasts tens of milliseconds, too short to trust alone on a shared machine.
+    let mut times = Vec::with_capacity(PREFILL_RUNS);
+    let mut run = || -> anyhow::Result<_> {
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        let next = argmax(&model.forward(&ids, &mut cache)?);
+        times.push(t.elapsed().as_secs_f64());
+        Ok((cache, next))
+    };
+    for _ in 1..PREFILL_RUNS {
+        run()?;
+    }
+    let (mut cache, mut next) = run()?;
+    times.sort_by(f64::total_cmp);
+    let prefill_s = times[times.len() / 2];
     let mut greedy = vec![next];
     let t = Instant::now();
     for _ in 0..decode_tokens {
