@@ -87,9 +87,21 @@ pub struct RoutingConfig {
     pub max_local_prompt_chars: usize,
     /// Retry a failed local attempt on the cloud backend when nothing has reached the client yet.
     pub fallback_to_cloud: bool,
+    /// `policy = "router"`: where router names (`backends[].router`) are looked up.
+    pub router_dir: PathBuf,
+    /// `policy = "router"`: serve locally when p_local >= this. At most one of `threshold`,
+    /// `target_local_share` and `max_quality_loss`; none means 0.5.
+    pub threshold: Option<f64>,
+    /// `policy = "router"`: pick each local backend's threshold so this share (0..1) of
+    /// traffic like its router's training prompts stays local (RouteLLM-style calibration on
+    /// stored score quantiles).
+    pub target_local_share: Option<f64>,
+    /// `policy = "router"`: pick the lowest threshold whose validated quality loss against
+    /// cloud-only stays within this (0..1 scale; 0.01 = one point).
+    pub max_quality_loss: Option<f64>,
 }
 
-/// The configured routing rule (the learned router replaces this in a later release).
+/// The configured routing rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RoutingPolicy {
@@ -100,6 +112,9 @@ pub enum RoutingPolicy {
     /// Always the local backend; fails rather than spend cloud money (fallback still applies
     /// if `fallback_to_cloud` is set).
     LocalOnly,
+    /// The learned router: each local backend's router scores the request; the first (cheapest)
+    /// local backend whose p_local clears its threshold serves, else the cloud.
+    Router,
 }
 
 /// Where a backend runs, which decides how the router and the metering treat it.
@@ -187,6 +202,21 @@ pub struct BackendConfig {
     /// client did not, so every stream is metered; the extra chunk is removed before the client.
     #[serde(default = "default_true")]
     pub stream_usage: bool,
+    /// Local backends under `policy = "router"`: the router predicting this model's success,
+    /// a name under `routing.router_dir` or a directory.
+    #[serde(default)]
+    pub router: Option<String>,
+    /// The backend accepts `tools` / `functions`; without it such requests skip this backend
+    /// (reason `needs_tools`).
+    #[serde(default)]
+    pub supports_tools: bool,
+    /// The backend honours `response_format` (JSON mode, schemas); without it such requests skip
+    /// this backend (reason `needs_response_format`).
+    #[serde(default)]
+    pub supports_response_format: bool,
+    /// The backend accepts image and audio content parts (reason `needs_images` otherwise).
+    #[serde(default)]
+    pub supports_images: bool,
 }
 
 fn default_connect_timeout_s() -> f64 {
@@ -238,6 +268,10 @@ impl Default for RoutingConfig {
             // ~8k tokens at ~4 characters per token: beyond that small local models degrade.
             max_local_prompt_chars: 32_000,
             fallback_to_cloud: true,
+            router_dir: PathBuf::from("router-models"),
+            threshold: None,
+            target_local_share: None,
+            max_quality_loss: None,
         }
     }
 }
@@ -271,6 +305,10 @@ fn default_backends() -> Vec<BackendConfig> {
             first_byte_timeout_s: default_first_byte_timeout_s(),
             total_timeout_s: default_total_timeout_s(),
             stream_usage: true,
+            router: None,
+            supports_tools: false,
+            supports_response_format: false,
+            supports_images: false,
             gguf: None,
             workers: default_workers(),
             queue_depth: default_queue_depth(),
@@ -293,6 +331,10 @@ fn default_backends() -> Vec<BackendConfig> {
             first_byte_timeout_s: default_first_byte_timeout_s(),
             total_timeout_s: default_total_timeout_s(),
             stream_usage: true,
+            router: None,
+            supports_tools: false,
+            supports_response_format: false,
+            supports_images: false,
             gguf: None,
             workers: default_workers(),
             queue_depth: default_queue_depth(),
@@ -411,6 +453,42 @@ impl Config {
                 ))
             }
             _ => {}
+        }
+        let r = &self.routing;
+        let targets = [
+            ("routing.threshold", r.threshold),
+            ("routing.target_local_share", r.target_local_share),
+            ("routing.max_quality_loss", r.max_quality_loss),
+        ];
+        let set: Vec<&str> = targets
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        if set.len() > 1 {
+            return Err(invalid(
+                set[1],
+                format!("cannot be set together with {}; choose one", set[0]),
+            ));
+        }
+        for (key, value) in targets {
+            if let Some(v) = value {
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(invalid(key, format!("must be between 0 and 1, got {v}")));
+                }
+            }
+        }
+        if r.policy == RoutingPolicy::Router {
+            if let Some(i) = self
+                .backends
+                .iter()
+                .position(|b| b.role == Role::Local && b.router.is_none())
+            {
+                return Err(invalid(
+                    format!("backends[{i}].router"),
+                    "is required for local backends when routing.policy = \"router\" (a name under routing.router_dir, e.g. \"8b-class\")",
+                ));
+            }
         }
         for (i, b) in self.backends.iter().enumerate() {
             let key = |field: &str| format!("backends[{i}].{field}");
@@ -560,6 +638,7 @@ impl fmt::Display for RoutingPolicy {
             RoutingPolicy::PreferLocal => "prefer_local",
             RoutingPolicy::CloudOnly => "cloud_only",
             RoutingPolicy::LocalOnly => "local_only",
+            RoutingPolicy::Router => "router",
         })
     }
 }

@@ -20,13 +20,13 @@ use crate::backends::{Backend, BackendError, Chunk, ChunkStream, Reply};
 use crate::config::{Config, Role};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::router::{Decision, Reason, RuleRouter};
+use crate::router::{Decision, Overrides, Reason, Router};
 use crate::wire::{ChatRequest, Usage};
 
 /// The routing gateway: backends, router and metrics.
 pub struct Gateway {
     backends: Vec<Arc<dyn Backend>>,
-    router: RuleRouter,
+    router: Router,
     alias: String,
     fallback_to_cloud: bool,
     metrics: Arc<Metrics>,
@@ -41,6 +41,8 @@ pub struct Route {
     pub backend: String,
     /// The routing reason.
     pub reason: Reason,
+    /// The learned router's estimate, when it ran.
+    pub p_local: Option<f64>,
     /// The local backend that failed first, when this request fell back.
     pub fallback_from: Option<String>,
 }
@@ -67,25 +69,34 @@ pub enum AnswerBody {
 
 impl Gateway {
     /// Assembles a gateway from validated config and built backends (same order as config).
-    pub fn new(config: &Config, backends: Vec<Arc<dyn Backend>>, metrics: Arc<Metrics>) -> Self {
-        let roles: Vec<Role> = backends.iter().map(|b| b.info().role).collect();
-        Self {
-            router: RuleRouter::new(&config.routing, &roles),
+    /// Fails when a configured router cannot be loaded.
+    pub fn new(
+        config: &Config,
+        backends: Vec<Arc<dyn Backend>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            router: Router::new(&config.routing, &config.backends)?,
             alias: config.routing.alias.clone(),
             fallback_to_cloud: config.routing.fallback_to_cloud,
             backends,
             metrics,
-        }
+        })
     }
 
     /// Serves one chat-completions request. `started` is when the request arrived, so the
     /// reported overhead includes reading the body.
-    pub async fn chat(&self, body: &[u8], started: Instant) -> Result<Answer, ApiError> {
+    pub async fn chat(
+        &self,
+        body: &[u8],
+        overrides: Overrides,
+        started: Instant,
+    ) -> Result<Answer, ApiError> {
         // 1. Parse and validate.
         let request = ChatRequest::parse(body)?;
 
         // 2. Route.
-        let decision = self.route(&request)?;
+        let decision = self.route(&request, overrides)?;
 
         // 3. Serve, with fallback to the cloud before the first byte.
         let meter = RequestMeter::start(self.metrics.clone());
@@ -96,6 +107,7 @@ impl Gateway {
             role: info.role,
             backend: info.name.clone(),
             reason: decision.reason,
+            p_local: decision.p_local,
             fallback_from: fallback_from.map(|i| self.backends[i].info().name.clone()),
         };
         let meter = meter.routed(&route);
@@ -137,9 +149,19 @@ impl Gateway {
     }
 
     /// A pinned backend when `model` names one; the router's choice for the alias.
-    fn route(&self, request: &ChatRequest) -> Result<Decision, ApiError> {
+    fn route(&self, request: &ChatRequest, overrides: Overrides) -> Result<Decision, ApiError> {
         if request.model == self.alias {
-            return Ok(self.router.decide(request));
+            let started = Instant::now();
+            let decision = self.router.decide(request, overrides);
+            self.metrics
+                .router_duration
+                .with_label_values(&[decision.reason.as_str()])
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics
+                .router_decisions
+                .with_label_values(&[decision.reason.as_str()])
+                .inc();
+            return Ok(decision);
         }
         match self
             .backends
@@ -149,6 +171,7 @@ impl Gateway {
             Some(backend) => Ok(Decision {
                 backend,
                 reason: Reason::Pinned,
+                p_local: None,
             }),
             None => Err(ApiError::model_not_found(&request.model, &self.model_ids())),
         }
@@ -192,6 +215,7 @@ impl Gateway {
         let fallback = Decision {
             backend: cloud,
             reason: fallback_reason(&err),
+            p_local: decision.p_local,
         };
         let result = self.attempt(cloud, request).await;
         (

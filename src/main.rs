@@ -35,6 +35,77 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Train, apply and evaluate routers.
+    Router {
+        #[command(subcommand)]
+        command: RouterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouterCommand {
+    /// Train a router from labeled files (shared schema); prints validation by held-out source.
+    Train {
+        /// Labeled JSONL files; each row's `source` is a unit of leave-one-source-out validation.
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// The local model whose success is predicted. Repeat to give equivalent names in order
+        /// of preference; `8b-class` means the mean of the 7-9B models a row labels.
+        #[arg(long, required = true)]
+        local_model: Vec<String>,
+        /// The cloud model validation compares against (repeatable, first present wins).
+        /// Default: each source's strongest labeled model.
+        #[arg(long)]
+        cloud_model: Vec<String>,
+        /// Output directory (router.json + weights.bin).
+        #[arg(long)]
+        out: PathBuf,
+        /// Router name recorded in router.json. Default: the output directory's name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Also use the dense structure measures (length, code, math, lists, language). Off by
+        /// default: they lowered held-out-source AUC on the shared data.
+        #[arg(long)]
+        structure_features: bool,
+    },
+    /// Score JSONL lines (`id` plus `prompt` or `messages`) into `{"id", "p_local"}` lines.
+    Score {
+        /// A router name under --router-dir, or a router directory.
+        #[arg(long)]
+        router: String,
+        /// JSONL input.
+        #[arg(long)]
+        input: PathBuf,
+        /// JSONL output, in input order.
+        #[arg(long)]
+        output: PathBuf,
+        #[command(flatten)]
+        dir: RouterDirArg,
+    },
+    /// Evaluate a router on a labeled file; prints JSON (auc, apgr, local_share_at_1pt, ...).
+    Eval {
+        /// A router name under --router-dir, or a router directory.
+        #[arg(long)]
+        router: String,
+        /// Labeled JSONL file.
+        #[arg(long)]
+        data: PathBuf,
+        /// The local model's label (repeatable, first present wins; `8b-class` allowed).
+        #[arg(long, required = true)]
+        local_model: Vec<String>,
+        /// The cloud model's label (repeatable, first present wins).
+        #[arg(long, required = true)]
+        cloud_model: Vec<String>,
+        #[command(flatten)]
+        dir: RouterDirArg,
+    },
+}
+
+#[derive(clap::Args)]
+struct RouterDirArg {
+    /// Where router names are looked up.
+    #[arg(long, env = "WATTGATE_ROUTER_DIR", default_value = "router-models")]
+    router_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -105,6 +176,48 @@ fn main() -> ExitCode {
         Command::Models {
             command: ModelsCommand::List { config },
         } => models_list(&config),
+        Command::Router { command } => router(command),
+    }
+}
+
+fn router(command: RouterCommand) -> ExitCode {
+    use wattgate::router::commands;
+    let result = match command {
+        RouterCommand::Train {
+            data,
+            local_model,
+            cloud_model,
+            out,
+            name,
+            structure_features,
+        } => commands::train(
+            &data,
+            &local_model,
+            &cloud_model,
+            &out,
+            name.as_deref(),
+            structure_features,
+        ),
+        RouterCommand::Score {
+            router,
+            input,
+            output,
+            dir,
+        } => commands::score(&router, &dir.router_dir, &input, &output),
+        RouterCommand::Eval {
+            router,
+            data,
+            local_model,
+            cloud_model,
+            dir,
+        } => commands::eval(&router, &dir.router_dir, &data, &local_model, &cloud_model),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

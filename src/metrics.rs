@@ -14,6 +14,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     120.0, 300.0, 600.0,
 ];
 
+/// Router decisions take microseconds (benches/router.rs); buckets from 5 us to 10 ms.
+const ROUTER_BUCKETS: &[f64] = &[
+    5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 10e-3,
+];
+
 /// Gateway overhead: 10 µs to 100 ms, fine enough to see the 1 ms target.
 const OVERHEAD_BUCKETS: &[f64] = &[
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01,
@@ -41,6 +46,10 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     /// Chat requests being served right now.
     pub in_flight: IntGauge,
+    /// Time to decide a route for the alias (features, router heads, constraints), by reason.
+    pub router_duration: HistogramVec,
+    /// Routing decisions for the alias, by reason (before any fallback).
+    pub router_decisions: IntCounterVec,
 }
 
 impl Metrics {
@@ -113,6 +122,17 @@ impl Metrics {
                 "wattgate_tokens_total",
                 "Tokens reported by upstreams, by backend and kind (input|output).",
                 &["backend", "kind"],
+            )?,
+            router_duration: histogram(
+                "wattgate_router_decision_duration_seconds",
+                "Time to decide a route for the routing alias, by decision reason.",
+                &["reason"],
+                ROUTER_BUCKETS,
+            )?,
+            router_decisions: counter(
+                "wattgate_router_decisions_total",
+                "Routing decisions for the routing alias by reason, before any fallback.",
+                &["reason"],
             )?,
             in_flight,
             registry,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
@@ -14,8 +14,10 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{AppState, RequestContext};
+use crate::config::Role;
 use crate::error::ApiError;
 use crate::gateway::{Answer, AnswerBody};
+use crate::router::Overrides;
 
 /// How much of an oversized body is read and discarded before answering 413, so that ordinary
 /// clients (which write the whole body before reading) see the 413 instead of a reset.
@@ -27,15 +29,68 @@ pub async fn chat_completions(
     Extension(ctx): Extension<RequestContext>,
     request: Request,
 ) -> Response {
+    let overrides = match overrides(request.headers()) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
     let limit = state.inner.max_body_bytes;
     let body = match read_body(request.into_body(), limit).await {
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
-    match state.inner.gateway.chat(&body, ctx.started).await {
+    match state
+        .inner
+        .gateway
+        .chat(&body, overrides, ctx.started)
+        .await
+    {
         Ok(answer) => answer_response(answer),
         Err(e) => e.into_response(),
     }
+}
+
+/// The per-request routing headers: `x-wattgate-route: local|cloud` forces a side,
+/// `x-wattgate-threshold: 0..1` replaces the learned router's threshold.
+fn overrides(headers: &HeaderMap) -> Result<Overrides, ApiError> {
+    let text = |name: &HeaderName| -> Result<Option<String>, ApiError> {
+        match headers.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .to_str()
+                .map(|s| Some(s.trim().to_ascii_lowercase()))
+                .map_err(|_| bad_header(name, "is not visible ASCII")),
+        }
+    };
+    let force = match text(&ROUTE)?.as_deref() {
+        None => None,
+        Some("local") => Some(Role::Local),
+        Some("cloud") => Some(Role::Cloud),
+        Some(other) => {
+            return Err(bad_header(
+                &ROUTE,
+                &format!("must be `local` or `cloud`, got `{other}`"),
+            ))
+        }
+    };
+    let threshold = match text(&THRESHOLD)? {
+        None => None,
+        Some(t) => match t.parse::<f64>() {
+            Ok(v) if (0.0..=1.0).contains(&v) => Some(v),
+            _ => {
+                return Err(bad_header(
+                    &THRESHOLD,
+                    &format!("must be a number from 0 to 1, got `{t}`"),
+                ))
+            }
+        },
+    };
+    Ok(Overrides { force, threshold })
+}
+
+fn bad_header(name: &HeaderName, what: &str) -> ApiError {
+    ApiError::invalid_request(format!("Header `{name}` {what}."))
+        .with_param(name.as_str())
+        .with_code("invalid_header")
 }
 
 /// Reads the body up to `limit` bytes; past it, drains a bounded amount and reports 413.
@@ -68,6 +123,8 @@ static BACKEND: HeaderName = HeaderName::from_static("x-wattgate-backend");
 static REASON: HeaderName = HeaderName::from_static("x-wattgate-reason");
 static OVERHEAD: HeaderName = HeaderName::from_static("x-wattgate-overhead-ms");
 static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-wattgate-fallback-from");
+static THRESHOLD: HeaderName = HeaderName::from_static("x-wattgate-threshold");
+static P_LOCAL: HeaderName = HeaderName::from_static("x-wattgate-p-local");
 
 fn answer_response(answer: Answer) -> Response {
     let mut response = match answer.body {
@@ -106,6 +163,12 @@ fn answer_response(answer: Answer) -> Response {
     );
     if let Ok(v) = HeaderValue::from_str(&route.backend) {
         headers.insert(BACKEND.clone(), v);
+    }
+    if let Some(p) = route.p_local {
+        // Shortest round-trip decimal: the same number `wattgate router score` prints.
+        if let Ok(v) = HeaderValue::from_str(&p.to_string()) {
+            headers.insert(P_LOCAL.clone(), v);
+        }
     }
     if let Some(Ok(v)) = route.fallback_from.as_deref().map(HeaderValue::from_str) {
         headers.insert(FALLBACK_FROM.clone(), v);

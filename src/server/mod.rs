@@ -43,7 +43,8 @@ impl AppState {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new()?);
         let backends = crate::backends::build_all(&config.backends, &config.models)?;
-        let gateway = Gateway::new(config, backends, metrics.clone());
+        let gateway =
+            Gateway::new(config, backends, metrics.clone()).map_err(anyhow::Error::msg)?;
         Ok(Self {
             inner: Arc::new(Shared {
                 gateway,

@@ -1,0 +1,303 @@
+//! A trained router: the weights of a logistic head over [`features`](super::features), its
+//! calibration, and the tables that turn a target (local share or quality loss) into a threshold.
+//!
+//! On disk a router is a directory: `router.json` (everything but the two big vectors, readable
+//! and diffable) and `weights.bin` (IDF then weights, `buckets` little-endian f32 each). Loading
+//! checks every length and number, so a truncated or hand-edited file is an error that names the
+//! file, never a wrong score.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::evaluation::Report;
+use super::features::{self, Query, DENSE, DENSE_NAMES};
+
+/// The on-disk format version this build reads and writes.
+pub const FORMAT: u32 = 1;
+
+/// Everything of a router except its two big vectors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterMeta {
+    /// Format version ([`FORMAT`]).
+    pub format: u32,
+    /// The router's name (its directory name when shipped).
+    pub name: String,
+    /// What p_local predicts: the label's description (model names or `8b-class`).
+    pub label: String,
+    /// Hash buckets of the sparse features (a power of two).
+    pub buckets: u32,
+    /// Whether the head reads the dense structure features.
+    pub structure: bool,
+    /// Dense feature names, in order; must equal this build's list.
+    pub dense_names: Vec<String>,
+    /// Training mean of each dense feature.
+    pub dense_mean: Vec<f32>,
+    /// Training standard deviation of each dense feature.
+    pub dense_std: Vec<f32>,
+    /// Head weights of the standardised dense features.
+    pub dense_weights: Vec<f32>,
+    /// Head bias.
+    pub bias: f32,
+    /// Platt calibration `p = sigmoid(a * z + b)` of the head's logit `z`, fitted on
+    /// predictions for sources the head was not trained on.
+    pub calibration: Calibration,
+    /// `share_thresholds[k]`: the p_local above which `k`% of the training prompts fall.
+    pub share_thresholds: Vec<f64>,
+    /// Validation curve from held-out-source predictions, by increasing local share.
+    pub curve: Vec<CurvePoint>,
+    /// Leave-one-source-out metrics, one per held-out source.
+    pub validation: Vec<SourceReport>,
+    /// Training rows by source.
+    pub trained_on: Vec<SourceCount>,
+}
+
+/// Platt scaling parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Slope on the logit.
+    pub a: f64,
+    /// Offset.
+    pub b: f64,
+}
+
+/// One point of the validation curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    /// Serve locally when p_local >= this.
+    pub threshold: f64,
+    /// Share of validation queries that would be local.
+    pub local_share: f64,
+    /// Cloud-only quality minus routed quality (0..1 scale; negative means better).
+    pub quality_loss: f64,
+}
+
+/// Validation on one held-out source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceReport {
+    /// The source held out.
+    pub source: String,
+    /// The measures there.
+    #[serde(flatten)]
+    pub report: ReportFields,
+}
+
+/// [`Report`]'s fields, stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportFields {
+    /// Queries.
+    pub n: usize,
+    /// ROC AUC.
+    pub auc: Option<f64>,
+    /// Average performance gap recovered.
+    pub apgr: Option<f64>,
+    /// Largest local share within 1 point of cloud-only quality.
+    pub local_share_at_1pt: f64,
+    /// Share a perfect router keeps local.
+    pub oracle_local_share: f64,
+    /// Local-only mean quality.
+    pub local_only_quality: f64,
+    /// Cloud-only mean quality.
+    pub cloud_only_quality: f64,
+}
+
+impl From<&Report> for ReportFields {
+    fn from(r: &Report) -> Self {
+        Self {
+            n: r.n,
+            auc: r.auc,
+            apgr: r.apgr,
+            local_share_at_1pt: r.local_share_at_1pt,
+            oracle_local_share: r.oracle_local_share,
+            local_only_quality: r.local_only_quality,
+            cloud_only_quality: r.cloud_only_quality,
+        }
+    }
+}
+
+/// Rows of one source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceCount {
+    /// Source name.
+    pub source: String,
+    /// Rows.
+    pub rows: usize,
+}
+
+/// A loaded router, ready to score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterModel {
+    /// Metadata and small parameters.
+    pub meta: RouterMeta,
+    /// Inverse document frequency per bucket.
+    pub idf: Vec<f32>,
+    /// Head weight per bucket.
+    pub weights: Vec<f32>,
+    /// Where it was loaded from (for messages).
+    pub path: PathBuf,
+}
+
+impl RouterModel {
+    /// The head's logit for already-extracted features.
+    pub fn logit(&self, f: &features::Features) -> f64 {
+        let mut norm = 0.0f32;
+        let mut dot = 0.0f32;
+        for &(bucket, v) in &f.sparse {
+            let i = bucket as usize;
+            let x = v * self.idf[i];
+            norm += x * x;
+            dot += x * self.weights[i];
+        }
+        let mut z = f64::from(self.meta.bias);
+        if norm > 0.0 {
+            z += f64::from(dot / norm.sqrt());
+        }
+        if self.meta.structure {
+            for i in 0..DENSE {
+                let x = (f.dense[i] - self.meta.dense_mean[i]) / self.meta.dense_std[i];
+                z += f64::from(x * self.meta.dense_weights[i]);
+            }
+        }
+        z
+    }
+
+    /// The calibrated probability that the local model answers `query` well.
+    pub fn score(&self, query: &Query) -> f64 {
+        let f = features::extract(query, self.meta.buckets);
+        let c = self.meta.calibration;
+        sigmoid(c.a * self.logit(&f) + c.b)
+    }
+
+    /// The threshold that keeps `share` (0..1) of traffic like the training prompts local.
+    pub fn threshold_for_share(&self, share: f64) -> f64 {
+        let t = &self.meta.share_thresholds;
+        let x = share.clamp(0.0, 1.0) * (t.len() - 1) as f64;
+        let k = (x.floor() as usize).min(t.len() - 2);
+        let f = x - k as f64;
+        t[k] + (t[k + 1] - t[k]) * f
+    }
+
+    /// The lowest validated threshold whose quality loss stays within `max_loss` (0..1 scale),
+    /// i.e. the largest local share that keeps quality; 1.0 (nothing local) when none does.
+    pub fn threshold_for_quality_loss(&self, max_loss: f64) -> f64 {
+        self.meta
+            .curve
+            .iter()
+            .filter(|p| p.quality_loss <= max_loss + 1e-12)
+            .max_by(|a, b| a.local_share.total_cmp(&b.local_share))
+            .map(|p| p.threshold)
+            .unwrap_or(1.0)
+    }
+
+    /// Writes `router.json` and `weights.bin` into `dir` (created if missing).
+    pub fn save(&self, dir: &Path) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let json = serde_json::to_string_pretty(&self.meta).map_err(|e| e.to_string())?;
+        let meta_path = dir.join("router.json");
+        std::fs::write(&meta_path, json + "\n")
+            .map_err(|e| format!("{}: {e}", meta_path.display()))?;
+        let mut bin = Vec::with_capacity(8 * self.idf.len());
+        for v in self.idf.iter().chain(&self.weights) {
+            bin.extend_from_slice(&v.to_le_bytes());
+        }
+        let bin_path = dir.join("weights.bin");
+        std::fs::write(&bin_path, bin).map_err(|e| format!("{}: {e}", bin_path.display()))
+    }
+
+    /// Loads a router directory, checking everything a scorer relies on.
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let meta_path = dir.join("router.json");
+        let text = std::fs::read_to_string(&meta_path)
+            .map_err(|e| format!("{}: {e}", meta_path.display()))?;
+        let meta: RouterMeta =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", meta_path.display()))?;
+        let bad = |what: String| Err(format!("{}: {what}", meta_path.display()));
+        if meta.format != FORMAT {
+            return bad(format!(
+                "format {} is not the {FORMAT} this build reads",
+                meta.format
+            ));
+        }
+        if !meta.buckets.is_power_of_two() {
+            return bad(format!("buckets {} is not a power of two", meta.buckets));
+        }
+        if meta.dense_names != DENSE_NAMES {
+            return bad(format!(
+                "dense features {:?} differ from this build's {DENSE_NAMES:?}",
+                meta.dense_names
+            ));
+        }
+        for (name, v) in [
+            ("dense_mean", &meta.dense_mean),
+            ("dense_std", &meta.dense_std),
+            ("dense_weights", &meta.dense_weights),
+        ] {
+            if v.len() != DENSE || v.iter().any(|x| !x.is_finite()) {
+                return bad(format!("{name} must be {DENSE} finite numbers"));
+            }
+        }
+        if meta.dense_std.iter().any(|s| *s <= 0.0) {
+            return bad("dense_std must be positive".to_owned());
+        }
+        let t = &meta.share_thresholds;
+        if t.len() < 2 || t.iter().any(|x| !x.is_finite()) || t.windows(2).any(|w| w[0] < w[1]) {
+            return bad("share_thresholds must be at least 2 non-increasing numbers".to_owned());
+        }
+        let c = meta.calibration;
+        if !(meta.bias.is_finite() && c.a.is_finite() && c.b.is_finite()) {
+            return bad("bias and calibration must be finite".to_owned());
+        }
+        let bin_path = dir.join("weights.bin");
+        let bin = std::fs::read(&bin_path).map_err(|e| format!("{}: {e}", bin_path.display()))?;
+        let n = meta.buckets as usize;
+        if bin.len() != 8 * n {
+            return Err(format!(
+                "{}: {} bytes, expected {} (2 x {n} f32)",
+                bin_path.display(),
+                bin.len(),
+                8 * n
+            ));
+        }
+        let floats: Vec<f32> = bin
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if floats.iter().any(|x| !x.is_finite()) {
+            return Err(format!("{}: a weight is not finite", bin_path.display()));
+        }
+        let (idf, weights) = floats.split_at(n);
+        Ok(Self {
+            meta,
+            idf: idf.to_vec(),
+            weights: weights.to_vec(),
+            path: dir.to_path_buf(),
+        })
+    }
+
+    /// Resident bytes of the parameters (for the memory budget).
+    pub fn memory_bytes(&self) -> usize {
+        4 * (self.idf.len() + self.weights.len())
+    }
+}
+
+/// Finds a router by directory or by name under `router_dir`.
+pub fn resolve(name_or_dir: &str, router_dir: &Path) -> Result<PathBuf, String> {
+    let direct = Path::new(name_or_dir);
+    if direct.join("router.json").is_file() {
+        return Ok(direct.to_path_buf());
+    }
+    let named = router_dir.join(name_or_dir);
+    if named.join("router.json").is_file() {
+        return Ok(named);
+    }
+    Err(format!(
+        "no router `{name_or_dir}`: neither {} nor {} holds a router.json",
+        direct.display(),
+        named.display()
+    ))
+}
+
+/// The logistic function.
+pub fn sigmoid(z: f64) -> f64 {
+    1.0 / (1.0 + (-z).exp())
+}

@@ -1,0 +1,556 @@
+//! Training a router from labeled data in the shared schema, validated source by source.
+//!
+//! The head is an L2-regularised logistic regression on soft labels (a query half the small
+//! models answer is a 0.5), fitted full-batch with Adam in a fixed order, so the same data gives
+//! the same bytes on every run. Before the final fit, each source is held out in turn: the head
+//! trained on the others scores it, which gives the per-source metrics, the Platt calibration
+//! (fitted on those out-of-source logits, so p_local is honest about traffic unlike the training
+//! data) and the validation curve that `max_quality_loss` reads.
+
+use std::collections::BTreeMap;
+
+use super::data::Example;
+use super::evaluation::{self, Outcome};
+use super::features::{self, Features, Query, DENSE, DENSE_NAMES};
+use super::model::{
+    sigmoid, Calibration, CurvePoint, ReportFields, RouterMeta, RouterModel, SourceCount,
+    SourceReport, FORMAT,
+};
+
+/// The pseudo-model name for "the mean correctness of the 7-9B-class models labeled in the row".
+pub const SMALL_CLASS: &str = "8b-class";
+
+/// Models averaged for [`SMALL_CLASS`]: the open 7-9B instruct/chat models of the shared data
+/// (../shared/data/README.md lists which file labels which), plus Mixtral 8x7B, the only
+/// non-frontier model RouteLLM's files label.
+pub const SMALL_MODELS: [&str; 11] = [
+    "mixtral-8x7b-instruct-v0.1",
+    "meta-llama-3.1-8b-instruct",
+    "llama-3.1-8b-instruct",
+    "mistral-7b-instruct-v0.2",
+    "mistral-7b-instruct-v0.3",
+    "qwen1.5-7b-chat",
+    "qwen2.5-7b-instruct",
+    "gemma-7b",
+    "gemma-2-9b-it",
+    "phi-3-mini-4k-instruct",
+    "yi-6b-chat",
+];
+
+/// Training settings. The defaults were picked by leave-one-source-out AUC on the shared data.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// The router's name.
+    pub name: String,
+    /// Label preference: the first of these a row has is its local label ([`SMALL_CLASS`]
+    /// allowed).
+    pub local: Vec<String>,
+    /// Cloud label preference; empty means each source's strongest labeled model.
+    pub cloud: Vec<String>,
+    /// Hash buckets (a power of two).
+    pub buckets: u32,
+    /// L2 penalty on the weights.
+    pub l2: f64,
+    /// Full-batch Adam steps.
+    pub steps: usize,
+    /// Adam step size.
+    pub learning_rate: f64,
+    /// Also feed the dense structure measures to the head. Off by default: across held-out
+    /// sources they lowered mean AUC from 0.635 to 0.624 (they mostly tell sources apart);
+    /// on one traffic distribution they may help.
+    pub structure: bool,
+}
+
+impl TrainOptions {
+    /// Defaults for a router predicting `local`.
+    pub fn new(name: &str, local: Vec<String>, cloud: Vec<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            local,
+            cloud,
+            buckets: 1 << 16,
+            l2: 1e-5,
+            steps: 300,
+            learning_rate: 0.05,
+            structure: false,
+        }
+    }
+}
+
+/// Which labels a row carries.
+#[derive(Debug, Clone)]
+pub struct Labels {
+    local: Vec<String>,
+    cloud: Vec<String>,
+    /// Per source, the strongest model (used when `cloud` is empty).
+    strongest: BTreeMap<String, String>,
+}
+
+impl Labels {
+    /// Labels for `examples` under the given preferences.
+    pub fn new(examples: &[Example], local: &[String], cloud: &[String]) -> Self {
+        let mut totals: BTreeMap<&str, BTreeMap<&str, (f64, usize)>> = BTreeMap::new();
+        let mut rows: BTreeMap<&str, usize> = BTreeMap::new();
+        for e in examples {
+            *rows.entry(&e.source).or_default() += 1;
+            let source = totals.entry(&e.source).or_default();
+            for (m, s) in &e.scores {
+                let t = source.entry(m).or_default();
+                t.0 += s;
+                t.1 += 1;
+            }
+        }
+        // The strongest model of a source: highest mean among models labeled on at least 90% of
+        // its rows (a model scored on a sliver is no baseline).
+        let strongest = totals
+            .iter()
+            .filter_map(|(source, models)| {
+                let n = rows.get(source).copied().unwrap_or(0);
+                models
+                    .iter()
+                    .filter(|(_, (_, c))| *c * 10 >= n * 9)
+                    .max_by(|a, b| {
+                        (a.1 .0 / a.1 .1 as f64)
+                            .total_cmp(&(b.1 .0 / b.1 .1 as f64))
+                            .then(b.0.cmp(a.0))
+                    })
+                    .map(|(m, _)| ((*source).to_owned(), (*m).to_owned()))
+            })
+            .collect();
+        Self {
+            local: local.to_vec(),
+            cloud: cloud.to_vec(),
+            strongest,
+        }
+    }
+
+    /// The local label of a row.
+    pub fn local(&self, e: &Example) -> Option<f64> {
+        first_label(e, &self.local)
+    }
+
+    /// The cloud label of a row.
+    pub fn cloud(&self, e: &Example) -> Option<f64> {
+        if self.cloud.is_empty() {
+            return e.scores.get(self.strongest.get(&e.source)?).copied();
+        }
+        first_label(e, &self.cloud)
+    }
+
+    /// What the cloud label is, for reports.
+    pub fn cloud_description(&self) -> String {
+        if self.cloud.is_empty() {
+            let per: Vec<String> = self
+                .strongest
+                .iter()
+                .map(|(s, m)| format!("{s}: {m}"))
+                .collect();
+            format!("strongest labeled model per source ({})", per.join("; "))
+        } else {
+            self.cloud.join(" | ")
+        }
+    }
+}
+
+fn first_label(e: &Example, names: &[String]) -> Option<f64> {
+    names.iter().find_map(|name| {
+        if name == SMALL_CLASS {
+            let s: Vec<f64> = SMALL_MODELS
+                .iter()
+                .filter_map(|m| e.scores.get(*m).copied())
+                .collect();
+            (!s.is_empty()).then(|| s.iter().sum::<f64>() / s.len() as f64)
+        } else {
+            e.scores.get(name).copied()
+        }
+    })
+}
+
+/// A trained router and how it validated.
+pub struct Trained {
+    /// The router, ready to save.
+    pub model: RouterModel,
+    /// The cloud label used in validation, described.
+    pub cloud: String,
+}
+
+/// Trains on `examples`. `progress` gets one line per stage.
+pub fn train(
+    examples: &[Example],
+    options: &TrainOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Trained, String> {
+    if !options.buckets.is_power_of_two() || options.buckets < 16 {
+        return Err(format!(
+            "buckets {} must be a power of two >= 16",
+            options.buckets
+        ));
+    }
+    if options.local.is_empty() {
+        return Err("name at least one local model".to_owned());
+    }
+    let labels = Labels::new(examples, &options.local, &options.cloud);
+    let rows: Vec<(&Example, f64)> = examples
+        .iter()
+        .filter_map(|e| Some((e, labels.local(e)?)))
+        .collect();
+    if rows.len() < 20 {
+        return Err(format!(
+            "only {} rows carry a label for {}; need at least 20",
+            rows.len(),
+            options.local.join(" | ")
+        ));
+    }
+    let features: Vec<Features> = rows
+        .iter()
+        .map(|(e, _)| features::extract(&Query::from_prompt(&e.prompt), options.buckets))
+        .collect();
+    let y: Vec<f64> = rows.iter().map(|(_, y)| *y).collect();
+    let mut sources: BTreeMap<&str, usize> = BTreeMap::new();
+    for (e, _) in &rows {
+        *sources.entry(&e.source).or_default() += 1;
+    }
+
+    // Leave one source out: logits for each held-out row from a head that never saw its source.
+    let mut held_out: Vec<(usize, f64)> = Vec::new();
+    let mut held_sources: Vec<&str> = Vec::new();
+    if sources.len() > 1 {
+        for source in sources.keys() {
+            progress(&format!("holding out {source}"));
+            let train: Vec<usize> = (0..rows.len())
+                .filter(|&i| rows[i].0.source != *source)
+                .collect();
+            let head = fit(&features, &y, &train, options);
+            for i in (0..rows.len()).filter(|&i| rows[i].0.source == *source) {
+                held_out.push((i, head.logit(&features[i])));
+            }
+            held_sources.push(source);
+        }
+    }
+    progress("final fit on all sources");
+    let all: Vec<usize> = (0..rows.len()).collect();
+    let mut model = fit(&features, &y, &all, options);
+    if held_out.is_empty() {
+        // One source: nothing to hold out; calibrate in-sample and say so in the metadata.
+        progress("only one source: calibration and curve are in-sample");
+        held_out = all
+            .iter()
+            .map(|&i| (i, model.logit(&features[i])))
+            .collect();
+    }
+    let calibration = platt(&held_out.iter().map(|&(i, z)| (z, y[i])).collect::<Vec<_>>());
+    let p = |z: f64| sigmoid(calibration.a * z + calibration.b);
+
+    let mut validation = Vec::new();
+    let mut pooled = Vec::new();
+    for source in &held_sources {
+        let outcomes: Vec<Outcome> = held_out
+            .iter()
+            .filter(|(i, _)| rows[*i].0.source == *source)
+            .filter_map(|&(i, z)| {
+                Some(Outcome {
+                    p_local: p(z),
+                    local: y[i],
+                    cloud: labels.cloud(rows[i].0)?,
+                })
+            })
+            .collect();
+        if let Ok(report) = evaluation::evaluate(&outcomes) {
+            validation.push(SourceReport {
+                source: (*source).to_owned(),
+                report: ReportFields::from(&report),
+            });
+        }
+        pooled.extend(outcomes);
+    }
+    if pooled.is_empty() {
+        pooled = held_out
+            .iter()
+            .filter_map(|&(i, z)| {
+                Some(Outcome {
+                    p_local: p(z),
+                    local: y[i],
+                    cloud: labels.cloud(rows[i].0)?,
+                })
+            })
+            .collect();
+    }
+
+    let mut all_p: Vec<f64> = all.iter().map(|&i| p(model.logit(&features[i]))).collect();
+    all_p.sort_by(|a, b| b.total_cmp(a));
+    model.meta.share_thresholds = share_thresholds(&all_p);
+    model.meta.curve = validation_curve(&pooled);
+    model.meta.calibration = calibration;
+    model.meta.validation = validation;
+    model.meta.trained_on = sources
+        .iter()
+        .map(|(s, n)| SourceCount {
+            source: (*s).to_owned(),
+            rows: *n,
+        })
+        .collect();
+    Ok(Trained {
+        model,
+        cloud: labels.cloud_description(),
+    })
+}
+
+/// Fits the head on the rows `train`.
+fn fit(features: &[Features], y: &[f64], train: &[usize], o: &TrainOptions) -> RouterModel {
+    let buckets = o.buckets as usize;
+    let n = train.len().max(1) as f64;
+    let mut df = vec![0u32; buckets];
+    for &i in train {
+        for &(b, _) in &features[i].sparse {
+            df[b as usize] += 1;
+        }
+    }
+    let idf: Vec<f32> = df
+        .iter()
+        .map(|&d| ((1.0 + n) / (1.0 + f64::from(d))).ln() as f32 + 1.0)
+        .collect();
+    let mut mean = [0f64; DENSE];
+    let mut var = [0f64; DENSE];
+    for &i in train {
+        for k in 0..DENSE {
+            mean[k] += f64::from(features[i].dense[k]) / n;
+        }
+    }
+    for &i in train {
+        for k in 0..DENSE {
+            var[k] += (f64::from(features[i].dense[k]) - mean[k]).powi(2) / n;
+        }
+    }
+    let dense_mean: Vec<f32> = mean.iter().map(|m| *m as f32).collect();
+    let dense_std: Vec<f32> = var
+        .iter()
+        .map(|v| if *v > 1e-12 { v.sqrt() as f32 } else { 1.0 })
+        .collect();
+
+    // The rows as the scorer will see them: IDF-weighted, L2-normalised; dense standardised.
+    let sparse: Vec<Vec<(u32, f32)>> = train
+        .iter()
+        .map(|&i| {
+            let x: Vec<(u32, f32)> = features[i]
+                .sparse
+                .iter()
+                .map(|&(b, v)| (b, v * idf[b as usize]))
+                .collect();
+            let norm = x.iter().map(|(_, v)| v * v).sum::<f32>().sqrt();
+            x.into_iter()
+                .map(|(b, v)| (b, if norm > 0.0 { v / norm } else { 0.0 }))
+                .collect()
+        })
+        .collect();
+    // Without structure features the dense inputs are zero, so their weights stay zero.
+    let on = if o.structure { 1.0f32 } else { 0.0 };
+    let dense: Vec<[f32; DENSE]> = train
+        .iter()
+        .map(|&i| {
+            let mut d = [0f32; DENSE];
+            for k in 0..DENSE {
+                d[k] = (features[i].dense[k] - dense_mean[k]) / dense_std[k] * on;
+            }
+            d
+        })
+        .collect();
+
+    // Parameters: bucket weights, then dense weights, then the bias.
+    let p_len = buckets + DENSE + 1;
+    let mut w = vec![0f64; p_len];
+    let mut m1 = vec![0f64; p_len];
+    let mut m2 = vec![0f64; p_len];
+    let mut g = vec![0f64; p_len];
+    let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    for step in 1..=o.steps {
+        g.iter_mut().for_each(|v| *v = 0.0);
+        for (r, &i) in train.iter().enumerate() {
+            let mut z = w[p_len - 1];
+            for &(b, v) in &sparse[r] {
+                z += w[b as usize] * f64::from(v);
+            }
+            for k in 0..DENSE {
+                z += w[buckets + k] * f64::from(dense[r][k]);
+            }
+            let err = (sigmoid(z) - y[i]) / n;
+            for &(b, v) in &sparse[r] {
+                g[b as usize] += err * f64::from(v);
+            }
+            for k in 0..DENSE {
+                g[buckets + k] += err * f64::from(dense[r][k]);
+            }
+            g[p_len - 1] += err;
+        }
+        let c1 = 1.0 - beta1.powi(step as i32);
+        let c2 = 1.0 - beta2.powi(step as i32);
+        for k in 0..p_len {
+            let grad = g[k] + if k + 1 < p_len { o.l2 * w[k] } else { 0.0 };
+            m1[k] = beta1 * m1[k] + (1.0 - beta1) * grad;
+            m2[k] = beta2 * m2[k] + (1.0 - beta2) * grad * grad;
+            w[k] -= o.learning_rate * (m1[k] / c1) / ((m2[k] / c2).sqrt() + eps);
+        }
+    }
+    RouterModel {
+        meta: RouterMeta {
+            format: FORMAT,
+            name: o.name.clone(),
+            label: o.local.join(" | "),
+            buckets: o.buckets,
+            structure: o.structure,
+            dense_names: DENSE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
+            dense_mean,
+            dense_std,
+            dense_weights: w[buckets..buckets + DENSE]
+                .iter()
+                .map(|v| *v as f32)
+                .collect(),
+            bias: w[p_len - 1] as f32,
+            calibration: Calibration { a: 1.0, b: 0.0 },
+            share_thresholds: vec![1.0, 0.0],
+            curve: Vec::new(),
+            validation: Vec::new(),
+            trained_on: Vec::new(),
+        },
+        idf,
+        weights: w[..buckets].iter().map(|v| *v as f32).collect(),
+        path: std::path::PathBuf::new(),
+    }
+}
+
+/// Platt scaling: `a`, `b` minimising the cross-entropy of `sigmoid(a z + b)` against soft
+/// labels, by Newton's method on the two parameters.
+fn platt(points: &[(f64, f64)]) -> Calibration {
+    let (mut a, mut b) = (1.0f64, 0.0f64);
+    if points.is_empty() {
+        return Calibration { a, b };
+    }
+    for _ in 0..100 {
+        let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (0.0, 0.0, 1e-9, 0.0, 1e-9);
+        for &(z, y) in points {
+            let p = sigmoid(a * z + b);
+            let (e, w) = (p - y, p * (1.0 - p));
+            ga += e * z;
+            gb += e;
+            haa += w * z * z;
+            hab += w * z;
+            hbb += w;
+        }
+        let det = haa * hbb - hab * hab;
+        if det.abs() < 1e-18 {
+            break;
+        }
+        let da = (hbb * ga - hab * gb) / det;
+        let db = (haa * gb - hab * ga) / det;
+        a -= da;
+        b -= db;
+        if da.abs() < 1e-10 && db.abs() < 1e-10 {
+            break;
+        }
+    }
+    Calibration { a, b }
+}
+
+/// `t[k]`: the p above which `k`% of `sorted_desc` lies (101 entries, non-increasing).
+fn share_thresholds(sorted_desc: &[f64]) -> Vec<f64> {
+    let n = sorted_desc.len();
+    (0..=100)
+        .map(|k| {
+            if k == 0 || n == 0 {
+                return 1.0;
+            }
+            let m = (k * n).div_ceil(100).max(1);
+            sorted_desc[m - 1]
+        })
+        .collect()
+}
+
+/// Quality loss against cloud-only at each whole-percent local share of `outcomes`.
+fn validation_curve(outcomes: &[Outcome]) -> Vec<CurvePoint> {
+    let mut sorted: Vec<&Outcome> = outcomes.iter().collect();
+    sorted.sort_by(|a, b| b.p_local.total_cmp(&a.p_local));
+    let n = sorted.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut prefix = vec![0.0f64; n + 1];
+    for (i, o) in sorted.iter().enumerate() {
+        prefix[i + 1] = prefix[i] + (o.local - o.cloud);
+    }
+    (0..=100)
+        .map(|k| {
+            let m = (k * n).div_ceil(100);
+            let threshold = if m == 0 { 1.0 } else { sorted[m - 1].p_local };
+            CurvePoint {
+                threshold,
+                local_share: m as f64 / n as f64,
+                quality_loss: -prefix[m] / n as f64,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(id: usize, source: &str, prompt: &str, scores: &[(&str, f64)]) -> Example {
+        Example {
+            id: id.to_string(),
+            source: source.to_owned(),
+            category: None,
+            prompt: prompt.to_owned(),
+            scores: scores.iter().map(|(m, s)| ((*m).to_owned(), *s)).collect(),
+        }
+    }
+
+    #[test]
+    fn labels_take_the_first_present_name_and_the_small_class_mean() {
+        let e = example(
+            0,
+            "s",
+            "p",
+            &[
+                ("gemma-2-9b-it", 1.0),
+                ("qwen2.5-7b-instruct", 0.0),
+                ("big", 1.0),
+            ],
+        );
+        let l = Labels::new(
+            std::slice::from_ref(&e),
+            &["absent".into(), SMALL_CLASS.into()],
+            &[],
+        );
+        assert_eq!(l.local(&e), Some(0.5));
+        assert_eq!(l.cloud(&e), Some(1.0));
+    }
+
+    #[test]
+    fn platt_recovers_a_known_scaling() {
+        // Labels drawn exactly from sigmoid(2 z - 1) as soft targets.
+        let pts: Vec<(f64, f64)> = (-20..=20)
+            .map(|i| {
+                let z = f64::from(i) / 5.0;
+                (z, sigmoid(2.0 * z - 1.0))
+            })
+            .collect();
+        let c = platt(&pts);
+        assert!(
+            (c.a - 2.0).abs() < 1e-6 && (c.b + 1.0).abs() < 1e-6,
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn thresholds_and_curve_are_monotone_and_exact_on_small_sets() {
+        let t = share_thresholds(&[0.9, 0.8, 0.7, 0.6]);
+        assert_eq!((t[0], t[25], t[50], t[100]), (1.0, 0.9, 0.8, 0.6));
+        let o = |p, local, cloud| Outcome {
+            p_local: p,
+            local,
+            cloud,
+        };
+        let curve = validation_curve(&[o(0.9, 1.0, 1.0), o(0.1, 0.0, 1.0)]);
+        assert_eq!(curve[50].quality_loss, 0.0);
+        assert_eq!(curve[100].quality_loss, 0.5);
+    }
+}
