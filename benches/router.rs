@@ -42,7 +42,10 @@ fn corpus() -> String {
         .take(60)
         .collect();
     if text.is_empty() {
-        eprintln!("note: {} not found; using a synthetic prompt", path.display());
+        eprintln!(
+            "note: {} not found; using a synthetic prompt",
+            path.display()
+        );
         return "Explain how TCP slow start interacts with packet loss, with an example. "
             .repeat(200);
     }
@@ -52,8 +55,8 @@ fn corpus() -> String {
 /// The first `tokens` tokens of `corpus` as text (exact with the MiniLM tokenizer).
 fn prompt_of(corpus: &str, tokens: usize, tokenizer: Option<&tokenizers::Tokenizer>) -> String {
     match tokenizer.and_then(|t| t.encode(corpus, false).ok()) {
-        Some(enc) if enc.len() >= tokens => {
-            let end = enc.offsets()[tokens - 1].1;
+        Some(enc) if enc.get_ids().len() >= tokens => {
+            let end = enc.get_offsets()[tokens - 1].1;
             corpus[..end].to_owned()
         }
         _ => corpus.chars().take(4 * tokens).collect(),
@@ -86,7 +89,16 @@ impl Encoder {
             .ok()?
         };
         let model = candle_transformers::models::bert::BertModel::load(vb, &config).ok()?;
-        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).ok()?;
+        let mut tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).ok()?;
+        // The packaged tokenizer pads and cuts every input to 128 tokens; measure real lengths
+        // (up to the model's 512 positions) instead.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: 512,
+                ..Default::default()
+            }))
+            .ok()?;
         Some(Self { model, tokenizer })
     }
 
@@ -94,8 +106,11 @@ impl Encoder {
     fn embed(&self, text: &str) -> Option<Vec<f32>> {
         use candle_core::{Device, Tensor};
         let enc = self.tokenizer.encode(text, true).ok()?;
-        let ids: Vec<u32> = enc.get_ids().iter().copied().take(512).collect();
-        let ids = Tensor::new(ids.as_slice(), &Device::Cpu).ok()?.unsqueeze(0).ok()?;
+        let ids: Vec<u32> = enc.get_ids().to_vec();
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .ok()?
+            .unsqueeze(0)
+            .ok()?;
         let types = ids.zeros_like().ok()?;
         let out = self.model.forward(&ids, &types, None).ok()?;
         out.mean(1).ok()?.flatten_all().ok()?.to_vec1().ok()
@@ -140,7 +155,9 @@ fn bench(c: &mut Criterion) {
     let mut encoder_median = Vec::new();
     if let Some(enc) = &encoder {
         let mut group = c.benchmark_group("minilm");
-        group.sample_size(10).measurement_time(Duration::from_secs(5));
+        group
+            .sample_size(10)
+            .measurement_time(Duration::from_secs(5));
         for (n, prompt) in sizes.iter().zip(&prompts) {
             group.bench_function(format!("encode/{n}_tokens"), |b| {
                 b.iter(|| enc.embed(std::hint::black_box(prompt)))

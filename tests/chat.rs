@@ -198,7 +198,14 @@ async fn models_lists_the_alias_and_every_backend() {
 #[tokio::test]
 async fn tools_response_format_and_unknown_fields_pass_through_untouched() {
     let (local, cloud) = pair("{\"ok\":true}", "b").await;
-    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
+    // A local server that declares tools and response_format support (llama.cpp's does).
+    let gw = Gateway::start(&support::local_and_cloud(
+        "",
+        &local.base_url(),
+        &cloud.base_url(),
+        "supports_tools = true\nsupports_response_format = true",
+    ))
+    .await;
 
     let system: ChatCompletionRequestMessage = ChatCompletionRequestSystemMessageArgs::default()
         .content("Answer in JSON.")
@@ -247,8 +254,9 @@ async fn tools_response_format_and_unknown_fields_pass_through_untouched() {
         "upstream saw exactly what the client sent"
     );
 
-    // Fields no SDK knows yet reach the upstream too, in the client's key order.
-    let raw = json!({"vendor_extension": {"x": [1, 2, 3]}, "model": "auto", "logprobs": true, "top_logprobs": 2, "n": 1, "user": "u-1", "messages": [{"role": "user", "content": "hi"}]});
+    // Fields no SDK knows yet reach the upstream too, in the client's key order. (Pinned: with
+    // the alias, `logprobs` would route to the cloud, reason needs_logprobs.)
+    let raw = json!({"vendor_extension": {"x": [1, 2, 3]}, "model": "local", "logprobs": true, "top_logprobs": 2, "n": 1, "user": "u-1", "messages": [{"role": "user", "content": "hi"}]});
     assert_eq!(gw.post_chat(&raw).await.status(), 200);
     let got = &local.requests()[1].body;
     let keys: Vec<&str> = got

@@ -42,7 +42,8 @@ pub struct RouterMeta {
     /// Platt calibration `p = sigmoid(a * z + b)` of the head's logit `z`, fitted on
     /// predictions for sources the head was not trained on.
     pub calibration: Calibration,
-    /// `share_thresholds[k]`: the p_local above which `k`% of the training prompts fall.
+    /// `share_thresholds[k]`: the p_local above which `k`% of the training prompts fall, as
+    /// scored by heads that did not see them (held-out source or fold).
     pub share_thresholds: Vec<f64>,
     /// Validation curve from held-out-source predictions, by increasing local share.
     pub curve: Vec<CurvePoint>,

@@ -212,32 +212,39 @@ pub fn train(
     }
 
     // Leave one source out: logits for each held-out row from a head that never saw its source.
+    // With a single source there is nothing to hold out by source, so validation uses five
+    // interleaved folds of its rows instead (named `fold N` in the report).
+    let group: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (e, _))| {
+            if sources.len() > 1 {
+                e.source.clone()
+            } else {
+                format!("fold {}", i % 5)
+            }
+        })
+        .collect();
+    let mut groups: Vec<&str> = group.iter().map(String::as_str).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    if sources.len() == 1 {
+        progress("one source only: validating on 5 folds of its rows instead of held-out sources");
+    }
     let mut held_out: Vec<(usize, f64)> = Vec::new();
     let mut held_sources: Vec<&str> = Vec::new();
-    if sources.len() > 1 {
-        for source in sources.keys() {
-            progress(&format!("holding out {source}"));
-            let train: Vec<usize> = (0..rows.len())
-                .filter(|&i| rows[i].0.source != *source)
-                .collect();
-            let head = fit(&features, &y, &train, options);
-            for i in (0..rows.len()).filter(|&i| rows[i].0.source == *source) {
-                held_out.push((i, head.logit(&features[i])));
-            }
-            held_sources.push(source);
+    for held in &groups {
+        progress(&format!("holding out {held}"));
+        let train: Vec<usize> = (0..rows.len()).filter(|&i| group[i] != *held).collect();
+        let head = fit(&features, &y, &train, options);
+        for i in (0..rows.len()).filter(|&i| group[i] == *held) {
+            held_out.push((i, head.logit(&features[i])));
         }
+        held_sources.push(held);
     }
-    progress("final fit on all sources");
+    progress("final fit on all rows");
     let all: Vec<usize> = (0..rows.len()).collect();
     let mut model = fit(&features, &y, &all, options);
-    if held_out.is_empty() {
-        // One source: nothing to hold out; calibrate in-sample and say so in the metadata.
-        progress("only one source: calibration and curve are in-sample");
-        held_out = all
-            .iter()
-            .map(|&i| (i, model.logit(&features[i])))
-            .collect();
-    }
     let calibration = platt(&held_out.iter().map(|&(i, z)| (z, y[i])).collect::<Vec<_>>());
     let p = |z: f64| sigmoid(calibration.a * z + calibration.b);
 
@@ -246,7 +253,7 @@ pub fn train(
     for source in &held_sources {
         let outcomes: Vec<Outcome> = held_out
             .iter()
-            .filter(|(i, _)| rows[*i].0.source == *source)
+            .filter(|(i, _)| group[*i] == *source)
             .filter_map(|&(i, z)| {
                 Some(Outcome {
                     p_local: p(z),
@@ -263,22 +270,12 @@ pub fn train(
         }
         pooled.extend(outcomes);
     }
-    if pooled.is_empty() {
-        pooled = held_out
-            .iter()
-            .filter_map(|&(i, z)| {
-                Some(Outcome {
-                    p_local: p(z),
-                    local: y[i],
-                    cloud: labels.cloud(rows[i].0)?,
-                })
-            })
-            .collect();
-    }
 
-    let mut all_p: Vec<f64> = all.iter().map(|&i| p(model.logit(&features[i]))).collect();
-    all_p.sort_by(|a, b| b.total_cmp(a));
-    model.meta.share_thresholds = share_thresholds(&all_p);
+    // Score quantiles for `target_local_share`, from held-out predictions: in-sample scores
+    // of the final fit are more extreme than what new traffic will get.
+    let mut held_p: Vec<f64> = held_out.iter().map(|&(_, z)| p(z)).collect();
+    held_p.sort_by(|a, b| b.total_cmp(a));
+    model.meta.share_thresholds = share_thresholds(&held_p);
     model.meta.curve = validation_curve(&pooled);
     model.meta.calibration = calibration;
     model.meta.validation = validation;
@@ -312,13 +309,13 @@ fn fit(features: &[Features], y: &[f64], train: &[usize], o: &TrainOptions) -> R
     let mut mean = [0f64; DENSE];
     let mut var = [0f64; DENSE];
     for &i in train {
-        for k in 0..DENSE {
-            mean[k] += f64::from(features[i].dense[k]) / n;
+        for (m, x) in mean.iter_mut().zip(features[i].dense) {
+            *m += f64::from(x) / n;
         }
     }
     for &i in train {
-        for k in 0..DENSE {
-            var[k] += (f64::from(features[i].dense[k]) - mean[k]).powi(2) / n;
+        for ((v, m), x) in var.iter_mut().zip(mean).zip(features[i].dense) {
+            *v += (f64::from(x) - m).powi(2) / n;
         }
     }
     let dense_mean: Vec<f32> = mean.iter().map(|m| *m as f32).collect();
