@@ -218,14 +218,26 @@ async fn features_the_local_model_lacks_go_to_the_cloud() {
     let mut body = chat_body("auto", "What's the weather?");
     body["tools"] =
         json!([{"type": "function", "function": {"name": "weather", "parameters": {}}}]);
+    // The router's hard constraints send it to the cloud without trying the local model...
     let r = gw.post_chat(&body).await;
-    assert_eq!(header(&r, "x-wattgate-reason"), "local_unsupported");
+    assert_eq!(header(&r, "x-wattgate-reason"), "needs_tools");
     assert_eq!(cloud.hits(), 1);
+    // ...and when a client forces it local, the embedded backend refuses it itself, before any
+    // output, so it still falls back.
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .header("x-wattgate-route", "local")
+        .json(&body)
+        .send()
+        .await
+        .expect("gateway reachable");
+    assert_eq!(header(&r, "x-wattgate-reason"), "local_unsupported");
+    assert_eq!(cloud.hits(), 2);
     let mut body = chat_body("auto", "x");
     body["messages"] = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]);
     assert_eq!(
         header(&gw.post_chat(&body).await, "x-wattgate-reason"),
-        "local_unsupported"
+        "needs_images"
     );
 }
 
