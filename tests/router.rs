@@ -325,6 +325,21 @@ fn target_local_share_is_hit_within_two_points_on_held_out_rows() {
 }
 
 /// A gateway routing with the shipped 8b-class router, a scripted local and cloud upstream.
+async fn post_with_header(
+    gw: &Gateway,
+    name: &str,
+    value: &str,
+    body: &Value,
+) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .header(name, value)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 async fn routed_gateway(routing: &str) -> (Gateway, ScriptedUpstream, ScriptedUpstream) {
     let local = ScriptedUpstream::start(
         "local-upstream",
@@ -386,13 +401,13 @@ async fn the_p_local_header_equals_router_score_and_decides_the_route() {
         ("0", "local", "router_local"),
         ("1", "cloud", "router_cloud"),
     ] {
-        let response = reqwest::Client::new()
-            .post(gw.url("/v1/chat/completions"))
-            .header("x-wattgate-threshold", threshold)
-            .json(&chat_body("auto", CHAT))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let response = post_with_header(
+            &gw,
+            "x-wattgate-threshold",
+            threshold,
+            &chat_body("auto", CHAT),
+        )
+        .await;
         assert_eq!(response.status(), 200);
         assert_eq!(header(&response, "x-wattgate-route"), route);
         assert_eq!(header(&response, "x-wattgate-reason"), reason);
@@ -423,13 +438,8 @@ async fn forced_routes_and_bad_routing_headers() {
         ("cloud", "cloud", "forced_cloud"),
         ("LOCAL", "local", "forced_local"),
     ] {
-        let response = reqwest::Client::new()
-            .post(gw.url("/v1/chat/completions"))
-            .header("x-wattgate-route", force)
-            .json(&chat_body("auto", CHAT))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let response =
+            post_with_header(&gw, "x-wattgate-route", force, &chat_body("auto", CHAT)).await;
         assert_eq!(response.status(), 200);
         assert_eq!(header(&response, "x-wattgate-route"), route);
         assert_eq!(header(&response, "x-wattgate-reason"), reason);
@@ -441,13 +451,7 @@ async fn forced_routes_and_bad_routing_headers() {
         ("x-wattgate-threshold", "1.5"),
         ("x-wattgate-threshold", "high"),
     ] {
-        let response = reqwest::Client::new()
-            .post(gw.url("/v1/chat/completions"))
-            .header(name, value)
-            .json(&chat_body("auto", CHAT))
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let response = post_with_header(&gw, name, value, &chat_body("auto", CHAT)).await;
         let error = expect_error(response, 400).await;
         assert_eq!(error["param"], name, "{error}");
         assert!(support::message(&error).contains(value), "{error}");

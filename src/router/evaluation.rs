@@ -15,7 +15,7 @@
 //! where `p_local` changes; between points it is linear (what splitting a tied group at random
 //! gives on average). Scores are on a 0..1 scale, so "1 point" is 0.01.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One query: the router's score and how well each side answers it (0..1).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,7 +29,7 @@ pub struct Outcome {
 }
 
 /// The measures of one router on one data set.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// Queries evaluated.
     pub n: usize,

@@ -80,40 +80,7 @@ pub struct SourceReport {
     pub source: String,
     /// The measures there.
     #[serde(flatten)]
-    pub report: ReportFields,
-}
-
-/// [`Report`]'s fields, stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ReportFields {
-    /// Queries.
-    pub n: usize,
-    /// ROC AUC.
-    pub auc: Option<f64>,
-    /// Average performance gap recovered.
-    pub apgr: Option<f64>,
-    /// Largest local share within 1 point of cloud-only quality.
-    pub local_share_at_1pt: f64,
-    /// Share a perfect router keeps local.
-    pub oracle_local_share: f64,
-    /// Local-only mean quality.
-    pub local_only_quality: f64,
-    /// Cloud-only mean quality.
-    pub cloud_only_quality: f64,
-}
-
-impl From<&Report> for ReportFields {
-    fn from(r: &Report) -> Self {
-        Self {
-            n: r.n,
-            auc: r.auc,
-            apgr: r.apgr,
-            local_share_at_1pt: r.local_share_at_1pt,
-            oracle_local_share: r.oracle_local_share,
-            local_only_quality: r.local_only_quality,
-            cloud_only_quality: r.cloud_only_quality,
-        }
-    }
+    pub report: Report,
 }
 
 /// Rows of one source.

@@ -13,8 +13,7 @@ use super::data::Example;
 use super::evaluation::{self, Outcome};
 use super::features::{self, Features, Query, DENSE, DENSE_NAMES};
 use super::model::{
-    sigmoid, Calibration, CurvePoint, ReportFields, RouterMeta, RouterModel, SourceCount,
-    SourceReport, FORMAT,
+    sigmoid, Calibration, CurvePoint, RouterMeta, RouterModel, SourceCount, SourceReport, FORMAT,
 };
 
 /// The pseudo-model name for "the mean correctness of the 7-9B-class models labeled in the row".
@@ -265,7 +264,7 @@ pub fn train(
         if let Ok(report) = evaluation::evaluate(&outcomes) {
             validation.push(SourceReport {
                 source: (*source).to_owned(),
-                report: ReportFields::from(&report),
+                report,
             });
         }
         pooled.extend(outcomes);
