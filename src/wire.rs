@@ -184,15 +184,27 @@ impl Serialize for UpstreamBody<'_> {
 
 /// Characters of text in a message `content`: a string, or an array of parts with `text`.
 fn content_chars(content: Option<&Value>) -> usize {
-    match content {
-        Some(Value::String(s)) => s.chars().count(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .map(|s| s.chars().count())
-            .fold(0usize, usize::saturating_add),
-        _ => 0,
-    }
+    content
+        .into_iter()
+        .flat_map(text_parts)
+        .map(|s| s.chars().count())
+        .fold(0usize, usize::saturating_add)
+}
+
+/// The text of a message `content`: the string itself, or the `text` of each array part
+/// (image and audio parts have none). Size checks and the router read prompts through this.
+pub fn text_parts(content: &Value) -> impl Iterator<Item = &str> {
+    let (whole, parts) = match content {
+        Value::String(s) => (Some(s.as_str()), None),
+        Value::Array(parts) => (None, Some(parts)),
+        _ => (None, None),
+    };
+    whole.into_iter().chain(
+        parts
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.get("text").and_then(Value::as_str)),
+    )
 }
 
 fn type_name(v: &Value) -> &'static str {

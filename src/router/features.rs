@@ -10,6 +10,8 @@
 
 use serde_json::Value;
 
+use crate::wire::text_parts;
+
 /// How much earlier user turns count against the last one (the question being answered now).
 const EARLIER_TURN_WEIGHT: f32 = 0.5;
 /// How much the system prompt counts.
@@ -43,7 +45,10 @@ impl Query {
         let mut query = Self::default();
         for message in messages {
             let role = message.get("role").and_then(Value::as_str).unwrap_or("");
-            let text = message.get("content").map(content_text).unwrap_or_default();
+            let text = message
+                .get("content")
+                .map(|c| text_parts(c).collect::<Vec<_>>().join("\n"))
+                .unwrap_or_default();
             match role {
                 "system" | "developer" => {
                     if !query.system.is_empty() {
@@ -62,19 +67,6 @@ impl Query {
     /// The turn being answered ("" when there is none).
     pub fn last_user(&self) -> &str {
         self.user_turns.last().map(String::as_str).unwrap_or("")
-    }
-}
-
-/// The text of a message `content`: a string, or the `text` parts of an array.
-pub fn content_text(content: &Value) -> String {
-    match content {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
     }
 }
 
