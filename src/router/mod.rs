@@ -347,13 +347,23 @@ impl Router {
 
         // The learned router: the first (cheapest) local backend whose p_local clears its
         // threshold; otherwise the cloud, reporting the best p_local seen.
+        // Features are extracted once per bucket count, shared by heads of the same size.
         let query = request_query(request);
+        let mut extracted: Option<features::Features> = None;
+        let mut extracted_buckets = 0u32;
         let mut best: Option<f64> = None;
         for l in eligible {
             let Some((head, threshold)) = &l.head else {
                 continue;
             };
-            let p = head.score(&query);
+            let buckets = head.meta.buckets;
+            let f = match extracted.take() {
+                Some(f) if extracted_buckets == buckets => f,
+                _ => features::extract(&query, buckets),
+            };
+            let p = head.score_features(&f);
+            extracted = Some(f);
+            extracted_buckets = buckets;
             if p >= overrides.threshold.unwrap_or(*threshold) {
                 return Decision {
                     backend: l.backend,

@@ -131,9 +131,14 @@ impl RouterModel {
 
     /// The calibrated probability that the local model answers `query` well.
     pub fn score(&self, query: &Query) -> f64 {
-        let f = features::extract(query, self.meta.buckets);
+        self.score_features(&features::extract(query, self.meta.buckets))
+    }
+
+    /// [`score`](Self::score) for features already extracted with this router's `buckets`,
+    /// so several heads over the same request share one extraction.
+    pub fn score_features(&self, f: &features::Features) -> f64 {
         let c = self.meta.calibration;
-        sigmoid(c.a * self.logit(&f) + c.b)
+        sigmoid(c.a * self.logit(f) + c.b)
     }
 
     /// The threshold that keeps `share` (0..1) of traffic like the training prompts local.
