@@ -31,6 +31,40 @@ fn wattgate(args: &[&str]) -> std::process::Output {
         .unwrap_or_else(|e| panic!("run wattgate: {e}"))
 }
 
+fn arg(path: &Path) -> &str {
+    path.to_str().unwrap_or_default()
+}
+
+/// `wattgate router score --router 8b-class --input IN --output OUT`.
+fn score_cli(input: &Path, output: &Path) -> std::process::Output {
+    wattgate(&[
+        "router",
+        "score",
+        "--router",
+        "8b-class",
+        "--input",
+        arg(input),
+        "--output",
+        arg(output),
+    ])
+}
+
+/// `wattgate router eval` of `router` on `data` against `big-model`.
+fn eval_cli(router: &Path, data: &Path, local: &str) -> std::process::Output {
+    wattgate(&[
+        "router",
+        "eval",
+        "--router",
+        arg(router),
+        "--data",
+        arg(data),
+        "--local-model",
+        local,
+        "--cloud-model",
+        "big-model",
+    ])
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
@@ -58,16 +92,7 @@ fn score_writes_one_line_per_input_in_order_with_prompt_or_messages() {
     ];
     let text: String = rows.iter().map(|r| format!("{r}\n\n")).collect();
     write(&input, &text);
-    let out = wattgate(&[
-        "router",
-        "score",
-        "--router",
-        "8b-class",
-        "--input",
-        input.to_str().unwrap_or_default(),
-        "--output",
-        output.to_str().unwrap_or_default(),
-    ]);
+    let out = score_cli(&input, &output);
     assert!(
         out.status.success(),
         "{}",
@@ -121,16 +146,7 @@ fn score_rejects_malformed_lines_with_their_number_and_leaves_no_output() {
     for (text, line, what) in cases {
         let input = dir.path().join("in.jsonl");
         write(&input, text);
-        let out = wattgate(&[
-            "router",
-            "score",
-            "--router",
-            "8b-class",
-            "--input",
-            input.to_str().unwrap_or_default(),
-            "--output",
-            output.to_str().unwrap_or_default(),
-        ]);
+        let out = score_cli(&input, &output);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{text}: {stderr}");
         assert!(
@@ -177,13 +193,13 @@ fn train_then_eval_round_trip_through_the_cli() {
         "router",
         "train",
         "--data",
-        data.to_str().unwrap_or_default(),
+        arg(&data),
         "--local-model",
         "small-model",
         "--cloud-model",
         "big-model",
         "--out",
-        out_dir.to_str().unwrap_or_default(),
+        arg(&out_dir),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -197,18 +213,7 @@ fn train_then_eval_round_trip_through_the_cli() {
     );
     assert!(out_dir.join("router.json").is_file() && out_dir.join("weights.bin").is_file());
 
-    let out = wattgate(&[
-        "router",
-        "eval",
-        "--router",
-        out_dir.to_str().unwrap_or_default(),
-        "--data",
-        data.to_str().unwrap_or_default(),
-        "--local-model",
-        "small-model",
-        "--cloud-model",
-        "big-model",
-    ]);
+    let out = eval_cli(&out_dir, &data, "small-model");
     assert!(
         out.status.success(),
         "{}",
@@ -223,18 +228,7 @@ fn train_then_eval_round_trip_through_the_cli() {
     assert!((report["oracle_local_share"].as_f64().unwrap_or(0.0) - 60.0 / 90.0).abs() < 1e-9);
 
     // A label nobody carries is an error that names it.
-    let out = wattgate(&[
-        "router",
-        "eval",
-        "--router",
-        out_dir.to_str().unwrap_or_default(),
-        "--data",
-        data.to_str().unwrap_or_default(),
-        "--local-model",
-        "nobody",
-        "--cloud-model",
-        "big-model",
-    ]);
+    let out = eval_cli(&out_dir, &data, "nobody");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nobody"));
 }
@@ -250,11 +244,11 @@ fn training_is_reproducible_byte_for_byte() {
             "router",
             "train",
             "--data",
-            data.to_str().unwrap_or_default(),
+            arg(&data),
             "--local-model",
             "small-model",
             "--out",
-            out_dir.to_str().unwrap_or_default(),
+            arg(&out_dir),
             "--name",
             "same",
         ]);
