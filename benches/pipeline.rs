@@ -70,17 +70,20 @@ fn round_trip(c: &mut Criterion) {
         let upstream = ScriptedUpstream::start_on("127.0.0.1:0".parse().ok()?, "instant", vec![Behavior::Reply("ok".into())], false)
             .await
             .ok()?;
+        // The ledger is part of the measured path; its directory is removed when the bench ends.
+        let data = tempfile::tempdir().ok()?;
         let config = Config::parse(&format!(
-            "[[backends]]\nname = \"instant\"\nkind = \"openai\"\nrole = \"local\"\nbase_url = \"{}\"\nmodel = \"instant\"\nparameters = 1e9\n",
+            "[ledger]\npath = \"{}\"\n[[backends]]\nname = \"instant\"\nkind = \"openai\"\nrole = \"local\"\nbase_url = \"{}\"\nmodel = \"instant\"\nparameters = 1e9\n",
+            data.path().join("ledger.redb").display(),
             upstream.base_url()
         ))
         .ok()?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.ok()?;
         let addr = listener.local_addr().ok()?;
         tokio::spawn(async move { wattgate::server::serve(&config, listener, std::future::pending()).await });
-        Some((upstream, addr))
+        Some((upstream, addr, data))
     });
-    let Some((upstream, gateway)) = setup else {
+    let Some((upstream, gateway, _data)) = setup else {
         eprintln!("cannot start loopback servers; skipping round_trip");
         return;
     };

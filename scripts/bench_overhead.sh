@@ -21,6 +21,8 @@ run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$UP_PORT" --model instant --
 cat >"$work/wattgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
+[ledger]
+path = "$work/ledger.redb"
 [[backends]]
 name = "instant"
 kind = "openai"

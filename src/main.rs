@@ -40,6 +40,27 @@ enum Command {
         #[command(subcommand)]
         command: RouterCommand,
     },
+    /// Savings against cloud-only (energy, compute, cost), local share, by backend and arm,
+    /// summed from the ledger. While the daemon holds the ledger, asks it (GET /v1/savings).
+    Report {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only requests from this long ago on: 30m, 24h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        format: ReportFormat,
+        /// Ledger file, overriding `ledger.path`.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReportFormat {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -167,6 +188,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, listen } => serve(&config, listen),
+        Command::Report {
+            config,
+            since,
+            format,
+            ledger,
+        } => report(&config, since.as_deref(), format, ledger),
         Command::Config {
             command: ConfigCommand::Check { config },
         } => check(&config),
@@ -432,6 +459,95 @@ fn serve(arg: &ConfigArg, listen: Option<SocketAddr>) -> ExitCode {
             }
         }
     })
+}
+
+fn report(
+    arg: &ConfigArg,
+    since: Option<&str>,
+    format: ReportFormat,
+    ledger: Option<PathBuf>,
+) -> ExitCode {
+    match report_savings(arg, since, ledger) {
+        Ok(savings) => {
+            match format {
+                ReportFormat::Table => print!("{}", savings.to_table()),
+                ReportFormat::Json => match serde_json::to_string_pretty(&savings) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report_savings(
+    arg: &ConfigArg,
+    since: Option<&str>,
+    ledger: Option<PathBuf>,
+) -> anyhow::Result<wattgate::savings::Savings> {
+    use wattgate::ledger::{Ledger, LedgerError};
+    let (config, _) = arg.load()?;
+    let since_us = match since {
+        Some(text) => {
+            let seconds = wattgate::savings::parse_duration(text)
+                .map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+            wattgate::ledger::now_us().saturating_sub((seconds * 1e6) as u64)
+        }
+        None => 0,
+    };
+    let path = match ledger.or_else(|| config.ledger.resolved_path()) {
+        Some(p) => p,
+        None => anyhow::bail!("no ledger path: set ledger.path or pass --ledger"),
+    };
+    if !path.is_file() {
+        anyhow::bail!(
+            "no ledger at {} (the daemon creates it on its first start; pass --ledger or --config)",
+            path.display()
+        );
+    }
+    match Ledger::open(&path) {
+        Ok(ledger) => {
+            let rows = ledger.rows_since(since_us)?;
+            Ok(wattgate::savings::Savings::from_rows(since_us, &rows))
+        }
+        Err(LedgerError::Busy(_)) => {
+            let url = format!(
+                "http://{}/v1/savings{}",
+                config.server.listen,
+                since.map(|s| format!("?since={s}")).unwrap_or_default()
+            );
+            eprintln!(
+                "{} is held by the running daemon; reading {url} instead",
+                path.display()
+            );
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let body: serde_json::Value = runtime.block_on(async {
+                let response = reqwest::get(&url).await?;
+                let status = response.status();
+                let text = response.text().await?;
+                if !status.is_success() {
+                    anyhow::bail!("{url} answered {status}: {text}");
+                }
+                Ok(serde_json::from_str(&text)?)
+            })?;
+            let savings = body
+                .get("savings")
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("{url} answered without `savings`"))?;
+            Ok(serde_json::from_value(savings)?)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

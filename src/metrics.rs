@@ -5,7 +5,8 @@
 //! configuration and fixed code lists, never from request text, so cardinality stays bounded.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Request latencies: 1 ms to 10 min.
@@ -32,8 +33,31 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// Time to response headers by endpoint and method.
     pub http_duration: HistogramVec,
-    /// Chat requests by route, backend, reason and outcome (ok, error, cancelled).
+    /// Chat requests by route, backend, reason, outcome (ok, error, cancelled) and experiment
+    /// arm (`none` outside experiments).
     pub chat_requests: IntCounterVec,
+    /// Time from arrival to the first byte of the answer, by route and backend.
+    pub ttft: HistogramVec,
+    /// Joules actually spent, by backend and source (`nvml`, `rapl`, `estimate` for local work;
+    /// `cloud_estimate` for the cloud's share).
+    pub energy: CounterVec,
+    /// Joules the baseline cloud backend would have spent on the same requests, by the backend
+    /// that actually served.
+    pub counterfactual_energy: CounterVec,
+    /// Joules while no request was active, by source (not charged to requests).
+    pub idle_energy: GaugeVec,
+    /// FLOPs spent, by backend.
+    pub flops: CounterVec,
+    /// FLOPs the baseline would have spent, by the backend that served.
+    pub counterfactual_flops: CounterVec,
+    /// Dollars spent, by backend and kind (`local`: electricity and hardware; `cloud`: API).
+    pub cost: CounterVec,
+    /// Dollars the baseline would have spent, by the backend that served.
+    pub counterfactual_cost: CounterVec,
+    /// Requests waiting for a worker of an embedded backend, by backend.
+    pub queue_depth: IntGaugeVec,
+    /// Ledger rows queued, by result (`queued`; `disabled` when the ledger is off).
+    pub ledger_rows: IntCounterVec,
     /// Chat request duration, through the last byte, by route and backend.
     pub chat_duration: HistogramVec,
     /// Time spent in the gateway itself: total minus waiting on upstreams, up to the first byte.
@@ -74,6 +98,28 @@ impl Metrics {
             registry.register(Box::new(h.clone()))?;
             Ok(h)
         };
+        let float_counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<CounterVec, prometheus::Error> {
+                let c = CounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let idle_energy = GaugeVec::new(
+            Opts::new(
+                "wattgate_idle_energy_joules",
+                "Joules metered while no request was active since start, by source; not charged to requests.",
+            ),
+            &["source"],
+        )?;
+        registry.register(Box::new(idle_energy.clone()))?;
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "wattgate_local_queue_depth",
+                "Requests waiting for a worker of an embedded backend.",
+            ),
+            &["backend"],
+        )?;
+        registry.register(Box::new(queue_depth.clone()))?;
         let in_flight = IntGauge::new(
             "wattgate_chat_in_flight_requests",
             "Chat requests being served right now.",
@@ -93,8 +139,51 @@ impl Metrics {
             )?,
             chat_requests: counter(
                 "wattgate_chat_requests_total",
-                "Chat completions by route (local|cloud), backend, routing reason and outcome (ok|error|cancelled).",
-                &["route", "backend", "reason", "outcome"],
+                "Chat completions by route (local|cloud), backend, routing reason, outcome (ok|error|cancelled) and experiment arm.",
+                &["route", "backend", "reason", "outcome", "arm"],
+            )?,
+            ttft: histogram(
+                "wattgate_time_to_first_token_seconds",
+                "Time from arrival to the first byte of the answer (first chunk of a stream), by route and backend.",
+                &["route", "backend"],
+                LATENCY_BUCKETS,
+            )?,
+            energy: float_counter(
+                "wattgate_energy_joules_total",
+                "Joules spent serving requests, by backend and source (nvml|rapl measured; estimate|cloud_estimate modeled).",
+                &["backend", "source"],
+            )?,
+            counterfactual_energy: float_counter(
+                "wattgate_counterfactual_energy_joules_total",
+                "Joules the baseline cloud backend would have spent on the same requests (estimate), by the backend that served.",
+                &["backend"],
+            )?,
+            idle_energy,
+            flops: float_counter(
+                "wattgate_flops_total",
+                "Floating-point operations spent (2 x active parameters x tokens), by backend.",
+                &["backend"],
+            )?,
+            counterfactual_flops: float_counter(
+                "wattgate_counterfactual_flops_total",
+                "FLOPs the baseline cloud backend would have spent, by the backend that served.",
+                &["backend"],
+            )?,
+            cost: float_counter(
+                "wattgate_cost_dollars_total",
+                "US dollars spent, by backend and kind (local: electricity and hardware; cloud: API price).",
+                &["backend", "kind"],
+            )?,
+            counterfactual_cost: float_counter(
+                "wattgate_counterfactual_cost_dollars_total",
+                "US dollars the baseline cloud backend would have charged, by the backend that served.",
+                &["backend"],
+            )?,
+            queue_depth,
+            ledger_rows: counter(
+                "wattgate_ledger_rows_total",
+                "Ledger rows by result (queued|disabled).",
+                &["result"],
             )?,
             chat_duration: histogram(
                 "wattgate_chat_request_duration_seconds",

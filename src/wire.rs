@@ -128,6 +128,22 @@ impl ChatRequest {
         })
     }
 
+    /// Every message's text, joined by newlines: what the gateway tokenizes when an upstream
+    /// reports no usage.
+    pub fn prompt_text(&self) -> String {
+        let mut text = String::new();
+        let messages = self.body.get("messages").and_then(Value::as_array);
+        for message in messages.into_iter().flatten() {
+            for part in message.get("content").into_iter().flat_map(text_parts) {
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(part);
+            }
+        }
+        text
+    }
+
     /// The body to send upstream: the client's object with `model` replaced, and
     /// `stream_options.include_usage` set when `force_usage` asks for metered streams.
     pub fn upstream_body(&self, model: &str, force_usage: bool) -> Vec<u8> {
@@ -189,6 +205,34 @@ fn content_chars(content: Option<&Value>) -> usize {
         .flat_map(text_parts)
         .map(|s| s.chars().count())
         .fold(0usize, usize::saturating_add)
+}
+
+/// The generated text of a completion body or stream chunk: message or delta content, and
+/// tool-call names and arguments (which are billed as output tokens too).
+pub fn generated_text(json: &[u8], out: &mut String) {
+    let Ok(value) = serde_json::from_slice::<Value>(json) else {
+        return;
+    };
+    let choices = value.get("choices").and_then(Value::as_array);
+    for choice in choices.into_iter().flatten() {
+        let Some(message) = choice.get("message").or_else(|| choice.get("delta")) else {
+            continue;
+        };
+        if let Some(content) = message.get("content") {
+            for part in text_parts(content) {
+                out.push_str(part);
+            }
+        }
+        let calls = message.get("tool_calls").and_then(Value::as_array);
+        for call in calls.into_iter().flatten() {
+            let function = call.get("function");
+            for key in ["name", "arguments"] {
+                if let Some(t) = function.and_then(|f| f.get(key)).and_then(Value::as_str) {
+                    out.push_str(t);
+                }
+            }
+        }
+    }
 }
 
 /// The text of a message `content`: the string itself, or the `text` of each array part

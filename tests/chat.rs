@@ -151,7 +151,8 @@ async fn streaming_without_include_usage_hides_the_metering_chunk_but_counts_tok
                 ("route", "local"),
                 ("backend", "local"),
                 ("reason", "prefer_local"),
-                ("outcome", "ok")
+                ("outcome", "ok"),
+                ("arm", "none")
             ]
         ),
         1.0
@@ -381,6 +382,7 @@ async fn metrics_count_requests_and_latency_by_route_and_model() {
                 ("backend", backend),
                 ("reason", reason),
                 ("outcome", "ok"),
+                ("arm", "none"),
             ],
         )
     };

@@ -88,13 +88,17 @@ struct Daemon {
     child: Child,
     port: u16,
     _config: tempfile::NamedTempFile,
+    _data: tempfile::TempDir,
 }
 
 impl Daemon {
     async fn start(config_text: &str) -> Self {
         let config = write_config(config_text);
         let port = free_port();
+        // The ledger's default location is under XDG_DATA_HOME: one per daemon, never $HOME.
+        let data = tempfile::tempdir().expect("tempdir");
         let child = Command::new(BIN)
+            .env("XDG_DATA_HOME", data.path())
             .args([
                 "serve",
                 "--listen",
@@ -110,6 +114,7 @@ impl Daemon {
             child,
             port,
             _config: config,
+            _data: data,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {

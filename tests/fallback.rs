@@ -82,7 +82,8 @@ async fn assert_falls_back(local_url: &str, local_extra: &str, reason: &str) {
                 ("route", "cloud"),
                 ("backend", "cloud"),
                 ("reason", reason),
-                ("outcome", "ok")
+                ("outcome", "ok"),
+                ("arm", "none")
             ]
         ),
         2.0
@@ -290,7 +291,8 @@ async fn a_stream_cut_after_the_first_byte_ends_with_an_error_frame() {
                 ("route", "cloud"),
                 ("backend", "cloud"),
                 ("reason", "no_local_backend"),
-                ("outcome", "error")
+                ("outcome", "error"),
+                ("arm", "none")
             ]
         ),
         1.0
@@ -351,6 +353,7 @@ async fn a_client_that_disconnects_mid_stream_is_counted_as_cancelled() {
                 ("backend", "cloud"),
                 ("reason", "no_local_backend"),
                 ("outcome", "cancelled"),
+                ("arm", "none"),
             ],
         );
         if cancelled == 1.0 {

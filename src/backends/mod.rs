@@ -285,6 +285,17 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Checks that the backend can serve now (for `/readyz`); `Err` says why not.
     async fn probe(&self) -> Result<(), String>;
+
+    /// Tokens `text` encodes to with this backend's own tokenizer, when the gateway has it (the
+    /// embedded models do). Used to meter replies whose upstream reported no usage.
+    fn count_tokens(&self, _text: &str) -> Option<u64> {
+        None
+    }
+
+    /// Requests waiting for a worker, for backends with their own queue.
+    fn queue_depth(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Builds the configured backends, in config order. Embedded models are fetched (if missing)

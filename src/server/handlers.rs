@@ -41,7 +41,7 @@ pub async fn chat_completions(
     match state
         .inner
         .gateway
-        .chat(&body, overrides, ctx.started)
+        .chat(&body, overrides, ctx.started, &ctx.id)
         .await
     {
         Ok(answer) => answer_response(answer),
@@ -300,6 +300,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text exposition.
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    state.inner.gateway.refresh_gauges();
     match state.inner.metrics.render() {
         Ok(text) => (
             [(
@@ -310,6 +311,67 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         )
             .into_response(),
         Err(e) => ApiError::internal(format!("Could not render metrics: {e}.")).into_response(),
+    }
+}
+
+/// `GET /v1/savings[?since=24h]`: totals and percentages saved against cloud-only, from the
+/// ledger.
+pub async fn savings(State(state): State<AppState>, uri: Uri) -> Response {
+    let mut since = None;
+    for (key, value) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "since" => since = Some(value.into_owned()),
+            other => {
+                return ApiError::invalid_request(format!(
+                    "Unknown query parameter `{other}`; /v1/savings takes `since` (e.g. since=24h)."
+                ))
+                .with_param(other)
+                .into_response()
+            }
+        }
+    }
+    let since_us = match since.as_deref() {
+        None => 0,
+        Some(text) => match crate::savings::parse_duration(text) {
+            Ok(seconds) => crate::ledger::now_us().saturating_sub((seconds * 1e6) as u64),
+            Err(e) => {
+                return ApiError::invalid_request(format!("Query parameter `since`: {e}."))
+                    .with_param("since")
+                    .with_code("invalid_duration")
+                    .into_response()
+            }
+        },
+    };
+    let Some(ledger) = state.inner.ledger.clone() else {
+        return ApiError::unavailable(
+            "The ledger is disabled (ledger.enabled = false); savings are only in /metrics.",
+            "ledger_disabled",
+        )
+        .into_response();
+    };
+    let rows = tokio::task::spawn_blocking(move || ledger.rows_since(since_us)).await;
+    match rows {
+        Ok(Ok(rows)) => {
+            let savings = crate::savings::Savings::from_rows(since_us, &rows);
+            let metering = state.inner.gateway.metering();
+            let totals = metering.totals();
+            Json(json!({
+                "object": "wattgate.savings",
+                "energy_meter": {
+                    "source": metering.source().as_str(),
+                    "measured": metering.source().is_measured(),
+                    "idle_joules_since_start": totals.idle_joules,
+                    "failed_readings": totals.failed_readings,
+                },
+                "baseline_backend": state.inner.baseline_backend,
+                "savings": savings,
+            }))
+            .into_response()
+        }
+        Ok(Err(e)) => {
+            ApiError::internal(format!("Could not read the ledger: {e}.")).into_response()
+        }
+        Err(e) => ApiError::internal(format!("Ledger read task failed: {e}.")).into_response(),
     }
 }
 

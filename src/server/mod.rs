@@ -18,9 +18,11 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::config::{secs, Config};
+use crate::config::{secs, Config, LedgerConfig};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
+use crate::ledger::{spawn_writer, Ledger, LedgerSender};
+use crate::metering::Metering;
 use crate::metrics::Metrics;
 
 pub use observe::RequestContext;
@@ -36,24 +38,68 @@ struct Shared {
     metrics: Arc<Metrics>,
     max_body_bytes: usize,
     readiness: handlers::ReadinessCache,
+    ledger: Option<Ledger>,
+    ledger_writer: Option<LedgerWriter>,
+    baseline_backend: Option<String>,
 }
 
 impl AppState {
-    /// Builds metrics, backends and the gateway from a validated config.
+    /// Builds metrics, the energy meter, the ledger, backends and the gateway from a validated
+    /// config. Fails when the ledger cannot be opened (another daemon has it, or the directory
+    /// is not writable): running without the configured ledger would lose data silently.
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new()?);
+        let metering = Arc::new(Metering::new(config).map_err(anyhow::Error::msg)?);
+        let (ledger, ledger_writer) = open_ledger(&config.ledger)?;
         let backends = crate::backends::build_all(&config.backends, &config.models)?;
-        let gateway =
-            Gateway::new(config, backends, metrics.clone()).map_err(anyhow::Error::msg)?;
+        let gateway = Gateway::new(
+            config,
+            backends,
+            metrics.clone(),
+            metering.clone(),
+            ledger_writer.as_ref().map(|w| w.sender.clone()),
+        )
+        .map_err(anyhow::Error::msg)?;
         Ok(Self {
             inner: Arc::new(Shared {
                 gateway,
                 metrics,
                 max_body_bytes: config.server.max_body_bytes,
                 readiness: handlers::ReadinessCache::new(secs(config.server.readiness_cache_s)),
+                baseline_backend: metering.baseline_name(config).map(str::to_owned),
+                ledger,
+                ledger_writer,
             }),
         })
     }
+
+    /// Writes every ledger row queued so far and waits for the write (graceful shutdown).
+    pub fn flush_ledger(&self) {
+        if let Some(w) = &self.inner.ledger_writer {
+            w.sender.flush(Duration::from_secs(10));
+        }
+    }
+}
+
+/// The ledger's writer side, kept so shutdown can flush it.
+struct LedgerWriter {
+    sender: LedgerSender,
+}
+
+fn open_ledger(config: &LedgerConfig) -> anyhow::Result<(Option<Ledger>, Option<LedgerWriter>)> {
+    if !config.enabled {
+        tracing::warn!("ledger disabled (ledger.enabled = false): /v1/savings and `wattgate report` have no data");
+        return Ok((None, None));
+    }
+    let Some(path) = config.resolved_path() else {
+        anyhow::bail!(
+            "ledger.path is unset and neither XDG_DATA_HOME nor HOME is set; set ledger.path"
+        );
+    };
+    let ledger = Ledger::open(&path)?;
+    let (sender, _thread) = spawn_writer(ledger.clone(), config)?;
+    tracing::info!(path = %path.display(), "ledger open");
+    Ok((Some(ledger), Some(LedgerWriter { sender })))
 }
 
 /// The axum application: every route, the 404/405 fallbacks, and the middleware stack.
@@ -65,6 +111,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))
+        .route("/v1/savings", get(handlers::savings))
         .fallback(handlers::unknown_endpoint)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         // The chat handler enforces its own configured limit; this covers the other extractors.
@@ -110,6 +157,7 @@ pub async fn serve_app(
         let _ = tcp.set_nodelay(true);
     });
     let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
+    let kept = state.clone();
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!(
@@ -133,5 +181,6 @@ pub async fn serve_app(
             tracing::warn!("shutdown grace period expired; closing the remaining connections");
         }
     }
+    let _ = tokio::task::spawn_blocking(move || kept.flush_ledger()).await;
     Ok(())
 }

@@ -20,15 +20,24 @@ use wattgate::config::Config;
 /// The gateway, serving in-process on 127.0.0.1:<ephemeral> until dropped.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The ledger file (in a temporary directory unless the config names one).
+    pub ledger: std::path::PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _data: tempfile::TempDir,
 }
 
 impl Gateway {
     /// Starts the gateway with this TOML config.
     pub async fn start(toml: &str) -> Self {
-        let config =
+        let mut config =
             Config::parse(toml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+        let data = tempfile::tempdir().expect("tempdir");
+        let ledger = config
+            .ledger
+            .path
+            .get_or_insert_with(|| data.path().join("ledger.redb"))
+            .clone();
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -42,8 +51,10 @@ impl Gateway {
         });
         Self {
             addr,
+            ledger,
             shutdown: Some(tx),
             task,
+            _data: data,
         }
     }
 

@@ -7,6 +7,7 @@
 //! channel; when the client goes away the channel closes and the worker stops generating.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -118,6 +119,12 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Tokens `text` encodes to with this model's tokenizer (for metering replies whose
+    /// upstream reported no usage).
+    pub fn count_tokens(&self, text: &str) -> Option<u64> {
+        self.tokenizer.encode(text).ok().map(|ids| ids.len() as u64)
+    }
+
     /// Loads a GGUF file.
     pub fn load(path: &Path, max_context: usize, device: &Device) -> Result<Self, String> {
         let describe = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
@@ -269,6 +276,8 @@ pub struct EmbeddedBackend {
     info: BackendInfo,
     engine: Arc<Engine>,
     queue: SyncSender<Job>,
+    /// Jobs accepted and not yet taken by a worker (the `wattgate_local_queue_depth` gauge).
+    queued: Arc<AtomicUsize>,
     queue_depth: usize,
     queue_timeout_s: f64,
     max_tokens: usize,
@@ -296,16 +305,18 @@ impl EmbeddedBackend {
         );
         let (queue, jobs) = sync_channel::<Job>(c.queue_depth);
         let jobs = Arc::new(Mutex::new(jobs));
+        let queued = Arc::new(AtomicUsize::new(0));
         for i in 0..c.workers {
-            let (engine, jobs) = (engine.clone(), jobs.clone());
+            let (engine, jobs, queued) = (engine.clone(), jobs.clone(), queued.clone());
             std::thread::Builder::new()
                 .name(format!("wattgate-{}-{i}", c.name))
-                .spawn(move || worker(&engine, &jobs))?;
+                .spawn(move || worker(&engine, &jobs, &queued))?;
         }
         Ok(Self {
             info: BackendInfo::from_config(c),
             engine,
             queue,
+            queued,
             queue_depth: c.queue_depth,
             queue_timeout_s: c.queue_timeout_s,
             max_tokens: c.max_tokens,
@@ -442,7 +453,7 @@ fn device() -> anyhow::Result<Device> {
     Ok(Device::Cpu)
 }
 
-fn worker(engine: &Engine, jobs: &Mutex<Receiver<Job>>) {
+fn worker(engine: &Engine, jobs: &Mutex<Receiver<Job>>, queued: &AtomicUsize) {
     loop {
         let mut job = {
             let Ok(queue) = jobs.lock() else { return };
@@ -451,6 +462,7 @@ fn worker(engine: &Engine, jobs: &Mutex<Receiver<Job>>) {
                 Err(_) => return, // backend dropped
             }
         };
+        queued.fetch_sub(1, Ordering::Relaxed);
         let waited = job.enqueued.elapsed();
         if waited > job.queue_timeout {
             let _ = job.events.send(Event::Failed(BackendError::Busy {
@@ -504,6 +516,14 @@ impl Backend for EmbeddedBackend {
         &self.info
     }
 
+    fn count_tokens(&self, text: &str) -> Option<u64> {
+        self.engine.count_tokens(text)
+    }
+
+    fn queue_depth(&self) -> Option<usize> {
+        Some(self.queued.load(Ordering::Relaxed))
+    }
+
     async fn chat(&self, request: &ChatRequest) -> Result<Reply, BackendError> {
         let started = tokio::time::Instant::now();
         let first_byte_deadline = started + secs(self.first_byte_timeout_s);
@@ -511,7 +531,12 @@ impl Backend for EmbeddedBackend {
         let (tx, mut rx) = unbounded_channel();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let job = self.job(request, tx, started_tx)?;
-        match self.queue.try_send(job) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = self.queue.try_send(job);
+        if sent.is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(BackendError::Busy {

@@ -1,0 +1,119 @@
+//! Metering: what every request spent (local joules, FLOPs, dollars; cloud tokens and dollars)
+//! and what the configured cloud baseline would have spent for the same request.
+//!
+//! - [`counters`]: where joules come from (NVML, RAPL, or the CPU-time estimate), each figure
+//!   labeled with its source;
+//! - [`attribution`]: splitting the shared counter among the requests active at the time;
+//! - [`accounting`]: FLOPs, dollars and the counterfactual from configured constants.
+
+pub mod accounting;
+pub mod attribution;
+pub mod counters;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use accounting::{Bill, Counterfactual, Tokens};
+pub use attribution::{Charge, EnergyMeter, MeterTotals, Ticket};
+pub use counters::{EnergyCounter, EnergySource};
+
+use crate::config::{Config, Role};
+use accounting::{BackendRates, LocalRates};
+
+/// The gateway's meter: one energy counter for the machine, and the prices of every backend.
+pub struct Metering {
+    meter: Arc<EnergyMeter>,
+    rates: Vec<BackendRates>,
+    baseline: Option<usize>,
+    local: LocalRates,
+}
+
+impl Metering {
+    /// Opens the configured energy counter and starts sampling it in the background.
+    pub fn new(config: &Config) -> Result<Self, String> {
+        let counter = counters::open(&config.metering)?;
+        let metering = Self::with_counter(config, counter);
+        attribution::spawn_sampler(
+            &metering.meter,
+            Duration::from_millis(config.metering.sample_interval_ms),
+        );
+        tracing::info!(
+            source = metering.source().as_str(),
+            baseline = metering.baseline_name(config).unwrap_or("none"),
+            "metering energy with `{}` ({})",
+            metering.source().as_str(),
+            accounting::describe(metering.source())
+        );
+        for b in &config.backends {
+            let unpriced = b.usd_per_million_input_tokens.is_none()
+                || b.usd_per_million_output_tokens.is_none();
+            if b.role == Role::Cloud && unpriced {
+                tracing::warn!(
+                    backend = %b.name,
+                    "cloud backend has no usd_per_million_input_tokens / usd_per_million_output_tokens: its dollar figures count $0"
+                );
+            }
+        }
+        Ok(metering)
+    }
+
+    /// Metering on a given counter, without a background sampler (tests drive it).
+    pub fn with_counter(config: &Config, counter: Box<dyn EnergyCounter>) -> Self {
+        let rates = config
+            .backends
+            .iter()
+            .map(|b| BackendRates::from_config(b, &config.metering))
+            .collect();
+        let baseline = match &config.metering.baseline_backend {
+            Some(name) => config.backends.iter().position(|b| &b.name == name),
+            None => config.backends.iter().position(|b| b.role == Role::Cloud),
+        };
+        Self {
+            meter: Arc::new(EnergyMeter::new(counter)),
+            rates,
+            baseline,
+            local: LocalRates::from_config(&config.metering),
+        }
+    }
+
+    /// A request starts using the machine.
+    pub fn begin(&self) -> Ticket {
+        self.meter.begin()
+    }
+
+    /// A request is over: its energy charge, priced. `served` is the backend index (config
+    /// order) that produced the answer.
+    pub fn end(&self, ticket: Ticket, served: usize, tokens: Tokens) -> Bill {
+        let charge = self.meter.end(ticket);
+        let Some(rates) = self.rates.get(served) else {
+            return Bill {
+                local_joules: charge.joules,
+                ..Bill::default()
+            };
+        };
+        let baseline = self.baseline.and_then(|i| self.rates.get(i));
+        Bill::compute(charge, rates, tokens, baseline, self.local)
+    }
+
+    /// Reads the counter now (so idle energy is current when it is reported).
+    pub fn sample(&self) {
+        self.meter.sample();
+    }
+
+    /// The local energy counter's kind.
+    pub fn source(&self) -> EnergySource {
+        self.meter.source()
+    }
+
+    /// Joules charged and idle since start.
+    pub fn totals(&self) -> MeterTotals {
+        self.meter.totals()
+    }
+
+    /// The baseline backend's name in `config`.
+    pub fn baseline_name<'a>(&self, config: &'a Config) -> Option<&'a str> {
+        self.baseline
+            .and_then(|i| config.backends.get(i))
+            .map(|b| b.name.as_str())
+    }
+}

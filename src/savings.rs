@@ -1,0 +1,351 @@
+//! Savings against the cloud-only baseline, summed from ledger rows: what `GET /v1/savings` and
+//! `wattgate report` show.
+//!
+//! Savings = counterfactual - actual, per dimension (energy, compute, cost), shown negative when
+//! routing cost more. Energy keeps its parts apart: local joules by meter source (measured or
+//! estimated) and cloud joules (always estimated), so a reader can see what was measured.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::LedgerRow;
+
+/// One quantity, actual against the baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Dimension {
+    /// What was spent.
+    pub actual: f64,
+    /// What cloud-only would have spent.
+    pub counterfactual: f64,
+    /// counterfactual - actual.
+    pub saved: f64,
+    /// saved / counterfactual x 100; null when the counterfactual is 0.
+    pub saved_percent: Option<f64>,
+}
+
+impl Dimension {
+    fn add(&mut self, actual: f64, counterfactual: f64) {
+        self.actual += actual;
+        self.counterfactual += counterfactual;
+        self.saved = self.counterfactual - self.actual;
+        self.saved_percent =
+            (self.counterfactual > 0.0).then(|| self.saved / self.counterfactual * 100.0);
+    }
+}
+
+/// Totals over a set of rows.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Totals {
+    /// Requests.
+    pub requests: u64,
+    /// Served by a local backend.
+    pub local_requests: u64,
+    /// Served by a cloud backend.
+    pub cloud_requests: u64,
+    /// Went local first, failed, and were served by the cloud (charged for both).
+    pub escalated_requests: u64,
+    /// local_requests / requests.
+    pub local_share: f64,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Joules: local (metered) + cloud (estimated) against the baseline's estimate.
+    pub energy_joules: Dimension,
+    /// FLOPs (2 x active parameters x tokens).
+    pub compute_flops: Dimension,
+    /// US dollars: local electricity and hardware + cloud API against the baseline's price.
+    pub cost_usd: Dimension,
+    /// Local joules by meter source (`nvml`, `rapl`: measured; `estimate`: modeled).
+    pub local_joules_by_source: BTreeMap<String, f64>,
+    /// Cloud joules (tokens x J/token x PUE: always estimated).
+    pub cloud_joules_estimated: f64,
+    /// Rows without a baseline (no cloud backend configured): counted in requests and tokens,
+    /// left out of the three dimensions.
+    pub rows_without_baseline: u64,
+}
+
+impl Totals {
+    fn add(&mut self, row: &LedgerRow) {
+        self.requests += 1;
+        match row.route.as_str() {
+            "local" => self.local_requests += 1,
+            _ => self.cloud_requests += 1,
+        }
+        if row.fallback_from.is_some() {
+            self.escalated_requests += 1;
+        }
+        self.local_share = self.local_requests as f64 / self.requests as f64;
+        self.input_tokens += row.input_tokens;
+        self.output_tokens += row.output_tokens;
+        let bill = &row.bill;
+        *self
+            .local_joules_by_source
+            .entry(row.energy_source.clone())
+            .or_default() += bill.local_joules;
+        self.cloud_joules_estimated += bill.cloud_joules;
+        match &bill.counterfactual {
+            Some(cf) => {
+                self.energy_joules.add(bill.joules(), cf.joules);
+                self.compute_flops.add(bill.flops, cf.flops);
+                self.cost_usd.add(bill.usd(), cf.usd);
+            }
+            None => self.rows_without_baseline += 1,
+        }
+    }
+}
+
+/// The whole report.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Savings {
+    /// Rows from this time on (microseconds since the Unix epoch); 0 means all.
+    pub since_us: u64,
+    /// Everything.
+    pub total: Totals,
+    /// By the backend that answered.
+    pub by_backend: BTreeMap<String, Totals>,
+    /// By experiment arm (`none` for requests outside experiments).
+    pub by_arm: BTreeMap<String, Totals>,
+}
+
+impl Savings {
+    /// Sums `rows`.
+    pub fn from_rows<'a>(since_us: u64, rows: impl IntoIterator<Item = &'a LedgerRow>) -> Self {
+        let mut s = Self {
+            since_us,
+            ..Self::default()
+        };
+        for row in rows {
+            s.total.add(row);
+            s.by_backend
+                .entry(row.backend.clone())
+                .or_default()
+                .add(row);
+            s.by_arm
+                .entry(row.arm.clone().unwrap_or_else(|| "none".to_owned()))
+                .or_default()
+                .add(row);
+        }
+        s
+    }
+
+    /// A plain-text table for terminals.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let t = &self.total;
+        let _ = writeln!(
+            out,
+            "requests {}  local {} ({:.1}%)  cloud {}  escalated {}  tokens in {} out {}",
+            t.requests,
+            t.local_requests,
+            t.local_share * 100.0,
+            t.cloud_requests,
+            t.escalated_requests,
+            t.input_tokens,
+            t.output_tokens
+        );
+        let _ = writeln!(
+            out,
+            "\n{:<10} {:>16} {:>16} {:>16} {:>9}",
+            "", "actual", "cloud-only", "saved", "saved %"
+        );
+        for (name, d, unit) in [
+            ("energy", t.energy_joules, "J"),
+            ("compute", t.compute_flops, "FLOP"),
+            ("cost", t.cost_usd, "$"),
+        ] {
+            let _ = writeln!(
+                out,
+                "{:<10} {:>16} {:>16} {:>16} {:>9}",
+                name,
+                format_value(d.actual, unit),
+                format_value(d.counterfactual, unit),
+                format_value(d.saved, unit),
+                d.saved_percent
+                    .map_or_else(|| "-".to_owned(), |p| format!("{p:.1}%"))
+            );
+        }
+        let _ = writeln!(out, "\nenergy sources:");
+        for (source, joules) in &t.local_joules_by_source {
+            let kind = if matches!(source.as_str(), "nvml" | "rapl") {
+                "measured"
+            } else {
+                "estimated"
+            };
+            let _ = writeln!(
+                out,
+                "  local {source:<10} {:>14}  ({kind})",
+                format_value(*joules, "J")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  cloud {:<10} {:>14}  (estimated: tokens x J/token x PUE)",
+            "",
+            format_value(t.cloud_joules_estimated, "J")
+        );
+        if t.rows_without_baseline > 0 {
+            let _ = writeln!(
+                out,
+                "  {} requests had no cloud baseline configured and are not in the savings",
+                t.rows_without_baseline
+            );
+        }
+        for (title, groups) in [("backend", &self.by_backend), ("arm", &self.by_arm)] {
+            let _ = writeln!(
+                out,
+                "\n{:<20} {:>9} {:>8} {:>10} {:>10} {:>10}",
+                format!("by {title}"),
+                "requests",
+                "local %",
+                "energy %",
+                "compute %",
+                "cost %"
+            );
+            for (name, g) in groups {
+                let pct = |d: Dimension| {
+                    d.saved_percent
+                        .map_or_else(|| "-".to_owned(), |p| format!("{p:.1}"))
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<20} {:>9} {:>8.1} {:>10} {:>10} {:>10}",
+                    name,
+                    g.requests,
+                    g.local_share * 100.0,
+                    pct(g.energy_joules),
+                    pct(g.compute_flops),
+                    pct(g.cost_usd)
+                );
+            }
+        }
+        out
+    }
+}
+
+/// A number with an SI prefix and unit ("1.23 kJ", "4.5 TFLOP", "$0.0123").
+fn format_value(v: f64, unit: &str) -> String {
+    if unit == "$" {
+        return if v < 0.0 {
+            format!("-${:.4}", -v)
+        } else {
+            format!("${v:.4}")
+        };
+    }
+    let prefixes = [
+        (1e18, "E"),
+        (1e15, "P"),
+        (1e12, "T"),
+        (1e9, "G"),
+        (1e6, "M"),
+        (1e3, "k"),
+    ];
+    for (scale, p) in prefixes {
+        if v.abs() >= scale {
+            return format!("{:.3} {p}{unit}", v / scale);
+        }
+    }
+    format!("{v:.3} {unit}")
+}
+
+/// Parses `30s`, `15m`, `24h`, `7d` or `2w` into seconds.
+pub fn parse_duration(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 30m, 24h or 7d"))?;
+    let scale = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        "w" => 604_800.0,
+        _ => return Err(format!("`{text}`: unit must be s, m, h, d or w (e.g. 24h)")),
+    };
+    if !(n.is_finite() && n >= 0.0) {
+        return Err(format!("`{text}` must be a non-negative duration"));
+    }
+    Ok(n * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metering::{Bill, Counterfactual};
+
+    fn row(route: &str, backend: &str, bill: Bill) -> LedgerRow {
+        LedgerRow {
+            time_us: 1,
+            request_id: "r".to_owned(),
+            route: route.to_owned(),
+            backend: backend.to_owned(),
+            reason: "x".to_owned(),
+            arm: None,
+            p_local: None,
+            fallback_from: None,
+            status: 200,
+            outcome: "ok".to_owned(),
+            stream: false,
+            input_tokens: 10,
+            output_tokens: 5,
+            tokens_source: "upstream".to_owned(),
+            latency_s: 1.0,
+            ttft_s: None,
+            energy_source: "estimate".to_owned(),
+            bill,
+        }
+    }
+
+    #[test]
+    fn sums_and_percentages() {
+        let cf = Some(Counterfactual {
+            joules: 10.0,
+            flops: 100.0,
+            usd: 1.0,
+        });
+        let local = Bill {
+            local_joules: 2.0,
+            flops: 10.0,
+            local_usd: 0.1,
+            counterfactual: cf,
+            ..Bill::default()
+        };
+        let cloud = Bill {
+            local_joules: 0.5,
+            cloud_joules: 10.0,
+            flops: 100.0,
+            cloud_usd: 1.0,
+            counterfactual: cf,
+            ..Bill::default()
+        };
+        let rows = [row("local", "l", local), row("cloud", "c", cloud)];
+        let s = Savings::from_rows(0, &rows);
+        assert_eq!(s.total.requests, 2);
+        assert_eq!(s.total.local_share, 0.5);
+        assert_eq!(s.total.energy_joules.actual, 12.5);
+        assert_eq!(s.total.energy_joules.counterfactual, 20.0);
+        assert_eq!(s.total.energy_joules.saved, 7.5);
+        assert_eq!(s.total.energy_joules.saved_percent, Some(37.5));
+        assert_eq!(s.total.compute_flops.saved, 90.0);
+        assert!((s.total.cost_usd.saved - 0.9).abs() < 1e-12);
+        // The cloud-served request alone saved a negative amount, and says so.
+        assert_eq!(s.by_backend["c"].energy_joules.saved, -0.5);
+        assert_eq!(s.total.local_joules_by_source["estimate"], 2.5);
+        assert!(s.to_table().contains("37.5%"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(90.0));
+        assert_eq!(parse_duration("1.5h"), Ok(5400.0));
+        assert_eq!(parse_duration("7d"), Ok(604_800.0));
+        assert!(parse_duration("7 days").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}
