@@ -63,6 +63,22 @@ impl Gateway {
         Self::start(&local_and_cloud("", local_url, cloud_url, "")).await
     }
 
+    /// Shuts down gracefully (as on SIGTERM) and waits: the ledger is flushed when this returns.
+    /// Returns the temporary directory holding the ledger, which lives as long as the caller
+    /// keeps it.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let result = (&mut self.task).await;
+        assert!(
+            matches!(result, Ok(Ok(()))),
+            "gateway stopped with {result:?}"
+        );
+        let placeholder = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self._data, placeholder)
+    }
+
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
