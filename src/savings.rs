@@ -15,23 +15,25 @@ use crate::ledger::LedgerRow;
 /// One quantity, actual against the baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Dimension {
-    /// What was spent.
+    /// What was spent (every row).
     pub actual: f64,
-    /// What cloud-only would have spent.
+    /// What cloud-only would have spent (rows that have a baseline).
     pub counterfactual: f64,
-    /// counterfactual - actual.
-    pub saved: f64,
-    /// saved / counterfactual x 100; null when the counterfactual is 0.
+    /// counterfactual - actual; null when some rows have no baseline to compare with.
+    pub saved: Option<f64>,
+    /// saved / counterfactual x 100; null when the counterfactual is 0 or saved is null.
     pub saved_percent: Option<f64>,
 }
 
 impl Dimension {
-    fn add(&mut self, actual: f64, counterfactual: f64) {
+    fn add(&mut self, actual: f64, counterfactual: Option<f64>, comparable: bool) {
         self.actual += actual;
-        self.counterfactual += counterfactual;
-        self.saved = self.counterfactual - self.actual;
-        self.saved_percent =
-            (self.counterfactual > 0.0).then(|| self.saved / self.counterfactual * 100.0);
+        self.counterfactual += counterfactual.unwrap_or(0.0);
+        self.saved = comparable.then_some(self.counterfactual - self.actual);
+        self.saved_percent = self
+            .saved
+            .filter(|_| self.counterfactual > 0.0)
+            .map(|saved| saved / self.counterfactual * 100.0);
     }
 }
 
@@ -62,8 +64,8 @@ pub struct Totals {
     pub local_joules_by_source: BTreeMap<String, f64>,
     /// Cloud joules (tokens x J/token x PUE: always estimated).
     pub cloud_joules_estimated: f64,
-    /// Rows without a baseline (no cloud backend configured): counted in requests and tokens,
-    /// left out of the three dimensions.
+    /// Rows without a baseline (no cloud backend was configured): in every actual figure, and
+    /// the reason `saved` is null.
     pub rows_without_baseline: u64,
 }
 
@@ -86,14 +88,16 @@ impl Totals {
             .entry(row.energy_source.clone())
             .or_default() += bill.local_joules;
         self.cloud_joules_estimated += bill.cloud_joules;
-        match &bill.counterfactual {
-            Some(cf) => {
-                self.energy_joules.add(bill.joules(), cf.joules);
-                self.compute_flops.add(bill.flops, cf.flops);
-                self.cost_usd.add(bill.usd(), cf.usd);
-            }
-            None => self.rows_without_baseline += 1,
+        let cf = bill.counterfactual;
+        if cf.is_none() {
+            self.rows_without_baseline += 1;
         }
+        let comparable = self.rows_without_baseline == 0;
+        self.energy_joules
+            .add(bill.joules(), cf.map(|c| c.joules), comparable);
+        self.compute_flops
+            .add(bill.flops, cf.map(|c| c.flops), comparable);
+        self.cost_usd.add(bill.usd(), cf.map(|c| c.usd), comparable);
     }
 }
 
@@ -162,7 +166,8 @@ impl Savings {
                 name,
                 format_value(d.actual, unit),
                 format_value(d.counterfactual, unit),
-                format_value(d.saved, unit),
+                d.saved
+                    .map_or_else(|| "-".to_owned(), |v| format_value(v, unit)),
                 d.saved_percent
                     .map_or_else(|| "-".to_owned(), |p| format!("{p:.1}%"))
             );
@@ -189,7 +194,7 @@ impl Savings {
         if t.rows_without_baseline > 0 {
             let _ = writeln!(
                 out,
-                "  {} requests had no cloud baseline configured and are not in the savings",
+                "  {} requests had no cloud baseline configured: savings are not computed",
                 t.rows_without_baseline
             );
         }
@@ -330,14 +335,22 @@ mod tests {
         assert_eq!(s.total.local_share, 0.5);
         assert_eq!(s.total.energy_joules.actual, 12.5);
         assert_eq!(s.total.energy_joules.counterfactual, 20.0);
-        assert_eq!(s.total.energy_joules.saved, 7.5);
+        assert_eq!(s.total.energy_joules.saved, Some(7.5));
         assert_eq!(s.total.energy_joules.saved_percent, Some(37.5));
-        assert_eq!(s.total.compute_flops.saved, 90.0);
-        assert!((s.total.cost_usd.saved - 0.9).abs() < 1e-12);
+        assert_eq!(s.total.compute_flops.saved, Some(90.0));
+        assert!((s.total.cost_usd.saved.unwrap_or(0.0) - 0.9).abs() < 1e-12);
         // The cloud-served request alone saved a negative amount, and says so.
-        assert_eq!(s.by_backend["c"].energy_joules.saved, -0.5);
+        assert_eq!(s.by_backend["c"].energy_joules.saved, Some(-0.5));
         assert_eq!(s.total.local_joules_by_source["estimate"], 2.5);
         assert!(s.to_table().contains("37.5%"));
+        // A row without a baseline: actuals still add up, savings are not claimed.
+        let mut unbased = row("local", "l", local);
+        unbased.bill.counterfactual = None;
+        let s = Savings::from_rows(0, [&rows[0], &unbased]);
+        assert_eq!(s.total.energy_joules.actual, 4.0);
+        assert_eq!(s.total.energy_joules.saved, None);
+        assert_eq!(s.total.rows_without_baseline, 1);
+        assert!(s.to_table().contains("savings are not computed"));
     }
 
     #[test]

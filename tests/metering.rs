@@ -351,7 +351,9 @@ async fn every_row_and_counter_matches_the_config_constants() {
     assert_eq!(savings["baseline_backend"], "cloud");
     let cf_j: f64 = expected.iter().map(Expected::cloud_joules).sum();
     close(
-        total["energy_joules"]["counterfactual"].as_f64().unwrap_or(-1.0),
+        total["energy_joules"]["counterfactual"]
+            .as_f64()
+            .unwrap_or(-1.0),
         cf_j,
         "savings counterfactual J",
     );
@@ -396,7 +398,11 @@ async fn every_row_and_counter_matches_the_config_constants() {
         assert_eq!(row.ttft_s.is_some(), e.status == 200, "{what}: ttft");
         let bill = &row.bill;
         assert_eq!(bill.local_joules, 0.0, "{what}");
-        close(bill.flops, 2.0 * e.params() * e.tokens(), &format!("{what}: flops"));
+        close(
+            bill.flops,
+            2.0 * e.params() * e.tokens(),
+            &format!("{what}: flops"),
+        );
         let (cj, cu) = if e.route == "cloud" {
             (e.cloud_joules(), e.cloud_usd())
         } else {
@@ -406,7 +412,11 @@ async fn every_row_and_counter_matches_the_config_constants() {
         close(bill.cloud_usd, cu, &format!("{what}: cloud $"));
         let cf = bill.counterfactual.unwrap_or_default();
         close(cf.joules, e.cloud_joules(), &format!("{what}: cf J"));
-        close(cf.flops, 2.0 * CLOUD_ACTIVE * e.tokens(), &format!("{what}: cf flops"));
+        close(
+            cf.flops,
+            2.0 * CLOUD_ACTIVE * e.tokens(),
+            &format!("{what}: cf flops"),
+        );
         close(cf.usd, e.cloud_usd(), &format!("{what}: cf $"));
     }
 
@@ -424,7 +434,9 @@ async fn every_row_and_counter_matches_the_config_constants() {
     let report: Value = serde_json::from_slice(&out.stdout).expect("report JSON");
     let sum = |f: &dyn Fn(&LedgerRow) -> f64| rows.iter().map(f).sum::<f64>();
     close(
-        report["total"]["cost_usd"]["actual"].as_f64().unwrap_or(-1.0),
+        report["total"]["cost_usd"]["actual"]
+            .as_f64()
+            .unwrap_or(-1.0),
         sum(&|r| r.bill.usd()),
         "report $",
     );
@@ -442,7 +454,10 @@ async fn every_row_and_counter_matches_the_config_constants() {
         .output()
         .expect("run report");
     let text = String::from_utf8_lossy(&table.stdout);
-    assert!(text.contains("requests 6") && text.contains("(estimated)"), "{text}");
+    assert!(
+        text.contains("requests 6") && text.contains("(estimated)"),
+        "{text}"
+    );
 }
 
 /// Opens the ledger once the stopped daemon's writer thread has let go of it.
