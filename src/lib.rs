@@ -16,5 +16,6 @@ pub mod models;
 pub mod router;
 pub mod savings;
 pub mod server;
+pub mod simulate;
 pub mod telemetry;
 pub mod wire;

@@ -55,6 +55,42 @@ enum Command {
         #[arg(long)]
         ledger: Option<PathBuf>,
     },
+    /// Replay labeled routing data through the savings accounting: cloud-only, the oracle,
+    /// a router at its threshold, and routers of accuracy p. Prices, J/token and parameter
+    /// counts come from the config (local: its first local backend; cloud: the baseline).
+    Simulate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Labeled JSONL files (shared routing schema).
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// The local model's label (repeatable, first present wins; `8b-class` allowed).
+        #[arg(long, required = true)]
+        local_model: Vec<String>,
+        /// The cloud model's label (repeatable). Default: each source's strongest model.
+        #[arg(long)]
+        cloud_model: Vec<String>,
+        /// A router (name under --router-dir, or a directory) to simulate.
+        #[arg(long)]
+        router: Option<String>,
+        #[command(flatten)]
+        dir: RouterDirArg,
+        /// The router's threshold. Default: the config's routing settings, else 0.5.
+        #[arg(long)]
+        threshold: Option<f64>,
+        /// Accuracy p of simulated routers that agree with the oracle p of the time.
+        #[arg(long, default_values_t = [0.8])]
+        accuracy: Vec<f64>,
+        /// Output tokens per answer (an assumption: the data has no answer lengths).
+        #[arg(long, default_value_t = wattgate::simulate::DEFAULT_OUTPUT_TOKENS)]
+        output_tokens: u64,
+        /// Local joules per token (default: the embedded model's CPU estimate; see docs).
+        #[arg(long, default_value_t = wattgate::simulate::DEFAULT_LOCAL_JOULES_PER_TOKEN)]
+        local_joules_per_token: f64,
+        /// `table` or `json`.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        format: ReportFormat,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -194,6 +230,69 @@ fn main() -> ExitCode {
             format,
             ledger,
         } => report(&config, since.as_deref(), format, ledger),
+        Command::Simulate {
+            config,
+            data,
+            local_model,
+            cloud_model,
+            router,
+            dir,
+            threshold,
+            accuracy,
+            output_tokens,
+            local_joules_per_token,
+            format,
+        } => {
+            let config = match config.load() {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(bad) = accuracy
+                .iter()
+                .chain(threshold.iter())
+                .find(|p| !(0.0..=1.0).contains(*p))
+            {
+                eprintln!("error: --accuracy and --threshold take values from 0 to 1, got {bad}");
+                return ExitCode::from(2);
+            }
+            if !(local_joules_per_token.is_finite() && local_joules_per_token >= 0.0) {
+                eprintln!("error: --local-joules-per-token must be >= 0");
+                return ExitCode::from(2);
+            }
+            let request = wattgate::simulate::Request {
+                data: &data,
+                local: &local_model,
+                cloud: &cloud_model,
+                router: router.as_deref(),
+                router_dir: &dir.router_dir,
+                threshold,
+                accuracies: &accuracy,
+                output_tokens,
+                local_joules_per_token,
+            };
+            match wattgate::simulate::command(&config, &request) {
+                Ok((results, header)) => {
+                    match format {
+                        ReportFormat::Table => {
+                            eprintln!("{header}");
+                            print!("{}", wattgate::simulate::table(&results));
+                        }
+                        ReportFormat::Json => println!(
+                            "{}",
+                            serde_json::json!({"assumptions": header, "estimated": true, "policies": results})
+                        ),
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Config {
             command: ConfigCommand::Check { config },
         } => check(&config),
