@@ -93,6 +93,8 @@ struct Shared {
     next: AtomicUsize,
     requests: Mutex<Vec<RecordedRequest>>,
     record: bool,
+    /// Repeat the whole script (request n gets behaviour n mod len) instead of its last entry.
+    cycle: bool,
 }
 
 /// A scripted upstream listening on `127.0.0.1:<ephemeral>` until dropped.
@@ -121,6 +123,26 @@ impl ScriptedUpstream {
         script: Vec<Behavior>,
         record: bool,
     ) -> std::io::Result<Self> {
+        Self::start_with(addr, model_name, script, record, false).await
+    }
+
+    /// Like [`Self::start_on`], repeating the whole script for ever (a failure every n-th
+    /// request, for load with a steady error rate).
+    pub async fn start_cycling(
+        addr: SocketAddr,
+        model_name: &str,
+        script: Vec<Behavior>,
+    ) -> std::io::Result<Self> {
+        Self::start_with(addr, model_name, script, false, true).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        model_name: &str,
+        script: Vec<Behavior>,
+        record: bool,
+        cycle: bool,
+    ) -> std::io::Result<Self> {
         let script = if script.is_empty() {
             vec![Behavior::Reply("ok".to_owned())]
         } else {
@@ -132,6 +154,7 @@ impl ScriptedUpstream {
             next: AtomicUsize::new(0),
             requests: Mutex::new(Vec::new()),
             record,
+            cycle,
         });
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -183,7 +206,8 @@ async fn models(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let n = shared.next.fetch_add(1, Ordering::SeqCst);
-    let behavior = shared.script[n.min(shared.script.len() - 1)].clone();
+    let len = shared.script.len();
+    let behavior = shared.script[if shared.cycle { n % len } else { n.min(len - 1) }].clone();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if shared.record {
         if let Ok(mut r) = shared.requests.lock() {

@@ -22,6 +22,12 @@ struct Args {
     /// Delay before answering, in milliseconds.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    /// Answer every n-th request with `--fail-status` instead (0: never).
+    #[arg(long, default_value_t = 0)]
+    fail_every: usize,
+    /// The failure status: 500 (server error) or 429 (rate limited, Retry-After: 1).
+    #[arg(long, default_value_t = 500)]
+    fail_status: u16,
 }
 
 #[tokio::main]
@@ -33,8 +39,18 @@ async fn main() -> anyhow::Result<()> {
     } else {
         reply
     };
-    let upstream =
-        ScriptedUpstream::start_on(args.listen, &args.model, vec![behavior], false).await?;
+    let upstream = if args.fail_every > 0 {
+        let failure = match args.fail_status {
+            429 => Behavior::rate_limited(1),
+            500 => Behavior::server_error("scripted failure"),
+            other => anyhow::bail!("--fail-status must be 500 or 429, got {other}"),
+        };
+        let mut script = vec![behavior; args.fail_every - 1];
+        script.push(failure);
+        ScriptedUpstream::start_cycling(args.listen, &args.model, script).await?
+    } else {
+        ScriptedUpstream::start_on(args.listen, &args.model, vec![behavior], false).await?
+    };
     println!("{}", upstream.base_url());
     tokio::signal::ctrl_c().await?;
     Ok(())
