@@ -230,6 +230,69 @@ impl Savings {
     }
 }
 
+/// One time bucket of [`series`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Bucket start, microseconds since the Unix epoch.
+    pub start_us: u64,
+    /// Requests that arrived in the bucket.
+    pub requests: u64,
+    /// Of which served locally.
+    pub local_requests: u64,
+    /// Joules spent (local metered + cloud estimated).
+    pub joules: f64,
+    /// Joules cloud-only would have spent.
+    pub counterfactual_joules: f64,
+    /// Dollars spent.
+    pub usd: f64,
+    /// Dollars cloud-only would have spent.
+    pub counterfactual_usd: f64,
+    /// Requests by routing reason.
+    pub reasons: BTreeMap<String, u64>,
+}
+
+/// Rows grouped into consecutive `step_us` buckets from `since_us` (empty buckets included),
+/// for charts of savings and routing over time.
+pub fn series<'a>(
+    rows: impl IntoIterator<Item = &'a LedgerRow>,
+    since_us: u64,
+    until_us: u64,
+    step_us: u64,
+) -> Vec<Bucket> {
+    let step = step_us.max(1);
+    let n = (until_us.saturating_sub(since_us) / step + 1).min(10_000) as usize;
+    let mut buckets: Vec<Bucket> = (0..n)
+        .map(|i| Bucket {
+            start_us: since_us + i as u64 * step,
+            ..Bucket::default()
+        })
+        .collect();
+    for row in rows {
+        let Some(i) = row
+            .time_us
+            .checked_sub(since_us)
+            .map(|d| (d / step) as usize)
+        else {
+            continue;
+        };
+        let Some(b) = buckets.get_mut(i) else {
+            continue;
+        };
+        b.requests += 1;
+        if row.route == "local" {
+            b.local_requests += 1;
+        }
+        b.joules += row.bill.joules();
+        b.usd += row.bill.usd();
+        if let Some(cf) = row.bill.counterfactual {
+            b.counterfactual_joules += cf.joules;
+            b.counterfactual_usd += cf.usd;
+        }
+        *b.reasons.entry(row.reason.clone()).or_default() += 1;
+    }
+    buckets
+}
+
 /// A number with an SI prefix and unit ("1.23 kJ", "4.5 TFLOP", "$0.0123").
 fn format_value(v: f64, unit: &str) -> String {
     if unit == "$" {
@@ -351,6 +414,20 @@ mod tests {
         assert_eq!(s.total.energy_joules.saved, None);
         assert_eq!(s.total.rows_without_baseline, 1);
         assert!(s.to_table().contains("savings are not computed"));
+    }
+
+    #[test]
+    fn series_buckets_rows_by_time() {
+        let mut a = row("local", "l", Bill::default());
+        a.time_us = 1_000;
+        let mut b = row("cloud", "c", Bill::default());
+        b.time_us = 2_500;
+        let s = series([&a, &b], 1_000, 3_000, 1_000);
+        assert_eq!(s.len(), 3);
+        assert_eq!((s[0].requests, s[0].local_requests), (1, 1));
+        assert_eq!((s[1].requests, s[1].local_requests), (1, 0));
+        assert_eq!(s[2].requests, 0);
+        assert_eq!(s[1].reasons["x"], 1);
     }
 
     #[test]

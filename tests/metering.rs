@@ -470,3 +470,59 @@ async fn read_rows(path: &std::path::Path) -> Vec<LedgerRow> {
     }
     panic!("ledger {} stayed locked", path.display());
 }
+
+#[tokio::test]
+async fn dashboard_page_and_series_are_served_without_external_resources() {
+    let up = ScriptedUpstream::start("local-model", vec![Behavior::Reply("fine".into())])
+        .await
+        .expect("upstream");
+    let gw = Gateway::start(&format!(
+        "[ledger]\nflush_interval_s = 0.05\n{}",
+        support::backend("local", "local", &up.base_url(), "")
+    ))
+    .await;
+    for _ in 0..3 {
+        chat(
+            &gw,
+            json!({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    }
+    let page = reqwest::get(gw.url("/dashboard")).await.expect("dashboard");
+    assert_eq!(page.status(), 200);
+    assert!(support::header(&page, "content-type").starts_with("text/html"));
+    let html = page.text().await.expect("html");
+    assert!(
+        html.contains("/v1/savings/series"),
+        "the page reads the daemon's own endpoints"
+    );
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external resources (CDNs) in the page"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let series: Value = reqwest::get(gw.url("/v1/savings/series?since=10m&step=1m"))
+        .await
+        .expect("series")
+        .json()
+        .await
+        .expect("json");
+    let buckets = series["buckets"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        buckets.len(),
+        11,
+        "10 minutes in 1-minute buckets, both ends included"
+    );
+    let requests: u64 = buckets.iter().filter_map(|b| b["requests"].as_u64()).sum();
+    assert_eq!(requests, 3);
+    let routed: u64 = buckets
+        .iter()
+        .filter_map(|b| b["reasons"]["prefer_local"].as_u64())
+        .sum();
+    assert_eq!(routed, 3);
+    let bad = reqwest::get(gw.url("/v1/savings/series?step=fast"))
+        .await
+        .expect("series");
+    let error = support::expect_error(bad, 400).await;
+    assert_eq!(error["param"], "step");
+}

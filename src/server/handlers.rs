@@ -314,40 +314,105 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Reads duration parameters (`since`, `step`) of a savings query: microseconds each, `None`
+/// when absent; anything else is a 400 naming the parameter.
+fn duration_params(
+    uri: &Uri,
+    endpoint: &str,
+    allowed: &[&str],
+) -> Result<std::collections::HashMap<String, u64>, ApiError> {
+    let mut out = std::collections::HashMap::new();
+    for (key, value) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        if !allowed.contains(&key.as_ref()) {
+            return Err(ApiError::invalid_request(format!(
+                "Unknown query parameter `{key}`; {endpoint} takes {} (durations like 30m, 24h, 7d).",
+                allowed.join(", ")
+            ))
+            .with_param(&key));
+        }
+        let seconds = crate::savings::parse_duration(&value).map_err(|e| {
+            ApiError::invalid_request(format!("Query parameter `{key}`: {e}."))
+                .with_param(&key)
+                .with_code("invalid_duration")
+        })?;
+        out.insert(key.into_owned(), (seconds * 1e6) as u64);
+    }
+    Ok(out)
+}
+
+/// `GET /v1/savings/series[?since=1h&step=1m]`: requests, local share, joules, dollars and
+/// routing reasons per time bucket, from the ledger (the dashboard's charts).
+pub async fn savings_series(State(state): State<AppState>, uri: Uri) -> Response {
+    let params = match duration_params(&uri, "/v1/savings/series", &["since", "step"]) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let now = crate::ledger::now_us();
+    let since_us = now.saturating_sub(params.get("since").copied().unwrap_or(3_600_000_000));
+    let step_us = params
+        .get("step")
+        .copied()
+        .unwrap_or(60_000_000)
+        .max(1_000_000);
+    let Some(ledger) = state.inner.ledger.clone() else {
+        return ledger_disabled();
+    };
+    match tokio::task::spawn_blocking(move || ledger.rows_since(since_us)).await {
+        Ok(Ok(rows)) => Json(json!({
+            "object": "wattgate.savings_series",
+            "since_us": since_us,
+            "step_us": step_us,
+            "energy_source": state.inner.gateway.metering().source().as_str(),
+            "buckets": crate::savings::series(&rows, since_us, now, step_us),
+        }))
+        .into_response(),
+        Ok(Err(e)) => {
+            ApiError::internal(format!("Could not read the ledger: {e}.")).into_response()
+        }
+        Err(e) => ApiError::internal(format!("Ledger read task failed: {e}.")).into_response(),
+    }
+}
+
+fn ledger_disabled() -> Response {
+    ApiError::unavailable(
+        "The ledger is disabled (ledger.enabled = false); savings are only in /metrics.",
+        "ledger_disabled",
+    )
+    .into_response()
+}
+
+/// `GET /dashboard`: the built-in savings page (static HTML and JS, no external resources).
+pub async fn dashboard() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+                ),
+            ),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
 /// `GET /v1/savings[?since=24h]`: totals and percentages saved against cloud-only, from the
 /// ledger.
 pub async fn savings(State(state): State<AppState>, uri: Uri) -> Response {
-    let mut since = None;
-    for (key, value) in url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
-        match key.as_ref() {
-            "since" => since = Some(value.into_owned()),
-            other => {
-                return ApiError::invalid_request(format!(
-                    "Unknown query parameter `{other}`; /v1/savings takes `since` (e.g. since=24h)."
-                ))
-                .with_param(other)
-                .into_response()
-            }
-        }
-    }
-    let since_us = match since.as_deref() {
-        None => 0,
-        Some(text) => match crate::savings::parse_duration(text) {
-            Ok(seconds) => crate::ledger::now_us().saturating_sub((seconds * 1e6) as u64),
-            Err(e) => {
-                return ApiError::invalid_request(format!("Query parameter `since`: {e}."))
-                    .with_param("since")
-                    .with_code("invalid_duration")
-                    .into_response()
-            }
-        },
+    let params = match duration_params(&uri, "/v1/savings", &["since"]) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
     };
+    let since_us = params
+        .get("since")
+        .map_or(0, |d| crate::ledger::now_us().saturating_sub(*d));
     let Some(ledger) = state.inner.ledger.clone() else {
-        return ApiError::unavailable(
-            "The ledger is disabled (ledger.enabled = false); savings are only in /metrics.",
-            "ledger_disabled",
-        )
-        .into_response();
+        return ledger_disabled();
     };
     let rows = tokio::task::spawn_blocking(move || ledger.rows_since(since_us)).await;
     match rows {

@@ -112,6 +112,8 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))
         .route("/v1/savings", get(handlers::savings))
+        .route("/v1/savings/series", get(handlers::savings_series))
+        .route("/dashboard", get(handlers::dashboard))
         .fallback(handlers::unknown_endpoint)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         // The chat handler enforces its own configured limit; this covers the other extractors.

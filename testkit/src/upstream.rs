@@ -207,7 +207,12 @@ async fn models(State(shared): State<Arc<Shared>>) -> Response {
 async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let n = shared.next.fetch_add(1, Ordering::SeqCst);
     let len = shared.script.len();
-    let behavior = shared.script[if shared.cycle { n % len } else { n.min(len - 1) }].clone();
+    let behavior = shared.script[if shared.cycle {
+        n % len
+    } else {
+        n.min(len - 1)
+    }]
+    .clone();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     if shared.record {
         if let Ok(mut r) = shared.requests.lock() {
