@@ -517,7 +517,7 @@ async fn dashboard_page_and_series_are_served_without_external_resources() {
     assert_eq!(requests, 3);
     let routed: u64 = buckets
         .iter()
-        .filter_map(|b| b["reasons"]["prefer_local"].as_u64())
+        .filter_map(|b| b["reasons"]["no_cloud_backend"].as_u64())
         .sum();
     assert_eq!(routed, 3);
     let bad = reqwest::get(gw.url("/v1/savings/series?step=fast"))
