@@ -21,39 +21,8 @@ promtool check config deploy/prometheus/prometheus.yml >/dev/null
 cargo build --release -q -p wattgate -p wattgate-testkit --bins
 BIN=target/release
 source scripts/lib.sh
-LOCAL_PORT=$(free_port); CLOUD_PORT=$(free_port); GW_PORT=$(free_port); PROM_PORT=$(free_port)
-run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$LOCAL_PORT" --model local-model \
-  --reply "A short local answer to the question." --delay-ms 20 --fail-every 8 --fail-status 500 >/dev/null
-run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$CLOUD_PORT" --model cloud-model \
-  --reply "A longer cloud answer to the question, with more words in it." --delay-ms 40 \
-  --fail-every 10 --fail-status 429 >/dev/null
-cat >"$work/wattgate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$GW_PORT"
-[ledger]
-path = "$work/ledger.redb"
-
-[[backends]]
-name = "local"
-kind = "openai"
-role = "local"
-base_url = "http://127.0.0.1:$LOCAL_PORT/v1"
-model = "local-model"
-parameters = 8e9
-
-[[backends]]
-name = "cloud"
-kind = "openai"
-role = "cloud"
-base_url = "http://127.0.0.1:$CLOUD_PORT/v1"
-model = "cloud-model"
-parameters = 235e9
-active_parameters = 22e9
-usd_per_million_input_tokens = 2.0
-usd_per_million_output_tokens = 8.0
-TOML
-WATTGATE_LOG=error run_bg "$BIN/wattgate" serve --config "$work/wattgate.toml"
-python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
+start_priced_pair 8 500 10 429
+PROM_PORT=$(free_port)
 
 sed -e "s|127.0.0.1:8080|127.0.0.1:$GW_PORT|" -e "s|scrape_interval: 15s|scrape_interval: 1s|" \
     -e "s|evaluation_interval: 15s|evaluation_interval: 1s|" \
@@ -62,15 +31,8 @@ run_bg prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$wor
   --web.listen-address="127.0.0.1:$PROM_PORT" --log.level=warn
 python3 scripts/wait_http.py "http://127.0.0.1:$PROM_PORT/-/ready" 30
 
-PROMPTS=../shared/data/traffic/chat-prompts.jsonl
-[ -f "$PROMPTS" ] || PROMPTS=""
 echo "replaying load for ${LOAD_S}s (routed and cloud-pinned)"
-"$BIN/wattgate-loadgen" --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --rate 40 \
-  --duration "$LOAD_S" --warmup 1 --label routed ${PROMPTS:+--prompts "$PROMPTS"} &
-routed=$!
-"$BIN/wattgate-loadgen" --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --rate 10 \
-  --duration "$LOAD_S" --warmup 1 --model cloud --label cloud ${PROMPTS:+--prompts "$PROMPTS"}
-wait "$routed"
+replay_load "$LOAD_S" 40 10
 sleep 3  # a few more scrapes and rule evaluations
 python3 scripts/prometheus/check_queries.py "http://127.0.0.1:$PROM_PORT" \
   deploy/grafana/wattgate-savings.json

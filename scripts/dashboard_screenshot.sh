@@ -20,50 +20,9 @@ fi
 cargo build --release -q -p wattgate -p wattgate-testkit --bins
 BIN=target/release
 source scripts/lib.sh
-LOCAL_PORT=$(free_port); CLOUD_PORT=$(free_port); GW_PORT=$(free_port)
-run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$LOCAL_PORT" --model local-model \
-  --reply "A short local answer." --delay-ms 20 --fail-every 12 >/dev/null
-run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$CLOUD_PORT" --model cloud-model \
-  --reply "A longer cloud answer with a few more words in it." --delay-ms 40 >/dev/null
-cat >"$work/wattgate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$GW_PORT"
-[ledger]
-path = "$work/ledger.redb"
-flush_interval_s = 0.5
-
-[[backends]]
-name = "local"
-kind = "openai"
-role = "local"
-base_url = "http://127.0.0.1:$LOCAL_PORT/v1"
-model = "local-model"
-parameters = 8e9
-max_context = 2048
-
-[[backends]]
-name = "cloud"
-kind = "openai"
-role = "cloud"
-base_url = "http://127.0.0.1:$CLOUD_PORT/v1"
-model = "cloud-model"
-parameters = 235e9
-active_parameters = 22e9
-usd_per_million_input_tokens = 2.0
-usd_per_million_output_tokens = 8.0
-TOML
-WATTGATE_LOG=error run_bg "$BIN/wattgate" serve --config "$work/wattgate.toml"
-python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
-
-PROMPTS=../shared/data/traffic/chat-prompts.jsonl
-[ -f "$PROMPTS" ] || PROMPTS=""
+start_priced_pair 12 500 0 500
 echo "replaying load for ${LOAD_S}s"
-"$BIN/wattgate-loadgen" --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --rate 20 \
-  --duration "$LOAD_S" --warmup 0 ${PROMPTS:+--prompts "$PROMPTS"} >/dev/null &
-routed=$!
-"$BIN/wattgate-loadgen" --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --rate 5 \
-  --duration "$LOAD_S" --warmup 0 --model cloud ${PROMPTS:+--prompts "$PROMPTS"} >/dev/null
-wait "$routed"
+replay_load "$LOAD_S" 20 5 >/dev/null
 sleep 1
 
 URL="http://127.0.0.1:$GW_PORT/dashboard?since=2m&step=5s"

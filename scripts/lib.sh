@@ -21,3 +21,62 @@ openai_venv() {
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'openai>=1.40,<3'
 }
+
+# start_priced_pair LOCAL_FAIL_EVERY LOCAL_FAIL_STATUS CLOUD_FAIL_EVERY CLOUD_FAIL_STATUS
+#   Starts a scripted local upstream (20 ms per answer) and a cloud one (40 ms, priced like
+#   gpt-4.1), each failing every n-th request with the given status (0: never), and the release
+#   gateway between them with its ledger in $work; waits until it is healthy. Needs $BIN; sets
+#   $GW_PORT.
+start_priced_pair() {
+  local local_port cloud_port
+  local_port=$(free_port); cloud_port=$(free_port); GW_PORT=$(free_port)
+  run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$local_port" --model local-model \
+    --reply "A short local answer to the question." --delay-ms 20 \
+    --fail-every "$1" --fail-status "$2" >/dev/null
+  run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$cloud_port" --model cloud-model \
+    --reply "A longer cloud answer to the question, with more words in it." --delay-ms 40 \
+    --fail-every "$3" --fail-status "$4" >/dev/null
+  cat >"$work/wattgate.toml" <<TOML
+[server]
+listen = "127.0.0.1:$GW_PORT"
+[ledger]
+path = "$work/ledger.redb"
+flush_interval_s = 0.5
+
+[[backends]]
+name = "local"
+kind = "openai"
+role = "local"
+base_url = "http://127.0.0.1:$local_port/v1"
+model = "local-model"
+parameters = 8e9
+max_context = 2048
+
+[[backends]]
+name = "cloud"
+kind = "openai"
+role = "cloud"
+base_url = "http://127.0.0.1:$cloud_port/v1"
+model = "cloud-model"
+parameters = 235e9
+active_parameters = 22e9
+usd_per_million_input_tokens = 2.0
+usd_per_million_output_tokens = 8.0
+TOML
+  WATTGATE_LOG=error run_bg "$BIN/wattgate" serve --config "$work/wattgate.toml"
+  python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
+}
+
+# replay_load SECONDS ROUTED_RPS CLOUD_RPS
+#   Replays the shared chat prompts (a fixed prompt without ../shared) at the gateway: requests
+#   for the routing alias and requests pinned to the cloud, at the same time.
+replay_load() {
+  local prompts=../shared/data/traffic/chat-prompts.jsonl routed
+  [ -f "$prompts" ] || prompts=""
+  "$BIN/wattgate-loadgen" --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --rate "$2" \
+    --duration "$1" --warmup 0 --label routed ${prompts:+--prompts "$prompts"} &
+  routed=$!
+  "$BIN/wattgate-loadgen" --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --rate "$3" \
+    --duration "$1" --warmup 0 --model cloud --label cloud ${prompts:+--prompts "$prompts"}
+  wait "$routed"
+}
