@@ -475,8 +475,7 @@ impl Drop for RequestMeter {
             return;
         };
         let Some((route, served)) = self.route.take() else {
-            // Never routed: release the meter's slot, charge nothing.
-            let _ = accounts.metering.end(ticket, usize::MAX, Tokens::default());
+            accounts.metering.release(ticket);
             return;
         };
         let (tokens, tokens_source) = self.tokens(served);

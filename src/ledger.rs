@@ -124,15 +124,10 @@ impl Ledger {
 
     /// Rows whose time is at or after `since_us`, oldest first.
     pub fn rows_since(&self, since_us: u64) -> Result<Vec<LedgerRow>, LedgerError> {
-        let other = |e: &dyn std::fmt::Display| LedgerError::Other {
-            path: self.path.clone(),
-            message: e.to_string(),
-        };
-        let txn = self.db.begin_read().map_err(|e| other(&e))?;
-        let table = txn.open_table(REQUESTS).map_err(|e| other(&e))?;
+        let table = self.read_table()?;
         let mut rows = Vec::new();
-        for entry in table.range(since_us..).map_err(|e| other(&e))? {
-            let (key, value) = entry.map_err(|e| other(&e))?;
+        for entry in table.range(since_us..).map_err(|e| self.error(e))? {
+            let (key, value) = entry.map_err(|e| self.error(e))?;
             match serde_json::from_slice::<LedgerRow>(value.value()) {
                 Ok(row) => rows.push(row),
                 // A row this version cannot read is skipped and named, never fatal.
@@ -146,13 +141,20 @@ impl Ledger {
 
     /// Number of rows.
     pub fn len(&self) -> Result<u64, LedgerError> {
-        let other = |e: &dyn std::fmt::Display| LedgerError::Other {
+        self.read_table()?.len().map_err(|e| self.error(e))
+    }
+
+    /// The rows table in a read transaction of its own.
+    fn read_table(&self) -> Result<redb::ReadOnlyTable<u64, &'static [u8]>, LedgerError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        txn.open_table(REQUESTS).map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> LedgerError {
+        LedgerError::Other {
             path: self.path.clone(),
             message: e.to_string(),
-        };
-        let txn = self.db.begin_read().map_err(|e| other(&e))?;
-        let table = txn.open_table(REQUESTS).map_err(|e| other(&e))?;
-        table.len().map_err(|e| other(&e))
+        }
     }
 
     /// Whether the ledger has no rows.
@@ -160,7 +162,7 @@ impl Ledger {
         Ok(self.len()? == 0)
     }
 
-    /// Writes rows in one durable transaction; returns the keys used.
+    /// Writes rows in one durable transaction, keyed after `last_key` (updated).
     fn write(&self, rows: &[LedgerRow], last_key: &mut u64) -> Result<(), String> {
         let txn = self.db.begin_write().map_err(|e| e.to_string())?;
         {
@@ -204,10 +206,7 @@ impl Ledger {
     }
 
     fn last_key(&self) -> u64 {
-        let Ok(txn) = self.db.begin_read() else {
-            return 0;
-        };
-        let Ok(table) = txn.open_table(REQUESTS) else {
+        let Ok(table) = self.read_table() else {
             return 0;
         };
         table.last().ok().flatten().map_or(0, |(k, _)| k.value())

@@ -11,6 +11,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::LedgerRow;
+use crate::metering::EnergySource;
 
 /// One quantity, actual against the baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -174,11 +175,8 @@ impl Savings {
         }
         let _ = writeln!(out, "\nenergy sources:");
         for (source, joules) in &t.local_joules_by_source {
-            let kind = if matches!(source.as_str(), "nvml" | "rapl") {
-                "measured"
-            } else {
-                "estimated"
-            };
+            let kind =
+                EnergySource::from_label(source).map_or("unknown source", EnergySource::kind);
             let _ = writeln!(
                 out,
                 "  local {source:<10} {:>14}  ({kind})",

@@ -286,18 +286,10 @@ fn evaluate(
     }
 }
 
-/// A uniform number in [0, 1) from a query id (FNV-1a + splitmix64): the p-accurate router's
-/// coin, the same on every run and machine.
+/// A uniform number in [0, 1) from a query id: the p-accurate router's coin, the same on every
+/// run and machine.
 fn coin(id: &str) -> f64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^= h >> 31;
-    (h >> 11) as f64 / (1u64 << 53) as f64
+    (features::stable_hash(id) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The results as a terminal table.

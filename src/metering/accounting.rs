@@ -15,7 +15,6 @@
 use serde::{Deserialize, Serialize};
 
 use super::attribution::Charge;
-use super::counters::EnergySource;
 use crate::config::{BackendConfig, MeteringConfig, Role};
 
 /// Joules in a kilowatt-hour.
@@ -176,16 +175,6 @@ impl Bill {
     /// Local + cloud $.
     pub fn usd(&self) -> f64 {
         self.local_usd + self.cloud_usd
-    }
-}
-
-/// The energy source of a bill's total: the meter's for local work; cloud-only requests add a
-/// `cloud_estimate` part, which reports list separately.
-pub fn describe(source: EnergySource) -> &'static str {
-    if source.is_measured() {
-        "measured"
-    } else {
-        "estimated"
     }
 }
 

@@ -42,6 +42,22 @@ impl EnergySource {
     pub fn is_measured(self) -> bool {
         matches!(self, EnergySource::Nvml | EnergySource::Rapl)
     }
+
+    /// `measured` or `estimated`, as reports print it.
+    pub fn kind(self) -> &'static str {
+        if self.is_measured() {
+            "measured"
+        } else {
+            "estimated"
+        }
+    }
+
+    /// The source a label (as stored in the ledger) names.
+    pub fn from_label(label: &str) -> Option<Self> {
+        [Self::Nvml, Self::Rapl, Self::Estimate, Self::CloudEstimate]
+            .into_iter()
+            .find(|s| s.as_str() == label)
+    }
 }
 
 /// A cumulative energy counter.

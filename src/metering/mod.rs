@@ -42,7 +42,7 @@ impl Metering {
             baseline = metering.baseline_name(config).unwrap_or("none"),
             "metering energy with `{}` ({})",
             metering.source().as_str(),
-            accounting::describe(metering.source())
+            metering.source().kind()
         );
         for b in &config.backends {
             let unpriced = b.usd_per_million_input_tokens.is_none()
@@ -79,6 +79,12 @@ impl Metering {
     /// A request starts using the machine.
     pub fn begin(&self) -> Ticket {
         self.meter.begin()
+    }
+
+    /// A request that was never served gives its slot back; it is charged nothing, and what the
+    /// meter measured meanwhile stays with the other requests.
+    pub fn release(&self, ticket: Ticket) {
+        let _ = self.meter.end(ticket);
     }
 
     /// A request is over: its energy charge, priced. `served` is the backend index (config

@@ -194,6 +194,16 @@ impl Fnv {
     }
 }
 
+/// FNV-1a of `text` through the splitmix finaliser: the same 64 bits on every platform and
+/// release, for anything that must hash text reproducibly.
+pub fn stable_hash(text: &str) -> u64 {
+    let mut h = Fnv::new();
+    for c in text.chars() {
+        h.push(c);
+    }
+    mix(h.finish())
+}
+
 /// A finaliser (splitmix64's) so the low bits used as the bucket are well mixed.
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -354,31 +354,39 @@ pub async fn savings_series(State(state): State<AppState>, uri: Uri) -> Response
         .copied()
         .unwrap_or(60_000_000)
         .max(1_000_000);
-    let Some(ledger) = state.inner.ledger.clone() else {
-        return ledger_disabled();
+    let rows = match ledger_rows(&state, since_us).await {
+        Ok(rows) => rows,
+        Err(e) => return e.into_response(),
     };
-    match tokio::task::spawn_blocking(move || ledger.rows_since(since_us)).await {
-        Ok(Ok(rows)) => Json(json!({
-            "object": "wattgate.savings_series",
-            "since_us": since_us,
-            "step_us": step_us,
-            "energy_source": state.inner.gateway.metering().source().as_str(),
-            "buckets": crate::savings::series(&rows, since_us, now, step_us),
-        }))
-        .into_response(),
-        Ok(Err(e)) => {
-            ApiError::internal(format!("Could not read the ledger: {e}.")).into_response()
-        }
-        Err(e) => ApiError::internal(format!("Ledger read task failed: {e}.")).into_response(),
-    }
+    Json(json!({
+        "object": "wattgate.savings_series",
+        "since_us": since_us,
+        "step_us": step_us,
+        "energy_source": state.inner.gateway.metering().source().as_str(),
+        "buckets": crate::savings::series(&rows, since_us, now, step_us),
+    }))
+    .into_response()
 }
 
-fn ledger_disabled() -> Response {
-    ApiError::unavailable(
-        "The ledger is disabled (ledger.enabled = false); savings are only in /metrics.",
-        "ledger_disabled",
-    )
-    .into_response()
+/// The ledger's rows from `since_us` on, read off the async runtime; 503 when the ledger is
+/// disabled, 500 when it cannot be read.
+async fn ledger_rows(
+    state: &AppState,
+    since_us: u64,
+) -> Result<Vec<crate::ledger::LedgerRow>, ApiError> {
+    let Some(ledger) = state.inner.ledger.clone() else {
+        return Err(ApiError::unavailable(
+            "The ledger is disabled (ledger.enabled = false); savings are only in /metrics.",
+            "ledger_disabled",
+        ));
+    };
+    match tokio::task::spawn_blocking(move || ledger.rows_since(since_us)).await {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(e)) => Err(ApiError::internal(format!(
+            "Could not read the ledger: {e}."
+        ))),
+        Err(e) => Err(ApiError::internal(format!("Ledger read task failed: {e}."))),
+    }
 }
 
 /// `GET /dashboard`: the built-in savings page (static HTML and JS, no external resources).
@@ -411,33 +419,25 @@ pub async fn savings(State(state): State<AppState>, uri: Uri) -> Response {
     let since_us = params
         .get("since")
         .map_or(0, |d| crate::ledger::now_us().saturating_sub(*d));
-    let Some(ledger) = state.inner.ledger.clone() else {
-        return ledger_disabled();
+    let rows = match ledger_rows(&state, since_us).await {
+        Ok(rows) => rows,
+        Err(e) => return e.into_response(),
     };
-    let rows = tokio::task::spawn_blocking(move || ledger.rows_since(since_us)).await;
-    match rows {
-        Ok(Ok(rows)) => {
-            let savings = crate::savings::Savings::from_rows(since_us, &rows);
-            let metering = state.inner.gateway.metering();
-            let totals = metering.totals();
-            Json(json!({
-                "object": "wattgate.savings",
-                "energy_meter": {
-                    "source": metering.source().as_str(),
-                    "measured": metering.source().is_measured(),
-                    "idle_joules_since_start": totals.idle_joules,
-                    "failed_readings": totals.failed_readings,
-                },
-                "baseline_backend": state.inner.baseline_backend,
-                "savings": savings,
-            }))
-            .into_response()
-        }
-        Ok(Err(e)) => {
-            ApiError::internal(format!("Could not read the ledger: {e}.")).into_response()
-        }
-        Err(e) => ApiError::internal(format!("Ledger read task failed: {e}.")).into_response(),
-    }
+    let savings = crate::savings::Savings::from_rows(since_us, &rows);
+    let metering = state.inner.gateway.metering();
+    let totals = metering.totals();
+    Json(json!({
+        "object": "wattgate.savings",
+        "energy_meter": {
+            "source": metering.source().as_str(),
+            "measured": metering.source().is_measured(),
+            "idle_joules_since_start": totals.idle_joules,
+            "failed_readings": totals.failed_readings,
+        },
+        "baseline_backend": state.inner.baseline_backend,
+        "savings": savings,
+    }))
+    .into_response()
 }
 
 /// Any path the gateway does not serve.

@@ -39,7 +39,7 @@ struct Shared {
     max_body_bytes: usize,
     readiness: handlers::ReadinessCache,
     ledger: Option<Ledger>,
-    ledger_writer: Option<LedgerWriter>,
+    ledger_writer: Option<LedgerSender>,
     baseline_backend: Option<String>,
 }
 
@@ -57,7 +57,7 @@ impl AppState {
             backends,
             metrics.clone(),
             metering.clone(),
-            ledger_writer.as_ref().map(|w| w.sender.clone()),
+            ledger_writer.clone(),
         )
         .map_err(anyhow::Error::msg)?;
         Ok(Self {
@@ -76,17 +76,13 @@ impl AppState {
     /// Writes every ledger row queued so far and waits for the write (graceful shutdown).
     pub fn flush_ledger(&self) {
         if let Some(w) = &self.inner.ledger_writer {
-            w.sender.flush(Duration::from_secs(10));
+            w.flush(Duration::from_secs(10));
         }
     }
 }
 
-/// The ledger's writer side, kept so shutdown can flush it.
-struct LedgerWriter {
-    sender: LedgerSender,
-}
-
-fn open_ledger(config: &LedgerConfig) -> anyhow::Result<(Option<Ledger>, Option<LedgerWriter>)> {
+/// The ledger for readers, and its writer's sender (kept so shutdown can flush it).
+fn open_ledger(config: &LedgerConfig) -> anyhow::Result<(Option<Ledger>, Option<LedgerSender>)> {
     if !config.enabled {
         tracing::warn!("ledger disabled (ledger.enabled = false): /v1/savings and `wattgate report` have no data");
         return Ok((None, None));
@@ -99,7 +95,7 @@ fn open_ledger(config: &LedgerConfig) -> anyhow::Result<(Option<Ledger>, Option<
     let ledger = Ledger::open(&path)?;
     let (sender, _thread) = spawn_writer(ledger.clone(), config)?;
     tracing::info!(path = %path.display(), "ledger open");
-    Ok((Some(ledger), Some(LedgerWriter { sender })))
+    Ok((Some(ledger), Some(sender)))
 }
 
 /// The axum application: every route, the 404/405 fallbacks, and the middleware stack.
