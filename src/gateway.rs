@@ -452,17 +452,8 @@ impl RequestMeter {
 }
 
 impl Accounts {
-    /// Counts tokens with the serving backend's tokenizer, else another loaded model's, else
-    /// OpenAI's rule of thumb of ~4 characters per token. Returns how it counted.
     fn count_tokens(&self, served: usize, text: &str) -> (u64, &'static str) {
-        if let Some(n) = self.backends.get(served).and_then(|b| b.count_tokens(text)) {
-            return (n, "tokenizer");
-        }
-        if let Some(n) = self.backends.iter().find_map(|b| b.count_tokens(text)) {
-            return (n, "proxy_tokenizer");
-        }
-        let chars = text.chars().count() as u64;
-        (chars.div_ceil(4), "chars_estimate")
+        crate::backends::count_tokens(&self.backends, served, text)
     }
 }
 

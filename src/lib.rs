@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod metering;
 pub mod metrics;
 pub mod models;
+pub mod profile;
 pub mod router;
 pub mod savings;
 pub mod server;

