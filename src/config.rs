@@ -318,7 +318,8 @@ pub struct BackendConfig {
     #[serde(default = "default_true")]
     pub stream_usage: bool,
     /// Local backends under `policy = "router"`: the router predicting this model's success,
-    /// a name under `routing.router_dir` or a directory.
+    /// a name under `routing.router_dir` or a directory. Unset on an embedded catalog model:
+    /// that model's own shipped router (see [`BackendConfig::router_name`]).
     #[serde(default)]
     pub router: Option<String>,
     /// The backend accepts `tools` / `functions`; without it such requests skip this backend
@@ -415,6 +416,20 @@ impl Default for Config {
             metering: MeteringConfig::default(),
             ledger: LedgerConfig::default(),
         }
+    }
+}
+
+impl BackendConfig {
+    /// The router predicting this backend's success: `router` when set, else, for an embedded
+    /// model from the catalog (no `gguf` override), the router trained on that model's own
+    /// profiled answers, so `policy = "router"` works on the embedded default out of the box.
+    pub fn router_name(&self) -> Option<String> {
+        self.router.clone().or_else(|| {
+            if self.kind != BackendKind::Embedded || self.gguf.is_some() {
+                return None;
+            }
+            crate::models::find(&self.model).ok().and_then(|m| m.router)
+        })
     }
 }
 
@@ -623,7 +638,7 @@ impl Config {
             if let Some(i) = self
                 .backends
                 .iter()
-                .position(|b| b.role == Role::Local && b.router.is_none())
+                .position(|b| b.role == Role::Local && b.router_name().is_none())
             {
                 return Err(invalid(
                     format!("backends[{i}].router"),
@@ -922,6 +937,24 @@ parameters = 1e9
             Config::default(),
             "config/wattgate.toml drifted from Config::default()"
         );
+    }
+
+    #[test]
+    fn the_embedded_default_brings_its_own_router() {
+        let c =
+            Config::parse("[routing]\npolicy = \"router\"\n").expect("router policy on defaults");
+        let names: Vec<Option<String>> =
+            c.backends.iter().map(BackendConfig::router_name).collect();
+        assert_eq!(names, vec![Some("gemma-3-270m".to_owned()), None]);
+        // Another GGUF, or another local server, has no router it could default to.
+        let mut gguf = c.backends[0].clone();
+        gguf.gguf = Some(PathBuf::from("/models/other.gguf"));
+        assert_eq!(gguf.router_name(), None);
+        let e = err(&format!("[routing]\npolicy = \"router\"\n{ONE_BACKEND}"));
+        assert!(e.contains("backends[0].router"), "{e}");
+        let mut explicit = c.backends[0].clone();
+        explicit.router = Some("8b-class".to_owned());
+        assert_eq!(explicit.router_name().as_deref(), Some("8b-class"));
     }
 
     #[test]

@@ -93,6 +93,7 @@ fn fixture(tag: &str, digest: Option<&str>) -> Fixture {
             member: digest_member,
         },
         origin: "test".to_owned(),
+        router: None,
     };
     let cache = ModelCache::new(Some(&dir.path().join("cache"))).expect("cache");
     Fixture {

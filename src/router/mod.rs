@@ -245,9 +245,9 @@ impl Router {
             if b.role != Role::Local {
                 continue;
             }
-            let head = match (&config.policy, &b.router) {
+            let head = match (&config.policy, b.router_name()) {
                 (RoutingPolicy::Router, Some(name)) => {
-                    let dir = model::resolve(name, &config.router_dir)
+                    let dir = model::resolve(&name, &config.router_dir)
                         .map_err(|e| format!("backends[{i}].router: {e}"))?;
                     let m = RouterModel::load(&dir)
                         .map_err(|e| format!("backends[{i}].router: {e}"))?;
