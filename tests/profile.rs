@@ -96,6 +96,23 @@ fn records(path: &Path) -> Vec<QueryRecord> {
         .collect()
 }
 
+/// A profile run without progress output, with rows carrying their own answers.
+async fn run_quietly(
+    opts: &Options,
+    backends: &profile::Backends,
+    metering: &Metering,
+) -> anyhow::Result<(profile::Summary, usize)> {
+    profile::run(
+        opts,
+        backends,
+        metering,
+        AnswerKeySource::None,
+        &mut |_| {},
+        &mut |_| {},
+    )
+    .await
+}
+
 fn options(data: &Path, out: &Path) -> Options {
     Options {
         model: "local".to_owned(),
@@ -212,16 +229,9 @@ async fn each_query_gets_exactly_its_scripted_joules_and_its_grade() {
 
     // A second run finds everything done and asks the upstream nothing (warm-up aside).
     let before = bank.hits.load(Ordering::SeqCst);
-    let (again, _) = profile::run(
-        &opts,
-        &backends,
-        &metering,
-        AnswerKeySource::None,
-        &mut |_| {},
-        &mut |_| {},
-    )
-    .await
-    .expect("rerun");
+    let (again, _) = run_quietly(&opts, &backends, &metering)
+        .await
+        .expect("rerun");
     assert_eq!(bank.hits.load(Ordering::SeqCst), before);
     assert_eq!(again.overall, summary.overall);
 }
@@ -264,30 +274,12 @@ async fn open_ended_answers_are_judged_in_both_orders() {
     // Without a reference answer or a reference model the row cannot be judged.
     let backends = profile::build_backends(&config, &opts).expect("backends");
     let metering = Metering::with_counter(&config, Box::new(UpstreamCounter(Arc::default())));
-    let (_, failed) = profile::run(
-        &opts,
-        &backends,
-        &metering,
-        AnswerKeySource::None,
-        &mut |_| {},
-        &mut |_| {},
-    )
-    .await
-    .expect("run");
+    let (_, failed) = run_quietly(&opts, &backends, &metering).await.expect("run");
     assert_eq!(failed, 1);
 
     opts.reference_model = Some("reference".to_owned());
     let backends = profile::build_backends(&config, &opts).expect("backends");
-    let (summary, failed) = profile::run(
-        &opts,
-        &backends,
-        &metering,
-        AnswerKeySource::None,
-        &mut |_| {},
-        &mut |_| {},
-    )
-    .await
-    .expect("run");
+    let (summary, failed) = run_quietly(&opts, &backends, &metering).await.expect("run");
     assert_eq!(failed, 0);
     assert_eq!(summary.overall.accuracy, 0.5);
     let rows = records(&opts.out.join(profile::QUERIES_FILE));
