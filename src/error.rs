@@ -117,6 +117,11 @@ impl ApiError {
             .with_code("internal_error")
     }
 
+    /// 404: the thing the request names does not exist (an unknown request id, experiment).
+    pub fn not_found(message: impl Into<String>, code: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message).with_code(code)
+    }
+
     /// 503: the gateway cannot serve this right now (e.g. shutting down, no backend usable).
     pub fn unavailable(message: impl Into<String>, code: &str) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message).with_code(code)

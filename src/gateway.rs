@@ -1,10 +1,12 @@
 //! The request pipeline, top to bottom:
 //!
 //! 1. parse and validate the OpenAI request ([`ChatRequest::parse`]);
-//! 2. route: a backend the client pinned by name, or the router's decision for the alias;
+//! 2. route: a backend the client pinned by name, or, for the alias, the decision of the
+//!    router of the request's experiment arm (when an experiment enrolls it) or of `[routing]`;
 //! 3. serve it on that backend; if a local backend fails before anything reached the client,
 //!    serve it on the cloud instead and say so;
-//! 4. relay the answer (whole, or as a stream re-framed for the client) and meter it.
+//! 4. relay the answer (whole, or as a stream re-framed for the client) and meter it; a sample
+//!    of local answers is then shadow-checked against the cloud, off the client's path.
 //!
 //! HTTP concerns (headers, status codes, body limits) live in `server`; this file decides and
 //! accounts.
@@ -12,6 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::http::HeaderMap;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -19,6 +22,8 @@ use futures::StreamExt;
 use crate::backends::{Backend, BackendError, Chunk, ChunkStream, Reply};
 use crate::config::{Config, Role};
 use crate::error::ApiError;
+use crate::experiments::shadow::{Shadow, ShadowJob};
+use crate::experiments::{Enrollment, Experiments};
 use crate::ledger::{now_us, LedgerRow, LedgerSender};
 use crate::metering::{Metering, Ticket, Tokens};
 use crate::metrics::Metrics;
@@ -32,6 +37,7 @@ const MAX_COUNTED_OUTPUT_BYTES: usize = 4 * 1024 * 1024;
 pub struct Gateway {
     backends: Vec<Arc<dyn Backend>>,
     router: Router,
+    experiments: Experiments,
     alias: String,
     fallback_to_cloud: bool,
     accounts: Arc<Accounts>,
@@ -43,6 +49,7 @@ pub struct Accounts {
     metering: Arc<Metering>,
     ledger: Option<LedgerSender>,
     backends: Vec<Arc<dyn Backend>>,
+    shadow: Option<Arc<Shadow>>,
 }
 
 /// Where a request was served and why: becomes the `x-wattgate-*` headers.
@@ -58,6 +65,8 @@ pub struct Route {
     pub p_local: Option<f64>,
     /// The local backend that failed first, when this request fell back.
     pub fallback_from: Option<String>,
+    /// The experiment and arm that routed it, when one enrolled it.
+    pub arm: Option<(String, String)>,
 }
 
 /// The gateway's answer to a routed request.
@@ -90,8 +99,17 @@ impl Gateway {
         metering: Arc<Metering>,
         ledger: Option<LedgerSender>,
     ) -> Result<Self, String> {
+        let shadow = Shadow::new(
+            config,
+            &backends,
+            metering.clone(),
+            metrics.clone(),
+            ledger.clone(),
+        )
+        .map(Arc::new);
         Ok(Self {
             router: Router::new(&config.routing, &config.backends)?,
+            experiments: Experiments::new(config)?,
             alias: config.routing.alias.clone(),
             fallback_to_cloud: config.routing.fallback_to_cloud,
             accounts: Arc::new(Accounts {
@@ -99,25 +117,31 @@ impl Gateway {
                 metering,
                 ledger,
                 backends: backends.clone(),
+                shadow,
             }),
             backends,
         })
     }
 
     /// Serves one chat-completions request. `started` is when the request arrived, so the
-    /// reported overhead includes reading the body; `request_id` goes into the ledger.
+    /// reported overhead includes reading the body; `request_id` goes into the ledger;
+    /// `headers` may carry an experiment's unit key.
     pub async fn chat(
         &self,
         body: &[u8],
         overrides: Overrides,
+        headers: &HeaderMap,
         started: Instant,
         request_id: &str,
     ) -> Result<Answer, ApiError> {
         // 1. Parse and validate.
         let request = Arc::new(ChatRequest::parse(body)?);
 
-        // 2. Route.
-        let decision = self.route(&request, overrides)?;
+        // 2. Route: the enrolled arm's router, else the configured one.
+        let enrollment = (request.model == self.alias)
+            .then(|| self.experiments.enroll(&request, headers, request_id))
+            .flatten();
+        let decision = self.route(&request, overrides, enrollment)?;
 
         // 3. Serve, with fallback to the cloud before the first byte.
         let mut meter =
@@ -131,8 +155,21 @@ impl Gateway {
             reason: decision.reason,
             p_local: decision.p_local,
             fallback_from: fallback_from.map(|i| self.backends[i].info().name.clone()),
+            arm: enrollment
+                .and_then(|e| self.experiments.names(e))
+                .map(|(e, a)| (e.to_owned(), a.to_owned())),
         };
         meter.routed(&route, decision.backend);
+        let shadowed = route.role == Role::Local
+            && route.reason != Reason::Pinned
+            && self
+                .accounts
+                .shadow
+                .as_ref()
+                .is_some_and(|s| s.sampled(request_id));
+        if shadowed {
+            meter.answer = Some(String::new());
+        }
 
         // 4. Relay and meter.
         let body = match result {
@@ -140,6 +177,9 @@ impl Gateway {
                 meter.first_byte();
                 if completion.usage.is_none() {
                     meter.keep_output(&completion.body);
+                }
+                if let Some(answer) = &mut meter.answer {
+                    generated_text(&completion.body, answer);
                 }
                 meter.finish(Outcome::Ok, completion.usage, 200);
                 AnswerBody::Json(completion.body)
@@ -178,11 +218,20 @@ impl Gateway {
         })
     }
 
-    /// A pinned backend when `model` names one; the router's choice for the alias.
-    fn route(&self, request: &ChatRequest, overrides: Overrides) -> Result<Decision, ApiError> {
+    /// A pinned backend when `model` names one; for the alias, the choice of the enrolled
+    /// arm's router, or of the configured one.
+    fn route(
+        &self,
+        request: &ChatRequest,
+        overrides: Overrides,
+        enrollment: Option<Enrollment>,
+    ) -> Result<Decision, ApiError> {
         if request.model == self.alias {
             let started = Instant::now();
-            let decision = self.router.decide(request, overrides);
+            let router = enrollment
+                .and_then(|e| self.experiments.router(e))
+                .unwrap_or(&self.router);
+            let decision = router.decide(request, overrides);
             let metrics = &self.accounts.metrics;
             metrics
                 .router_duration
@@ -300,6 +349,21 @@ impl Gateway {
         &self.alias
     }
 
+    /// The configured experiments.
+    pub fn experiments(&self) -> &Experiments {
+        &self.experiments
+    }
+
+    /// The ledger writer, when the ledger is on.
+    pub fn ledger(&self) -> Option<&LedgerSender> {
+        self.accounts.ledger.as_ref()
+    }
+
+    /// The Prometheus series.
+    pub fn metrics(&self) -> &Metrics {
+        &self.accounts.metrics
+    }
+
     /// The energy meter and prices.
     pub fn metering(&self) -> &Metering {
         &self.accounts.metering
@@ -374,6 +438,8 @@ struct RequestMeter {
     /// Answer bytes kept while no usage has been seen (bounded), to count tokens from.
     output: Vec<Bytes>,
     output_bytes: usize,
+    /// The answer's text, kept only for requests sampled for a shadow check.
+    answer: Option<String>,
 }
 
 impl RequestMeter {
@@ -400,6 +466,7 @@ impl RequestMeter {
             ttft: None,
             output: Vec::new(),
             output_bytes: 0,
+            answer: None,
         }
     }
 
@@ -475,11 +542,29 @@ impl Drop for RequestMeter {
         let role = route.role.as_str();
         let backend = route.backend.as_str();
         let reason = route.reason.as_str();
-        let arm = "none";
+        let (experiment, arm) = route
+            .arm
+            .as_ref()
+            .map_or(("none", "none"), |(e, a)| (e.as_str(), a.as_str()));
         metrics
             .chat_requests
-            .with_label_values(&[role, backend, reason, self.outcome.as_str(), arm])
+            .with_label_values(&[role, backend, reason, self.outcome.as_str(), experiment, arm])
             .inc();
+        if route.arm.is_some() {
+            let cf = bill.counterfactual.unwrap_or_default();
+            for (series, actual, counterfactual) in [
+                (&metrics.experiment_energy, bill.joules(), cf.joules),
+                (&metrics.experiment_flops, bill.flops, cf.flops),
+                (&metrics.experiment_cost, bill.usd(), cf.usd),
+            ] {
+                series
+                    .with_label_values(&[experiment, arm, "actual"])
+                    .inc_by(actual);
+                series
+                    .with_label_values(&[experiment, arm, "counterfactual"])
+                    .inc_by(counterfactual);
+            }
+        }
         metrics
             .chat_duration
             .with_label_values(&[role, backend])
@@ -535,17 +620,46 @@ impl Drop for RequestMeter {
                 .with_label_values(&[backend])
                 .inc_by(cf.usd);
         }
-        let Some(ledger) = &accounts.ledger else {
-            metrics.ledger_rows.with_label_values(&["disabled"]).inc();
-            return;
-        };
+        match &accounts.ledger {
+            None => metrics.ledger_rows.with_label_values(&["disabled"]).inc(),
+            Some(ledger) => {
+                self.record(ledger, &route, tokens, tokens_source, latency, bill);
+                metrics.ledger_rows.with_label_values(&["queued"]).inc();
+            }
+        }
+        // After the row is queued, so the verdict always finds its request.
+        if let (Some(shadow), Some(answer)) = (&accounts.shadow, self.answer.take()) {
+            if route.role == Role::Local && self.outcome == Outcome::Ok {
+                shadow.submit(ShadowJob {
+                    request: self.request.clone(),
+                    local_answer: answer,
+                    request_id: self.request_id.clone(),
+                    arm: route.arm.clone(),
+                    tokens,
+                });
+            }
+        }
+    }
+}
+
+impl RequestMeter {
+    fn record(
+        &self,
+        ledger: &LedgerSender,
+        route: &Route,
+        tokens: Tokens,
+        tokens_source: &str,
+        latency: Duration,
+        bill: crate::metering::Bill,
+    ) {
         ledger.record(LedgerRow {
             time_us: self.arrived_us,
-            request_id: std::mem::take(&mut self.request_id),
-            route: role.to_owned(),
-            backend: backend.to_owned(),
-            reason: reason.to_owned(),
-            arm: None,
+            request_id: self.request_id.clone(),
+            route: route.role.as_str().to_owned(),
+            backend: route.backend.clone(),
+            reason: route.reason.as_str().to_owned(),
+            experiment: route.arm.as_ref().map(|(e, _)| e.clone()),
+            arm: route.arm.as_ref().map(|(_, a)| a.clone()),
             p_local: route.p_local,
             fallback_from: route.fallback_from.clone(),
             status: self.status,
@@ -556,15 +670,16 @@ impl Drop for RequestMeter {
             tokens_source: tokens_source.to_owned(),
             latency_s: latency.as_secs_f64(),
             ttft_s: self.ttft.map(|t| t.as_secs_f64()),
-            energy_source: source.to_owned(),
+            energy_source: self.accounts.metering.source().as_str().to_owned(),
             bill,
         });
-        metrics.ledger_rows.with_label_values(&["queued"]).inc();
     }
 }
 
 /// Re-frames an upstream stream for the client: drops the usage chunk the gateway asked for on
 /// its own behalf, ends with `[DONE]`, and turns a mid-stream failure into an error frame.
+/// The request is accounted (its ledger row queued) before the last frame goes out, so a client
+/// that posts feedback as soon as it has read `[DONE]` always finds its request.
 fn client_stream(
     first: Chunk,
     rest: ChunkStream,
@@ -575,48 +690,49 @@ fn client_stream(
         first: Option<Chunk>,
         rest: ChunkStream,
         client_wants_usage: bool,
-        meter: RequestMeter,
-        done: bool,
+        /// Taken (and so recorded) when the stream ends; dropped unrecorded-yet when the client
+        /// goes away first, which records it as cancelled.
+        meter: Option<RequestMeter>,
     }
     let state = State {
         first: Some(first),
         rest,
         client_wants_usage,
-        meter,
-        done: false,
+        meter: Some(meter),
     };
     futures::stream::unfold(state, |mut s| async move {
         loop {
-            if s.done {
-                return None;
-            }
+            let meter = s.meter.as_mut()?;
             let next = match s.first.take() {
                 Some(chunk) => Some(Ok(chunk)),
                 None => s.rest.next().await,
             };
             match next {
                 None => {
-                    s.done = true;
-                    s.meter.outcome = Outcome::Ok;
+                    meter.outcome = Outcome::Ok;
+                    drop(s.meter.take());
                     return Some((Bytes::from_static(b"data: [DONE]\n\n"), s));
                 }
                 Some(Err(e)) => {
-                    s.done = true;
-                    s.meter.outcome = Outcome::Error;
-                    let backend = s.meter.route.as_ref().map_or("", |(r, _)| r.backend.as_str());
+                    meter.outcome = Outcome::Error;
+                    let backend = meter.route.as_ref().map_or("", |(r, _)| r.backend.as_str());
                     tracing::warn!(backend, error = %e, "upstream stream failed after the first byte");
                     let error = e.to_api_error(backend);
+                    drop(s.meter.take());
                     return Some((sse_frame(&error.to_json()), s));
                 }
                 Some(Ok(chunk)) => {
                     if chunk.usage.is_some() {
-                        s.meter.usage = chunk.usage;
-                        s.meter.output = Vec::new();
+                        meter.usage = chunk.usage;
+                        meter.output = Vec::new();
                     } else {
-                        s.meter.keep_output(&chunk.data);
+                        meter.keep_output(&chunk.data);
+                    }
+                    if let Some(answer) = &mut meter.answer {
+                        generated_text(&chunk.data, answer);
                     }
                     if chunk.is_error {
-                        s.meter.outcome = Outcome::Error;
+                        meter.outcome = Outcome::Error;
                     }
                     if s.client_wants_usage {
                         return Some((sse_frame(&chunk.data), s));

@@ -24,6 +24,14 @@ use crate::metering::Bill;
 /// migration.
 const REQUESTS: TableDefinition<u64, &[u8]> = TableDefinition::new("requests");
 
+/// Request id -> the key of its (latest) row, so outcomes can be checked against and joined
+/// with the request they grade.
+const REQUEST_IDS: TableDefinition<&str, u64> = TableDefinition::new("request_ids");
+
+/// (request id, outcome source) -> the outcome as JSON: one outcome per request and source, so
+/// a repeated `POST /v1/feedback` replaces rather than adds.
+const OUTCOMES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("outcomes");
+
 /// How often retention runs, at most.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
@@ -40,7 +48,10 @@ pub struct LedgerRow {
     pub backend: String,
     /// Why (the routing or fallback reason).
     pub reason: String,
-    /// The experiment arm, once experiments assign one.
+    /// The experiment the request was enrolled in.
+    #[serde(default)]
+    pub experiment: Option<String>,
+    /// Its arm in that experiment.
     pub arm: Option<String>,
     /// The router's estimate, when it ran.
     pub p_local: Option<f64>,
@@ -67,6 +78,111 @@ pub struct LedgerRow {
     pub energy_source: String,
     /// Spend and counterfactual.
     pub bill: Bill,
+}
+
+/// Where an outcome came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutcomeSource {
+    /// `POST /v1/feedback` from the application or its users.
+    Feedback,
+    /// A shadow check: the local answer graded against the cloud's.
+    Shadow,
+}
+
+impl OutcomeSource {
+    /// The stable name used in keys, labels and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeSource::Feedback => "feedback",
+            OutcomeSource::Shadow => "shadow",
+        }
+    }
+}
+
+/// How good one answer was, by one source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeRecord {
+    /// The graded request.
+    pub request_id: String,
+    /// Who graded it.
+    pub source: OutcomeSource,
+    /// When it was recorded, microseconds since the Unix epoch.
+    pub time_us: u64,
+    /// 0..1; at least 0.5 counts as a success in reports.
+    pub score: f64,
+    /// Feedback given as `thumbs` (`up`/`down`) rather than a score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thumbs: Option<String>,
+    /// Free text from the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// Shadow: how the verdict was reached (judge verdicts, or the similarity rule's reading).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Shadow: what the check spent (never counted as savings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend: Option<ShadowSpend>,
+}
+
+impl OutcomeRecord {
+    /// Whether reports count it as a success.
+    pub fn success(&self) -> bool {
+        self.score >= 0.5
+    }
+
+    /// The same judgement (what idempotency compares): everything but the time.
+    fn same_as(&self, other: &Self) -> bool {
+        self.score == other.score
+            && self.thumbs == other.thumbs
+            && self.comment == other.comment
+            && self.detail == other.detail
+    }
+}
+
+/// What one shadow check spent on cloud calls: all estimated from tokens and prices.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ShadowSpend {
+    /// Tokens sent to the cloud (answer and judge).
+    pub input_tokens: u64,
+    /// Tokens the cloud generated (answer and judge).
+    pub output_tokens: u64,
+    /// Dollars at the backends' configured prices.
+    pub usd: f64,
+    /// Joules, tokens x J/token x PUE (an estimate, like every cloud energy figure).
+    pub joules_estimated: f64,
+}
+
+/// What happened to an outcome written with [`LedgerSender::record_outcome`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stored {
+    /// The first outcome of this source for the request.
+    Created,
+    /// The same outcome again: nothing changed.
+    Unchanged,
+    /// A different outcome replaced the earlier one.
+    Replaced,
+}
+
+/// An outcome was not stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OutcomeError {
+    /// No ledger row has this request id (never seen, or removed by retention).
+    #[error("no request with id `{0}` in the ledger")]
+    UnknownRequest(String),
+    /// The database failed.
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// The stored outcome and the experiment arm of the request it grades.
+#[derive(Debug, Clone)]
+pub struct OutcomeReceipt {
+    /// What happened.
+    pub stored: Stored,
+    /// The graded request's experiment and arm, when it was enrolled.
+    pub arm: Option<(String, String)>,
 }
 
 /// Opening or reading the ledger failed.
@@ -110,9 +226,12 @@ impl Ledger {
             db: Arc::new(db),
             path: path.to_owned(),
         };
-        // Create the table so readers of an empty ledger see zero rows, not an error.
+        // Create the tables so readers of an empty ledger see zero rows, not an error.
         let txn = ledger.db.begin_write().map_err(|e| other(e.to_string()))?;
         txn.open_table(REQUESTS).map_err(|e| other(e.to_string()))?;
+        txn.open_table(REQUEST_IDS)
+            .map_err(|e| other(e.to_string()))?;
+        txn.open_table(OUTCOMES).map_err(|e| other(e.to_string()))?;
         txn.commit().map_err(|e| other(e.to_string()))?;
         Ok(ledger)
     }
@@ -137,6 +256,24 @@ impl Ledger {
             }
         }
         Ok(rows)
+    }
+
+    /// Every outcome (feedback and shadow checks), by request id.
+    pub fn outcomes(&self) -> Result<Vec<OutcomeRecord>, LedgerError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let table = txn.open_table(OUTCOMES).map_err(|e| self.error(e))?;
+        let mut outcomes = Vec::new();
+        for entry in table.iter().map_err(|e| self.error(e))? {
+            let (key, value) = entry.map_err(|e| self.error(e))?;
+            match serde_json::from_slice::<OutcomeRecord>(value.value()) {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(e) => {
+                    let (id, source) = key.value();
+                    tracing::warn!(request_id = id, source, error = %e, "unreadable outcome skipped");
+                }
+            }
+        }
+        Ok(outcomes)
     }
 
     /// Number of rows.
@@ -167,11 +304,14 @@ impl Ledger {
         let txn = self.db.begin_write().map_err(|e| e.to_string())?;
         {
             let mut table = txn.open_table(REQUESTS).map_err(|e| e.to_string())?;
+            let mut ids = txn.open_table(REQUEST_IDS).map_err(|e| e.to_string())?;
             for row in rows {
                 let key = row.time_us.max(last_key.saturating_add(1));
                 let value = serde_json::to_vec(row).map_err(|e| e.to_string())?;
                 table
                     .insert(key, value.as_slice())
+                    .map_err(|e| e.to_string())?;
+                ids.insert(row.request_id.as_str(), key)
                     .map_err(|e| e.to_string())?;
                 *last_key = key;
             }
@@ -179,26 +319,90 @@ impl Ledger {
         txn.commit().map_err(|e| e.to_string())
     }
 
-    /// Deletes rows older than `max_age` and beyond `max_rows` (oldest first).
+    /// Stores an outcome of a request in the ledger (one durable transaction), replacing an
+    /// earlier one of the same source. Fails for a request id no row has.
+    fn store_outcome(&self, outcome: &OutcomeRecord) -> Result<OutcomeReceipt, OutcomeError> {
+        let storage = |e: &dyn std::fmt::Display| OutcomeError::Storage(e.to_string());
+        let txn = self.db.begin_write().map_err(|e| storage(&e))?;
+        let receipt = {
+            let ids = txn.open_table(REQUEST_IDS).map_err(|e| storage(&e))?;
+            let Some(key) = ids
+                .get(outcome.request_id.as_str())
+                .map_err(|e| storage(&e))?
+                .map(|k| k.value())
+            else {
+                return Err(OutcomeError::UnknownRequest(outcome.request_id.clone()));
+            };
+            let requests = txn.open_table(REQUESTS).map_err(|e| storage(&e))?;
+            let arm = requests
+                .get(key)
+                .map_err(|e| storage(&e))?
+                .and_then(|v| serde_json::from_slice::<LedgerRow>(v.value()).ok())
+                .and_then(|row| Some((row.experiment?, row.arm?)));
+            let mut outcomes = txn.open_table(OUTCOMES).map_err(|e| storage(&e))?;
+            let slot = (outcome.request_id.as_str(), outcome.source.as_str());
+            let earlier = outcomes
+                .get(slot)
+                .map_err(|e| storage(&e))?
+                .and_then(|v| serde_json::from_slice::<OutcomeRecord>(v.value()).ok());
+            let stored = match earlier {
+                Some(e) if e.same_as(outcome) => Stored::Unchanged,
+                Some(_) => Stored::Replaced,
+                None => Stored::Created,
+            };
+            if stored != Stored::Unchanged {
+                let value = serde_json::to_vec(outcome).map_err(|e| storage(&e))?;
+                outcomes
+                    .insert(slot, value.as_slice())
+                    .map_err(|e| storage(&e))?;
+            }
+            OutcomeReceipt { stored, arm }
+        };
+        txn.commit().map_err(|e| storage(&e))?;
+        Ok(receipt)
+    }
+
+    /// Deletes rows older than `max_age` and beyond `max_rows` (oldest first), with their
+    /// request-id index entries and outcomes.
     fn retain(&self, max_age: Option<Duration>, max_rows: u64) -> Result<u64, String> {
+        let cutoff = max_age.map_or(0, |age| now_us().saturating_sub(age.as_micros() as u64));
         let txn = self.db.begin_write().map_err(|e| e.to_string())?;
         let mut removed = 0;
         {
             let mut table = txn.open_table(REQUESTS).map_err(|e| e.to_string())?;
-            if let Some(age) = max_age {
-                let cutoff = now_us().saturating_sub(age.as_micros() as u64);
-                let before = table.len().map_err(|e| e.to_string())?;
-                table
-                    .retain_in(..cutoff, |_, _| false)
-                    .map_err(|e| e.to_string())?;
-                removed += before - table.len().map_err(|e| e.to_string())?;
-            }
-            if max_rows > 0 {
-                let len = table.len().map_err(|e| e.to_string())?;
-                for _ in max_rows..len {
-                    table.pop_first().map_err(|e| e.to_string())?;
-                    removed += 1;
+            let mut ids = txn.open_table(REQUEST_IDS).map_err(|e| e.to_string())?;
+            let mut outcomes = txn.open_table(OUTCOMES).map_err(|e| e.to_string())?;
+            let len = table.len().map_err(|e| e.to_string())?;
+            let excess = if max_rows > 0 { len.saturating_sub(max_rows) } else { 0 };
+            // Keys are times, so both rules select a prefix of the table.
+            let mut doomed: Vec<(u64, String)> = Vec::new();
+            for entry in table.iter().map_err(|e| e.to_string())? {
+                let (key, value) = entry.map_err(|e| e.to_string())?;
+                let key = key.value();
+                if key >= cutoff && doomed.len() as u64 >= excess {
+                    break;
                 }
+                let id = serde_json::from_slice::<LedgerRow>(value.value())
+                    .map(|r| r.request_id)
+                    .unwrap_or_default();
+                doomed.push((key, id));
+            }
+            for (key, id) in &doomed {
+                table.remove(key).map_err(|e| e.to_string())?;
+                let indexed = ids
+                    .get(id.as_str())
+                    .map_err(|e| e.to_string())?
+                    .map(|k| k.value());
+                // A later row may reuse a client-chosen id; its index and outcomes stay.
+                if indexed == Some(*key) {
+                    ids.remove(id.as_str()).map_err(|e| e.to_string())?;
+                    for source in [OutcomeSource::Feedback, OutcomeSource::Shadow] {
+                        outcomes
+                            .remove((id.as_str(), source.as_str()))
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                removed += 1;
             }
         }
         txn.commit().map_err(|e| e.to_string())?;
@@ -216,9 +420,13 @@ impl Ledger {
 /// What the request path sends the writer thread.
 enum Message {
     Row(Box<LedgerRow>),
+    /// Write the rows queued so far, then the outcome, then answer (if anyone waits).
+    Outcome(Box<OutcomeRecord>, Option<OutcomeReply>),
     /// Write everything queued now, then acknowledge.
     Flush(Sender<()>),
 }
+
+type OutcomeReply = tokio::sync::oneshot::Sender<Result<OutcomeReceipt, OutcomeError>>;
 
 /// The request path's handle: queues rows for the writer thread.
 #[derive(Clone)]
@@ -233,6 +441,21 @@ impl LedgerSender {
         if self.tx.send(Message::Row(Box::new(row))).is_err() {
             tracing::error!("ledger writer has stopped; a row was not recorded");
         }
+    }
+
+    /// Stores an outcome after every row queued before it (so feedback on a request just
+    /// answered finds its row), and answers with the receipt.
+    pub async fn record_outcome(
+        &self,
+        outcome: OutcomeRecord,
+    ) -> Result<OutcomeReceipt, OutcomeError> {
+        let (reply, receipt) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Message::Outcome(Box::new(outcome), Some(reply)))
+            .map_err(|_| OutcomeError::Storage("the ledger writer has stopped".to_owned()))?;
+        receipt
+            .await
+            .map_err(|_| OutcomeError::Storage("the ledger writer has stopped".to_owned()))?
     }
 
     /// Writes everything queued so far, waiting at most `timeout` (graceful shutdown).
@@ -283,20 +506,27 @@ fn writer(
                 ack = Some(done);
                 false
             }
+            Ok(Message::Outcome(outcome, reply)) => {
+                let result = flush(ledger, &mut batch, &mut last_key)
+                    .map_err(OutcomeError::Storage)
+                    .and_then(|()| ledger.store_outcome(&outcome));
+                if let Err(e) = &result {
+                    tracing::debug!(request_id = %outcome.request_id, error = %e, "outcome not stored");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+                false
+            }
             Err(RecvTimeoutError::Timeout) => false,
             Err(RecvTimeoutError::Disconnected) => true,
         };
         if Instant::now() < next_flush && !closed && ack.is_none() {
             continue;
         }
-        if !batch.is_empty() {
-            match ledger.write(&batch, &mut last_key) {
-                Ok(()) => batch.clear(),
-                // Kept and retried at the next interval: a full disk is not a reason to drop.
-                Err(e) => {
-                    tracing::error!(rows = batch.len(), error = %e, "ledger write failed; retrying at the next flush")
-                }
-            }
+        if let Err(e) = flush(ledger, &mut batch, &mut last_key) {
+            // Kept and retried at the next interval: a full disk is not a reason to drop.
+            tracing::error!(rows = batch.len(), error = %e, "ledger write failed; retrying at the next flush");
         }
         if Instant::now() >= next_retention {
             match ledger.retain(max_age, max_rows) {
@@ -322,6 +552,16 @@ fn writer(
     }
 }
 
+/// Writes the queued rows in one transaction; on failure they stay queued.
+fn flush(ledger: &Ledger, batch: &mut Vec<LedgerRow>, last_key: &mut u64) -> Result<(), String> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    ledger.write(batch, last_key)?;
+    batch.clear();
+    Ok(())
+}
+
 /// Microseconds since the Unix epoch now.
 pub fn now_us() -> u64 {
     SystemTime::now()
@@ -340,6 +580,7 @@ mod tests {
             route: "local".to_owned(),
             backend: "b".to_owned(),
             reason: "prefer_local".to_owned(),
+            experiment: None,
             arm: None,
             p_local: Some(0.7),
             fallback_from: None,

@@ -8,6 +8,7 @@
 pub mod backends;
 pub mod config;
 pub mod error;
+pub mod experiments;
 pub mod gateway;
 pub mod ledger;
 pub mod metering;

@@ -55,6 +55,11 @@ enum Command {
         #[arg(long)]
         ledger: Option<PathBuf>,
     },
+    /// A/B experiments on routing: per-arm reports from the ledger.
+    Experiments {
+        #[command(subcommand)]
+        command: ExperimentsCommand,
+    },
     /// Measure a model on a labeled workload: accuracy, joules and seconds per query, IPW and
     /// IPJ, by source and category. Writes queries.jsonl (router training data for the
     /// model), summary.json and accuracy_vs_energy.svg; re-running resumes.
@@ -132,6 +137,25 @@ enum Command {
         /// `table` or `json`.
         #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
         format: ReportFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExperimentsCommand {
+    /// Per arm: requests, local share, success from feedback and shadow checks (95% Wilson
+    /// intervals), savings, the difference against the control with a two-proportion test, and
+    /// a verdict. While the daemon holds the ledger, asks it (GET /v1/experiments).
+    Report {
+        /// One experiment; all (configured, or found in the ledger) when omitted.
+        name: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// `table` for people, `json` for scripts.
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        format: ReportFormat,
+        /// Ledger file, overriding `ledger.path`.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
     },
 }
 
@@ -272,6 +296,15 @@ fn main() -> ExitCode {
             format,
             ledger,
         } => report(&config, since.as_deref(), format, ledger),
+        Command::Experiments {
+            command:
+                ExperimentsCommand::Report {
+                    name,
+                    config,
+                    format,
+                    ledger,
+                },
+        } => experiments_report(&config, name.as_deref(), format, ledger),
         Command::Simulate {
             config,
             data,
@@ -777,18 +810,7 @@ fn report_savings(
                 "{} is held by the running daemon; reading {url} instead",
                 path.display()
             );
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let body: serde_json::Value = runtime.block_on(async {
-                let response = reqwest::get(&url).await?;
-                let status = response.status();
-                let text = response.text().await?;
-                if !status.is_success() {
-                    anyhow::bail!("{url} answered {status}: {text}");
-                }
-                Ok(serde_json::from_str(&text)?)
-            })?;
+            let body = get_json(&url)?;
             let savings = body
                 .get("savings")
                 .cloned()
@@ -797,6 +819,130 @@ fn report_savings(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn experiments_report(
+    arg: &ConfigArg,
+    name: Option<&str>,
+    format: ReportFormat,
+    ledger: Option<PathBuf>,
+) -> ExitCode {
+    let reports = match load_experiment_reports(arg, name, ledger) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match format {
+        ReportFormat::Table => {
+            if reports.is_empty() {
+                println!("no experiments configured or recorded in the ledger");
+            }
+            for (i, r) in reports.iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print!("{}", r.to_table());
+            }
+        }
+        ReportFormat::Json => {
+            let value = match name {
+                Some(_) => serde_json::to_string_pretty(&reports.first()),
+                None => serde_json::to_string_pretty(&reports),
+            };
+            match value {
+                Ok(text) => println!("{text}"),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn load_experiment_reports(
+    arg: &ConfigArg,
+    name: Option<&str>,
+    ledger: Option<PathBuf>,
+) -> anyhow::Result<Vec<wattgate::experiments::report::ExperimentReport>> {
+    use wattgate::experiments::report;
+    use wattgate::ledger::{Ledger, LedgerError};
+    let (config, _) = arg.load()?;
+    let path = match ledger.or_else(|| config.ledger.resolved_path()) {
+        Some(p) => p,
+        None => anyhow::bail!("no ledger path: set ledger.path or pass --ledger"),
+    };
+    if !path.is_file() {
+        anyhow::bail!(
+            "no ledger at {} (the daemon creates it on its first start; pass --ledger or --config)",
+            path.display()
+        );
+    }
+    match Ledger::open(&path) {
+        Ok(ledger) => {
+            let rows = ledger.rows_since(0)?;
+            let outcomes = ledger.outcomes()?;
+            let names = match name {
+                Some(n) => vec![n.to_owned()],
+                None => report::experiment_names(&config.experiments, &rows),
+            };
+            let reports: Vec<_> = names
+                .iter()
+                .filter_map(|n| {
+                    let configured = wattgate::experiments::find(&config, n);
+                    report::build(n, configured, &rows, &outcomes, 0)
+                })
+                .collect();
+            if let (Some(n), true) = (name, reports.is_empty()) {
+                let known = report::experiment_names(&config.experiments, &rows);
+                anyhow::bail!(
+                    "no experiment `{n}` in the config or the ledger (known: {})",
+                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                );
+            }
+            Ok(reports)
+        }
+        Err(LedgerError::Busy(_)) => {
+            let url = format!(
+                "http://{}/v1/experiments{}",
+                config.server.listen,
+                name.map(|n| format!("/{n}")).unwrap_or_default()
+            );
+            eprintln!(
+                "{} is held by the running daemon; reading {url} instead",
+                path.display()
+            );
+            let body = get_json(&url)?;
+            Ok(match name {
+                Some(_) => vec![serde_json::from_value(body)?],
+                None => serde_json::from_value(
+                    body.get("data")
+                        .cloned()
+                        .ok_or_else(|| anyhow::anyhow!("{url} answered without `data`"))?,
+                )?,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// GET `url` from the running daemon; a non-2xx status is an error carrying its body.
+fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let response = reqwest::get(url).await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            anyhow::bail!("{url} answered {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    })
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -33,7 +33,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// Time to response headers by endpoint and method.
     pub http_duration: HistogramVec,
-    /// Chat requests by route, backend, reason, outcome (ok, error, cancelled) and experiment
+    /// Chat requests by route, backend, reason, outcome (ok, error, cancelled), experiment and
     /// arm (`none` outside experiments).
     pub chat_requests: IntCounterVec,
     /// Time from arrival to the first byte of the answer, by route and backend.
@@ -74,6 +74,23 @@ pub struct Metrics {
     pub router_duration: HistogramVec,
     /// Routing decisions for the alias, by reason (before any fallback).
     pub router_decisions: IntCounterVec,
+    /// Outcomes by experiment, arm, source (feedback, shadow) and result (success, failure).
+    pub experiment_outcomes: IntCounterVec,
+    /// Joules by experiment, arm and kind (`actual`: spent; `counterfactual`: cloud-only).
+    pub experiment_energy: CounterVec,
+    /// FLOPs by experiment, arm and kind (`actual`, `counterfactual`).
+    pub experiment_flops: CounterVec,
+    /// Dollars by experiment, arm and kind (`actual`, `counterfactual`).
+    pub experiment_cost: CounterVec,
+    /// Shadow checks by experiment, arm and result (agree, disagree, error, skipped_budget,
+    /// skipped_busy).
+    pub shadow_checks: IntCounterVec,
+    /// Dollars shadow checks spent, by the backend called (never counted as savings).
+    pub shadow_cost: CounterVec,
+    /// Joules shadow checks caused, by backend and source (`cloud_estimate`).
+    pub shadow_energy: CounterVec,
+    /// Tokens shadow checks used, by backend and kind (input, output).
+    pub shadow_tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -139,8 +156,8 @@ impl Metrics {
             )?,
             chat_requests: counter(
                 "wattgate_chat_requests_total",
-                "Chat completions by route (local|cloud), backend, routing reason, outcome (ok|error|cancelled) and experiment arm.",
-                &["route", "backend", "reason", "outcome", "arm"],
+                "Chat completions by route (local|cloud), backend, routing reason, outcome (ok|error|cancelled), experiment and arm (none outside experiments).",
+                &["route", "backend", "reason", "outcome", "experiment", "arm"],
             )?,
             ttft: histogram(
                 "wattgate_time_to_first_token_seconds",
@@ -222,6 +239,46 @@ impl Metrics {
                 "wattgate_router_decisions_total",
                 "Routing decisions for the routing alias by reason, before any fallback.",
                 &["reason"],
+            )?,
+            experiment_outcomes: counter(
+                "wattgate_experiment_outcomes_total",
+                "Graded answers by experiment, arm, source (feedback|shadow) and result (success: score >= 0.5|failure).",
+                &["experiment", "arm", "source", "result"],
+            )?,
+            experiment_energy: float_counter(
+                "wattgate_experiment_energy_joules_total",
+                "Joules by experiment, arm and kind (actual|counterfactual: what cloud-only would have spent).",
+                &["experiment", "arm", "kind"],
+            )?,
+            experiment_flops: float_counter(
+                "wattgate_experiment_flops_total",
+                "FLOPs by experiment, arm and kind (actual|counterfactual).",
+                &["experiment", "arm", "kind"],
+            )?,
+            experiment_cost: float_counter(
+                "wattgate_experiment_cost_dollars_total",
+                "US dollars by experiment, arm and kind (actual|counterfactual).",
+                &["experiment", "arm", "kind"],
+            )?,
+            shadow_checks: counter(
+                "wattgate_shadow_checks_total",
+                "Shadow checks of local answers against the cloud by experiment, arm and result (agree|disagree|error|skipped_budget|skipped_busy).",
+                &["experiment", "arm", "result"],
+            )?,
+            shadow_cost: float_counter(
+                "wattgate_shadow_cost_dollars_total",
+                "US dollars spent on shadow checks (cloud answers and judging), by backend; not savings, not in the request counters.",
+                &["backend"],
+            )?,
+            shadow_energy: float_counter(
+                "wattgate_shadow_energy_joules_total",
+                "Joules caused by shadow checks, by backend and source (cloud_estimate).",
+                &["backend", "source"],
+            )?,
+            shadow_tokens: counter(
+                "wattgate_shadow_tokens_total",
+                "Tokens used by shadow checks, by backend and kind (input|output).",
+                &["backend", "kind"],
             )?,
             in_flight,
             registry,

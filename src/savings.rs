@@ -71,7 +71,8 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, row: &LedgerRow) {
+    /// Adds one request's row.
+    pub fn add(&mut self, row: &LedgerRow) {
         self.requests += 1;
         match row.route.as_str() {
             "local" => self.local_requests += 1,
@@ -352,6 +353,7 @@ mod tests {
             route: route.to_owned(),
             backend: backend.to_owned(),
             reason: "x".to_owned(),
+            experiment: None,
             arm: None,
             p_local: None,
             fallback_from: None,

@@ -156,6 +156,21 @@ impl ChatRequest {
         serde_json::to_vec(&body).unwrap_or_default()
     }
 
+    /// The same request answered whole rather than streamed (for background re-asks such as
+    /// shadow checks, which need the answer, not the frames).
+    pub fn unstreamed(&self) -> ChatRequest {
+        let mut body = self.body.clone();
+        body.remove("stream_options");
+        body.insert("stream".to_owned(), Value::Bool(false));
+        ChatRequest {
+            body,
+            model: self.model.clone(),
+            stream: false,
+            include_usage: false,
+            prompt_chars: self.prompt_chars,
+        }
+    }
+
     /// The client's JSON object, for inspection (e.g. by routers looking at `tools`).
     pub fn body(&self) -> &Map<String, Value> {
         &self.body

@@ -152,7 +152,7 @@ async fn streaming_without_include_usage_hides_the_metering_chunk_but_counts_tok
                 ("backend", "local"),
                 ("reason", "prefer_local"),
                 ("outcome", "ok"),
-                ("arm", "none")
+                ("experiment", "none"), ("arm", "none")
             ]
         ),
         1.0
@@ -382,7 +382,7 @@ async fn metrics_count_requests_and_latency_by_route_and_model() {
                 ("backend", backend),
                 ("reason", reason),
                 ("outcome", "ok"),
-                ("arm", "none"),
+                ("experiment", "none"), ("arm", "none"),
             ],
         )
     };

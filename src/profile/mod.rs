@@ -661,7 +661,7 @@ async fn complete(
 }
 
 /// Reads a stream to its end: the text and the usage, if sent.
-async fn collect_stream(
+pub(crate) async fn collect_stream(
     opened: crate::backends::OpenedStream,
 ) -> Result<(String, Option<crate::wire::Usage>), BackendError> {
     let mut text = String::new();

@@ -29,19 +29,20 @@ pub async fn chat_completions(
     Extension(ctx): Extension<RequestContext>,
     request: Request,
 ) -> Response {
-    let overrides = match overrides(request.headers()) {
+    let (parts, body) = request.into_parts();
+    let overrides = match overrides(&parts.headers) {
         Ok(o) => o,
         Err(e) => return e.into_response(),
     };
     let limit = state.inner.max_body_bytes;
-    let body = match read_body(request.into_body(), limit).await {
+    let body = match read_body(body, limit).await {
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
     match state
         .inner
         .gateway
-        .chat(&body, overrides, ctx.started, &ctx.id)
+        .chat(&body, overrides, &parts.headers, ctx.started, &ctx.id)
         .await
     {
         Ok(answer) => answer_response(answer),
@@ -94,7 +95,7 @@ fn bad_header(name: &HeaderName, what: &str) -> ApiError {
 }
 
 /// Reads the body up to `limit` bytes; past it, drains a bounded amount and reports 413.
-async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut body = body.into_data_stream();
     let mut buf = Vec::new();
     let mut seen = 0usize;
@@ -125,6 +126,8 @@ static OVERHEAD: HeaderName = HeaderName::from_static("x-wattgate-overhead-ms");
 static FALLBACK_FROM: HeaderName = HeaderName::from_static("x-wattgate-fallback-from");
 static THRESHOLD: HeaderName = HeaderName::from_static("x-wattgate-threshold");
 static P_LOCAL: HeaderName = HeaderName::from_static("x-wattgate-p-local");
+static EXPERIMENT: HeaderName = HeaderName::from_static("x-wattgate-experiment");
+static ARM: HeaderName = HeaderName::from_static("x-wattgate-arm");
 
 fn answer_response(answer: Answer) -> Response {
     let mut response = match answer.body {
@@ -168,6 +171,13 @@ fn answer_response(answer: Answer) -> Response {
         // Shortest round-trip decimal: the same number `wattgate router score` prints.
         if let Ok(v) = HeaderValue::from_str(&p.to_string()) {
             headers.insert(P_LOCAL.clone(), v);
+        }
+    }
+    if let Some((experiment, arm)) = &route.arm {
+        // Names are validated to header-safe characters when the config loads.
+        if let (Ok(e), Ok(a)) = (HeaderValue::from_str(experiment), HeaderValue::from_str(arm)) {
+            headers.insert(EXPERIMENT.clone(), e);
+            headers.insert(ARM.clone(), a);
         }
     }
     if let Some(Ok(v)) = route.fallback_from.as_deref().map(HeaderValue::from_str) {
@@ -370,7 +380,7 @@ pub async fn savings_series(State(state): State<AppState>, uri: Uri) -> Response
 
 /// The ledger's rows from `since_us` on, read off the async runtime; 503 when the ledger is
 /// disabled, 500 when it cannot be read.
-async fn ledger_rows(
+pub(super) async fn ledger_rows(
     state: &AppState,
     since_us: u64,
 ) -> Result<Vec<crate::ledger::LedgerRow>, ApiError> {

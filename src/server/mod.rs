@@ -4,6 +4,7 @@
 //! OpenAI-shaped responses with `x-wattgate-*` headers. Everything a client can get wrong, and
 //! every path that does not exist, ends in an [`ApiError`].
 
+mod experiments;
 mod handlers;
 mod observe;
 
@@ -41,6 +42,7 @@ struct Shared {
     ledger: Option<Ledger>,
     ledger_writer: Option<LedgerSender>,
     baseline_backend: Option<String>,
+    experiments: Vec<crate::config::ExperimentConfig>,
 }
 
 impl AppState {
@@ -69,6 +71,7 @@ impl AppState {
                 baseline_backend: metering.baseline_name(config).map(str::to_owned),
                 ledger,
                 ledger_writer,
+                experiments: config.experiments.clone(),
             }),
         })
     }
@@ -110,6 +113,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/savings", get(handlers::savings))
         .route("/v1/savings/series", get(handlers::savings_series))
         .route("/dashboard", get(handlers::dashboard))
+        .route("/v1/feedback", post(experiments::post_feedback))
+        .route("/v1/experiments", get(experiments::list_experiments))
+        .route("/v1/experiments/{name}", get(experiments::get_experiment))
         .fallback(handlers::unknown_endpoint)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         // The chat handler enforces its own configured limit; this covers the other extractors.
