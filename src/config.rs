@@ -963,19 +963,28 @@ impl Config {
             match (&e.header, e.unit) {
                 (Some(h), ExperimentUnit::Header) => {
                     if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                        return Err(invalid(key("header"), format!("\"{h}\" is not a valid header name")));
+                        return Err(invalid(
+                            key("header"),
+                            format!("\"{h}\" is not a valid header name"),
+                        ));
                     }
                 }
                 (Some(_), unit) => {
                     return Err(invalid(
                         key("header"),
-                        format!("applies only to unit = \"header\", not unit = \"{}\"", unit.as_str()),
+                        format!(
+                            "applies only to unit = \"header\", not unit = \"{}\"",
+                            unit.as_str()
+                        ),
                     ))
                 }
                 (None, _) => {}
             }
             if e.arms.len() < 2 {
-                return Err(invalid(key("arms"), "needs at least two arms ([[experiments.arms]] tables)"));
+                return Err(invalid(
+                    key("arms"),
+                    "needs at least two arms ([[experiments.arms]] tables)",
+                ));
             }
             let mut total = 0.0;
             for (a, arm) in e.arms.iter().enumerate() {
@@ -994,14 +1003,24 @@ impl Config {
                     ("target_local_share", arm.target_local_share),
                     ("max_quality_loss", arm.max_quality_loss),
                 ];
-                let set: Vec<&str> = targets.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| *k).collect();
+                let set: Vec<&str> = targets
+                    .iter()
+                    .filter(|(_, v)| v.is_some())
+                    .map(|(k, _)| *k)
+                    .collect();
                 if set.len() > 1 {
-                    return Err(invalid(akey(set[1]), format!("cannot be set together with {}; choose one", set[0])));
+                    return Err(invalid(
+                        akey(set[1]),
+                        format!("cannot be set together with {}; choose one", set[0]),
+                    ));
                 }
                 for (field, value) in targets {
                     if let Some(v) = value {
                         if !(0.0..=1.0).contains(&v) {
-                            return Err(invalid(akey(field), format!("must be between 0 and 1, got {v}")));
+                            return Err(invalid(
+                                akey(field),
+                                format!("must be between 0 and 1, got {v}"),
+                            ));
                         }
                     }
                 }
@@ -1014,11 +1033,17 @@ impl Config {
                     ));
                 }
                 if arm.router.is_some() && !self.backends.iter().any(|b| b.role == Role::Local) {
-                    return Err(invalid(akey("router"), "needs a backend with role = \"local\""));
+                    return Err(invalid(
+                        akey("router"),
+                        "needs a backend with role = \"local\"",
+                    ));
                 }
                 let backends = arm.backends(&self.backends);
                 if routing.policy == RoutingPolicy::Router {
-                    if let Some(b) = backends.iter().position(|b| b.role == Role::Local && b.router_name().is_none()) {
+                    if let Some(b) = backends
+                        .iter()
+                        .position(|b| b.role == Role::Local && b.router_name().is_none())
+                    {
                         return Err(invalid(
                             akey("router"),
                             format!("is needed: the arm routes with policy = \"router\" and backends[{b}] has no router"),
@@ -1028,10 +1053,16 @@ impl Config {
                 let has = |role: Role| backends.iter().any(|b| b.role == role);
                 match routing.policy {
                     RoutingPolicy::CloudOnly if !has(Role::Cloud) => {
-                        return Err(invalid(akey("policy"), "is \"cloud_only\" but no backend has role = \"cloud\""))
+                        return Err(invalid(
+                            akey("policy"),
+                            "is \"cloud_only\" but no backend has role = \"cloud\"",
+                        ))
                     }
                     RoutingPolicy::LocalOnly if !has(Role::Local) => {
-                        return Err(invalid(akey("policy"), "is \"local_only\" but no backend has role = \"local\""))
+                        return Err(invalid(
+                            akey("policy"),
+                            "is \"local_only\" but no backend has role = \"local\"",
+                        ))
                     }
                     _ => {}
                 }
@@ -1049,7 +1080,10 @@ impl Config {
             }
             if e.enabled {
                 let header = e.unit_header();
-                if let Some((j, _, _)) = enrolling.iter().find(|(_, u, h)| *u == e.unit && *h == header) {
+                if let Some((j, _, _)) = enrolling
+                    .iter()
+                    .find(|(_, u, h)| *u == e.unit && *h == header)
+                {
                     return Err(invalid(
                         key("unit"),
                         format!("is the same as enabled experiments[{j}]'s, which enrolls every such request first; this experiment would get no traffic (disable one, or use another unit)"),
@@ -1064,7 +1098,10 @@ impl Config {
     fn validate_shadow(&self) -> Result<(), ConfigError> {
         let s = &self.shadow;
         if !(0.0..=1.0).contains(&s.sample_rate) {
-            return Err(invalid("shadow.sample_rate", format!("must be between 0 and 1, got {}", s.sample_rate)));
+            return Err(invalid(
+                "shadow.sample_rate",
+                format!("must be between 0 and 1, got {}", s.sample_rate),
+            ));
         }
         check_non_negative("shadow.budget_usd_per_hour", s.budget_usd_per_hour)?;
         if !(0.0..=1.0).contains(&s.similarity_threshold) {
@@ -1080,18 +1117,38 @@ impl Config {
             let Some(name) = name else { continue };
             match self.backends.iter().find(|b| &b.name == name) {
                 Some(b) if b.role == Role::Cloud => {}
-                Some(_) => return Err(invalid(key, format!("\"{name}\" is a local backend; shadow checks compare with a cloud backend"))),
-                None => return Err(invalid(key, format!("\"{name}\" is not a configured backend name"))),
+                Some(_) => return Err(invalid(
+                    key,
+                    format!(
+                        "\"{name}\" is a local backend; shadow checks compare with a cloud backend"
+                    ),
+                )),
+                None => {
+                    return Err(invalid(
+                        key,
+                        format!("\"{name}\" is not a configured backend name"),
+                    ))
+                }
             }
         }
         if s.sample_rate > 0.0 {
             let Some(backend) = self.shadow_backend() else {
-                return Err(invalid("shadow.sample_rate", "is above 0 but no backend has role = \"cloud\" to compare with"));
+                return Err(invalid(
+                    "shadow.sample_rate",
+                    "is above 0 but no backend has role = \"cloud\" to compare with",
+                ));
             };
             // The budget is in dollars: an unpriced backend would make it cap nothing.
             for name in std::iter::once(backend).chain(s.judge.as_deref()) {
-                if let Some((i, b)) = self.backends.iter().enumerate().find(|(_, b)| b.name == name) {
-                    if b.usd_per_million_input_tokens.is_none() || b.usd_per_million_output_tokens.is_none() {
+                if let Some((i, b)) = self
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .find(|(_, b)| b.name == name)
+                {
+                    if b.usd_per_million_input_tokens.is_none()
+                        || b.usd_per_million_output_tokens.is_none()
+                    {
                         return Err(invalid(
                             format!("backends[{i}].usd_per_million_input_tokens"),
                             format!("and usd_per_million_output_tokens are needed: \"{name}\" answers shadow checks, whose spend shadow.budget_usd_per_hour caps in dollars"),
@@ -1106,7 +1163,10 @@ impl Config {
     /// The cloud backend that answers shadow checks: `shadow.backend`, else the first cloud one.
     pub fn shadow_backend(&self) -> Option<&str> {
         self.shadow.backend.as_deref().or_else(|| {
-            self.backends.iter().find(|b| b.role == Role::Cloud).map(|b| b.name.as_str())
+            self.backends
+                .iter()
+                .find(|b| b.role == Role::Cloud)
+                .map(|b| b.name.as_str())
         })
     }
 
@@ -1193,11 +1253,15 @@ impl Config {
 fn check_label(key: &str, v: &str) -> Result<(), ConfigError> {
     let ok = !v.is_empty()
         && v.len() <= 64
-        && v.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+        && v.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
-        Err(invalid(key, format!("must be 1 to 64 characters of letters, digits, `.`, `_` or `-`, got \"{v}\"")))
+        Err(invalid(
+            key,
+            format!("must be 1 to 64 characters of letters, digits, `.`, `_` or `-`, got \"{v}\""),
+        ))
     }
 }
 

@@ -548,7 +548,14 @@ impl Drop for RequestMeter {
             .map_or(("none", "none"), |(e, a)| (e.as_str(), a.as_str()));
         metrics
             .chat_requests
-            .with_label_values(&[role, backend, reason, self.outcome.as_str(), experiment, arm])
+            .with_label_values(&[
+                role,
+                backend,
+                reason,
+                self.outcome.as_str(),
+                experiment,
+                arm,
+            ])
             .inc();
         if route.arm.is_some() {
             let cf = bill.counterfactual.unwrap_or_default();

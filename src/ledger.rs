@@ -373,7 +373,11 @@ impl Ledger {
             let mut ids = txn.open_table(REQUEST_IDS).map_err(|e| e.to_string())?;
             let mut outcomes = txn.open_table(OUTCOMES).map_err(|e| e.to_string())?;
             let len = table.len().map_err(|e| e.to_string())?;
-            let excess = if max_rows > 0 { len.saturating_sub(max_rows) } else { 0 };
+            let excess = if max_rows > 0 {
+                len.saturating_sub(max_rows)
+            } else {
+                0
+            };
             // Keys are times, so both rules select a prefix of the table.
             let mut doomed: Vec<(u64, String)> = Vec::new();
             for entry in table.iter().map_err(|e| e.to_string())? {
@@ -424,6 +428,8 @@ enum Message {
     Outcome(Box<OutcomeRecord>, Option<OutcomeReply>),
     /// Write everything queued now, then acknowledge.
     Flush(Sender<()>),
+    /// Write everything queued now, acknowledge, and stop (releasing the database file).
+    Close(Sender<()>),
 }
 
 type OutcomeReply = tokio::sync::oneshot::Sender<Result<OutcomeReceipt, OutcomeError>>;
@@ -456,6 +462,16 @@ impl LedgerSender {
         receipt
             .await
             .map_err(|_| OutcomeError::Storage("the ledger writer has stopped".to_owned()))?
+    }
+
+    /// Writes everything queued so far and stops the writer, waiting at most `timeout`; rows
+    /// recorded afterwards are lost and logged. The last step of a graceful shutdown, so the
+    /// file is free for the next process (or `wattgate report`) once the thread is joined.
+    pub fn close(&self, timeout: Duration) {
+        let (ack, done) = channel();
+        if self.tx.send(Message::Close(ack)).is_ok() && done.recv_timeout(timeout).is_err() {
+            tracing::warn!("ledger close did not finish within {timeout:?}");
+        }
     }
 
     /// Writes everything queued so far, waiting at most `timeout` (graceful shutdown).
@@ -505,6 +521,10 @@ fn writer(
             Ok(Message::Flush(done)) => {
                 ack = Some(done);
                 false
+            }
+            Ok(Message::Close(done)) => {
+                ack = Some(done);
+                true
             }
             Ok(Message::Outcome(outcome, reply)) => {
                 let result = flush(ledger, &mut batch, &mut last_key)

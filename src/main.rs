@@ -900,7 +900,11 @@ fn load_experiment_reports(
                 let known = report::experiment_names(&config.experiments, &rows);
                 anyhow::bail!(
                     "no experiment `{n}` in the config or the ledger (known: {})",
-                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
                 );
             }
             Ok(reports)

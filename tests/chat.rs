@@ -152,7 +152,8 @@ async fn streaming_without_include_usage_hides_the_metering_chunk_but_counts_tok
                 ("backend", "local"),
                 ("reason", "prefer_local"),
                 ("outcome", "ok"),
-                ("experiment", "none"), ("arm", "none")
+                ("experiment", "none"),
+                ("arm", "none")
             ]
         ),
         1.0
@@ -382,7 +383,8 @@ async fn metrics_count_requests_and_latency_by_route_and_model() {
                 ("backend", backend),
                 ("reason", reason),
                 ("outcome", "ok"),
-                ("experiment", "none"), ("arm", "none"),
+                ("experiment", "none"),
+                ("arm", "none"),
             ],
         )
     };

@@ -83,7 +83,8 @@ async fn assert_falls_back(local_url: &str, local_extra: &str, reason: &str) {
                 ("backend", "cloud"),
                 ("reason", reason),
                 ("outcome", "ok"),
-                ("experiment", "none"), ("arm", "none")
+                ("experiment", "none"),
+                ("arm", "none")
             ]
         ),
         2.0
@@ -292,7 +293,8 @@ async fn a_stream_cut_after_the_first_byte_ends_with_an_error_frame() {
                 ("backend", "cloud"),
                 ("reason", "no_local_backend"),
                 ("outcome", "error"),
-                ("experiment", "none"), ("arm", "none")
+                ("experiment", "none"),
+                ("arm", "none")
             ]
         ),
         1.0
@@ -353,7 +355,8 @@ async fn a_client_that_disconnects_mid_stream_is_counted_as_cancelled() {
                 ("backend", "cloud"),
                 ("reason", "no_local_backend"),
                 ("outcome", "cancelled"),
-                ("experiment", "none"), ("arm", "none"),
+                ("experiment", "none"),
+                ("arm", "none"),
             ],
         );
         if cancelled == 1.0 {

@@ -31,10 +31,7 @@ pub fn parse(body: &[u8]) -> Result<OutcomeRecord, ApiError> {
     if let Some(unknown) = map.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(bad(
             unknown,
-            &format!(
-                "is not a feedback field (expected {})",
-                FIELDS.join(", ")
-            ),
+            &format!("is not a feedback field (expected {})", FIELDS.join(", ")),
         ));
     }
     let request_id = match map.get("request_id") {
@@ -50,7 +47,10 @@ pub fn parse(body: &[u8]) -> Result<OutcomeRecord, ApiError> {
         Some(other) => {
             return Err(bad(
                 "request_id",
-                &format!("must be a string (the x-request-id response header), got {}", kind(other)),
+                &format!(
+                    "must be a string (the x-request-id response header), got {}",
+                    kind(other)
+                ),
             ))
         }
         None => {
@@ -91,10 +91,16 @@ pub fn parse(body: &[u8]) -> Result<OutcomeRecord, ApiError> {
 
 fn score_or_thumbs(map: &Map<String, Value>) -> Result<(f64, Option<String>), ApiError> {
     match (map.get("score"), map.get("thumbs")) {
-        (Some(_), Some(_)) => Err(bad("thumbs", "cannot be given together with `score`; send one")),
+        (Some(_), Some(_)) => Err(bad(
+            "thumbs",
+            "cannot be given together with `score`; send one",
+        )),
         (Some(Value::Number(n)), None) => match n.as_f64() {
             Some(v) if (0.0..=1.0).contains(&v) => Ok((v, None)),
-            _ => Err(bad("score", &format!("must be a number from 0 to 1, got {n}"))),
+            _ => Err(bad(
+                "score",
+                &format!("must be a number from 0 to 1, got {n}"),
+            )),
         },
         (Some(other), None) => Err(bad(
             "score",
@@ -103,7 +109,10 @@ fn score_or_thumbs(map: &Map<String, Value>) -> Result<(f64, Option<String>), Ap
         (None, Some(Value::String(t))) => match t.as_str() {
             "up" => Ok((1.0, Some("up".to_owned()))),
             "down" => Ok((0.0, Some("down".to_owned()))),
-            _ => Err(bad("thumbs", &format!("must be \"up\" or \"down\", got \"{t}\""))),
+            _ => Err(bad(
+                "thumbs",
+                &format!("must be \"up\" or \"down\", got \"{t}\""),
+            )),
         },
         (None, Some(other)) => Err(bad(
             "thumbs",
@@ -148,13 +157,21 @@ mod tests {
     fn accepts_scores_and_thumbs() {
         let o = parse(br#"{"request_id": "r1", "score": 0.25, "comment": "meh"}"#)
             .unwrap_or_else(|e| panic!("{e:?}"));
-        assert_eq!((o.score, o.thumbs, o.comment.as_deref()), (0.25, None, Some("meh")));
-        let up = parse(br#"{"request_id": "r1", "thumbs": "up"}"#).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            (o.score, o.thumbs, o.comment.as_deref()),
+            (0.25, None, Some("meh"))
+        );
+        let up =
+            parse(br#"{"request_id": "r1", "thumbs": "up"}"#).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!((up.score, up.thumbs.as_deref()), (1.0, Some("up")));
-        let down = parse(br#"{"request_id": "r1", "thumbs": "down"}"#).unwrap_or_else(|e| panic!("{e:?}"));
+        let down =
+            parse(br#"{"request_id": "r1", "thumbs": "down"}"#).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(down.score, 0.0);
         for edge in ["0", "1", "1.0", "0e0"] {
-            assert!(parse(format!(r#"{{"request_id":"r","score":{edge}}}"#).as_bytes()).is_ok(), "{edge}");
+            assert!(
+                parse(format!(r#"{{"request_id":"r","score":{edge}}}"#).as_bytes()).is_ok(),
+                "{edge}"
+            );
         }
     }
 
@@ -167,12 +184,18 @@ mod tests {
             (r#"{"request_id": "r", "score": "0.5"}"#, "score"),
             (r#"{"request_id": "r", "thumbs": "sideways"}"#, "thumbs"),
             (r#"{"request_id": "r", "thumbs": true}"#, "thumbs"),
-            (r#"{"request_id": "r", "score": 1, "thumbs": "up"}"#, "thumbs"),
+            (
+                r#"{"request_id": "r", "score": 1, "thumbs": "up"}"#,
+                "thumbs",
+            ),
             (r#"{"request_id": "r"}"#, "score"),
             (r#"{"score": 1}"#, "request_id"),
             (r#"{"request_id": 7, "score": 1}"#, "request_id"),
             (r#"{"request_id": "", "score": 1}"#, "request_id"),
-            (r#"{"request_id": "r", "score": 1, "comment": 5}"#, "comment"),
+            (
+                r#"{"request_id": "r", "score": 1, "comment": 5}"#,
+                "comment",
+            ),
             (r#"{"request_id": "r", "score": 1, "scores": 1}"#, "scores"),
             (r#"[1]"#, ""),
             (r#"{"request_id": "r", "#, ""),
@@ -180,13 +203,19 @@ mod tests {
             let (status, message, got) = error(body);
             assert_eq!(status, 400, "{body}");
             if param.is_empty() {
-                assert!(got.is_none() || got.as_deref() == Some("score"), "{body}: {got:?}");
+                assert!(
+                    got.is_none() || got.as_deref() == Some("score"),
+                    "{body}: {got:?}"
+                );
             } else {
                 assert_eq!(got.as_deref(), Some(param), "{body}: {message}");
                 assert!(message.contains(param), "{message}");
             }
         }
-        let long = format!(r#"{{"request_id": "r", "score": 1, "comment": "{}"}}"#, "x".repeat(MAX_COMMENT_CHARS + 1));
+        let long = format!(
+            r#"{{"request_id": "r", "score": 1, "comment": "{}"}}"#,
+            "x".repeat(MAX_COMMENT_CHARS + 1)
+        );
         assert_eq!(error(&long).2.as_deref(), Some("comment"));
     }
 }

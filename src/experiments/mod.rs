@@ -225,7 +225,10 @@ mod tests {
         let same = first.iter().zip(&other).filter(|(x, y)| x == y).count();
         assert!((400..600).contains(&same), "{same} of 1000 agree");
         // Pinned: a release that changes these would move every user to another arm.
-        assert_eq!(unit_hash(&["exp", "user-1", "a"]).to_bits(), 4_606_846_816_173_173_712);
+        assert_eq!(
+            unit_hash(&["exp", "user-1", "a"]).to_bits(),
+            4_606_846_816_173_173_712
+        );
         assert_eq!(
             &first[..16],
             &[1, 0, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0]
@@ -261,7 +264,11 @@ mod tests {
         assert!((share - 1.0 / 6.0).abs() < 0.015, "{share}");
 
         // A new arm takes units only for itself; a zero weight drains an arm.
-        let grown = split("exp", &[("a", 1.0), ("b", 1.0), ("c", 1.0), ("d", 1.0)], keys);
+        let grown = split(
+            "exp",
+            &[("a", 1.0), ("b", 1.0), ("c", 1.0), ("d", 1.0)],
+            keys,
+        );
         for (x, y) in before.iter().zip(&grown) {
             assert!(x == y || *y == 3);
         }

@@ -150,7 +150,10 @@ pub fn build(
         .unwrap_or_default();
     let mut tallies: HashMap<String, Tally> = HashMap::new();
     let mut arm_of: HashMap<&str, String> = HashMap::new();
-    for row in rows.iter().filter(|r| r.experiment.as_deref() == Some(name)) {
+    for row in rows
+        .iter()
+        .filter(|r| r.experiment.as_deref() == Some(name))
+    {
         let Some(arm) = &row.arm else { continue };
         if !order.contains(arm) {
             order.push(arm.clone());

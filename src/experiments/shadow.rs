@@ -452,17 +452,35 @@ mod tests {
         let (score, detail) = similarity(mcq, "B. 6", "C", 0.5);
         assert_eq!((score, detail.as_str()), (0.0, "option B vs C"));
         assert_eq!(
-            similarity("Tom has 3 apples...", "so 3 + 4 = 7.\n#### 7", "The answer is 7", 0.5).0,
+            similarity(
+                "Tom has 3 apples...",
+                "so 3 + 4 = 7.\n#### 7",
+                "The answer is 7",
+                0.5
+            )
+            .0,
             1.0
         );
         assert_eq!(similarity("q", "#### 8", "The answer is 7", 0.5).0, 0.0);
         // No option, no number: words. F1 of "paris is capital" vs "capital is paris" is 1.
         assert_eq!(
-            similarity("Capital of France?", "Paris is the capital", "The capital is Paris", 0.5).0,
+            similarity(
+                "Capital of France?",
+                "Paris is the capital",
+                "The capital is Paris",
+                0.5
+            )
+            .0,
             1.0
         );
         assert_eq!(
-            similarity("Tell me a joke", "Why did the chicken cross", "Knock knock", 0.5).0,
+            similarity(
+                "Tell me a joke",
+                "Why did the chicken cross",
+                "Knock knock",
+                0.5
+            )
+            .0,
             0.0
         );
         // Hand-computed: 2 shared of 4 and 3 tokens -> P 0.5, R 0.667, F1 0.5714.

@@ -104,9 +104,9 @@ impl Metering {
     /// What `tokens` on cloud backend `backend` cost: (joules, an estimate; dollars). For
     /// spend that is not a served request (shadow checks), so it never enters the meter.
     pub fn cloud_price(&self, backend: usize, tokens: Tokens) -> (f64, f64) {
-        self.rates
-            .get(backend)
-            .map_or((0.0, 0.0), |r| (r.cloud_joules(tokens), r.cloud_usd(tokens)))
+        self.rates.get(backend).map_or((0.0, 0.0), |r| {
+            (r.cloud_joules(tokens), r.cloud_usd(tokens))
+        })
     }
 
     /// Reads the counter now (so idle energy is current when it is reported).

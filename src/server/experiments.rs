@@ -87,9 +87,7 @@ pub async fn post_feedback(State(state): State<AppState>, request: Request) -> R
 /// ledger has rows for).
 pub async fn list_experiments(State(state): State<AppState>) -> Response {
     match reports(&state, None).await {
-        Ok(reports) => {
-            Json(json!({"object": "list", "data": reports})).into_response()
-        }
+        Ok(reports) => Json(json!({"object": "list", "data": reports})).into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -104,7 +102,11 @@ pub async fn get_experiment(State(state): State<AppState>, Path(name): Path<Stri
             ApiError::not_found(
                 format!(
                     "No experiment `{name}` in the config or the ledger (configured: {}).",
-                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
                 "experiment_not_found",
             )
@@ -143,7 +145,9 @@ async fn ledger_outcomes(state: &AppState) -> Result<Vec<OutcomeRecord>, ApiErro
     };
     match tokio::task::spawn_blocking(move || ledger.outcomes()).await {
         Ok(Ok(outcomes)) => Ok(outcomes),
-        Ok(Err(e)) => Err(ApiError::internal(format!("Could not read the ledger: {e}."))),
+        Ok(Err(e)) => Err(ApiError::internal(format!(
+            "Could not read the ledger: {e}."
+        ))),
         Err(e) => Err(ApiError::internal(format!("Ledger read task failed: {e}."))),
     }
 }

@@ -175,7 +175,10 @@ fn answer_response(answer: Answer) -> Response {
     }
     if let Some((experiment, arm)) = &route.arm {
         // Names are validated to header-safe characters when the config loads.
-        if let (Ok(e), Ok(a)) = (HeaderValue::from_str(experiment), HeaderValue::from_str(arm)) {
+        if let (Ok(e), Ok(a)) = (
+            HeaderValue::from_str(experiment),
+            HeaderValue::from_str(arm),
+        ) {
             headers.insert(EXPERIMENT.clone(), e);
             headers.insert(ARM.clone(), a);
         }

@@ -41,6 +41,7 @@ struct Shared {
     readiness: handlers::ReadinessCache,
     ledger: Option<Ledger>,
     ledger_writer: Option<LedgerSender>,
+    ledger_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     baseline_backend: Option<String>,
     experiments: Vec<crate::config::ExperimentConfig>,
 }
@@ -52,7 +53,7 @@ impl AppState {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new()?);
         let metering = Arc::new(Metering::new(config).map_err(anyhow::Error::msg)?);
-        let (ledger, ledger_writer) = open_ledger(&config.ledger)?;
+        let (ledger, ledger_writer, ledger_thread) = open_ledger(&config.ledger)?;
         let backends = crate::backends::build_all(&config.backends, &config.models)?;
         let gateway = Gateway::new(
             config,
@@ -71,24 +72,50 @@ impl AppState {
                 baseline_backend: metering.baseline_name(config).map(str::to_owned),
                 ledger,
                 ledger_writer,
+                ledger_thread: std::sync::Mutex::new(ledger_thread),
                 experiments: config.experiments.clone(),
             }),
         })
     }
 
-    /// Writes every ledger row queued so far and waits for the write (graceful shutdown).
+    /// Writes every ledger row queued so far and waits for the write.
     pub fn flush_ledger(&self) {
         if let Some(w) = &self.inner.ledger_writer {
             w.flush(Duration::from_secs(10));
         }
     }
+
+    /// Writes every queued row, stops the ledger writer and waits for its thread, so the file
+    /// is released when this returns (graceful shutdown).
+    pub fn close_ledger(&self) {
+        if let Some(w) = &self.inner.ledger_writer {
+            w.close(Duration::from_secs(10));
+        }
+        let thread = self
+            .inner
+            .ledger_thread
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                tracing::error!("the ledger writer thread panicked");
+            }
+        }
+    }
 }
 
-/// The ledger for readers, and its writer's sender (kept so shutdown can flush it).
-fn open_ledger(config: &LedgerConfig) -> anyhow::Result<(Option<Ledger>, Option<LedgerSender>)> {
+/// The ledger for readers, its writer's sender and thread (kept so shutdown can close it).
+type OpenLedger = (
+    Option<Ledger>,
+    Option<LedgerSender>,
+    Option<std::thread::JoinHandle<()>>,
+);
+
+fn open_ledger(config: &LedgerConfig) -> anyhow::Result<OpenLedger> {
     if !config.enabled {
         tracing::warn!("ledger disabled (ledger.enabled = false): /v1/savings and `wattgate report` have no data");
-        return Ok((None, None));
+        return Ok((None, None, None));
     }
     let Some(path) = config.resolved_path() else {
         anyhow::bail!(
@@ -96,9 +123,9 @@ fn open_ledger(config: &LedgerConfig) -> anyhow::Result<(Option<Ledger>, Option<
         );
     };
     let ledger = Ledger::open(&path)?;
-    let (sender, _thread) = spawn_writer(ledger.clone(), config)?;
+    let (sender, thread) = spawn_writer(ledger.clone(), config)?;
     tracing::info!(path = %path.display(), "ledger open");
-    Ok((Some(ledger), Some(sender)))
+    Ok((Some(ledger), Some(sender), Some(thread)))
 }
 
 /// The axum application: every route, the 404/405 fallbacks, and the middleware stack.
@@ -185,6 +212,6 @@ pub async fn serve_app(
             tracing::warn!("shutdown grace period expired; closing the remaining connections");
         }
     }
-    let _ = tokio::task::spawn_blocking(move || kept.flush_ledger()).await;
+    let _ = tokio::task::spawn_blocking(move || kept.close_ledger()).await;
     Ok(())
 }
