@@ -25,7 +25,8 @@ openai_venv() {
 # start_priced_pair LOCAL_FAIL_EVERY LOCAL_FAIL_STATUS CLOUD_FAIL_EVERY CLOUD_FAIL_STATUS
 #   Starts a scripted local upstream (20 ms per answer) and a cloud one (40 ms, priced like
 #   gpt-4.1), each failing every n-th request with the given status (0: never), and the release
-#   gateway between them with its ledger in $work; waits until it is healthy. Needs $BIN; sets
+#   gateway between them with its ledger in $work, an experiment (prefer-local against a
+#   cloud-only control) and shadow checks on; waits until it is healthy. Needs $BIN; sets
 #   $GW_PORT.
 start_priced_pair() {
   local local_port cloud_port
@@ -42,6 +43,22 @@ listen = "127.0.0.1:$GW_PORT"
 [ledger]
 path = "$work/ledger.redb"
 flush_interval_s = 0.5
+[shadow]
+sample_rate = 0.1
+budget_usd_per_hour = 5.0
+
+# Routed requests split between serving locally and a cloud-only control, so the dashboard's
+# experiment row has data; shadow checks grade a tenth of the local answers.
+[[experiments]]
+name = "local-vs-cloud"
+unit = "request"
+control = "cloud-only"
+[[experiments.arms]]
+name = "cloud-only"
+policy = "cloud_only"
+[[experiments.arms]]
+name = "prefer-local"
+policy = "prefer_local"
 
 [[backends]]
 name = "local"

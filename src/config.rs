@@ -1117,12 +1117,14 @@ impl Config {
             let Some(name) = name else { continue };
             match self.backends.iter().find(|b| &b.name == name) {
                 Some(b) if b.role == Role::Cloud => {}
-                Some(_) => return Err(invalid(
-                    key,
-                    format!(
+                Some(_) => {
+                    return Err(invalid(
+                        key,
+                        format!(
                         "\"{name}\" is a local backend; shadow checks compare with a cloud backend"
                     ),
-                )),
+                    ))
+                }
                 None => {
                     return Err(invalid(
                         key,

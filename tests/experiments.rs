@@ -697,4 +697,49 @@ async fn a_replayed_experiment_recovers_each_arms_labels_within_its_intervals() 
         "{verdict}"
     );
     eprintln!("verdict for `high`: {verdict}");
+
+    // The CLI reads the same report from the ledger file once the daemon has stopped.
+    let dir = gw.stop().await;
+    let config_file = dir.path().join("wattgate.toml");
+    std::fs::write(&config_file, &toml).expect("write config");
+    let cli = |format: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wattgate"))
+            .args([
+                "experiments",
+                "report",
+                "threshold",
+                "--format",
+                format,
+                "--config",
+            ])
+            .arg(&config_file)
+            .arg("--ledger")
+            .arg(dir.path().join("ledger.redb"))
+            .output()
+            .expect("run wattgate");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let from_file: Value = serde_json::from_str(&cli("json")).expect("json report");
+    assert_eq!(from_file["arms"], report["arms"]);
+    let table = cli("table");
+    assert!(
+        table.contains("experiment threshold (enabled, unit user), control `low`"),
+        "{table}"
+    );
+    assert!(table.contains(&format!("high: {verdict}")), "{table}");
+    eprintln!("{table}");
+    let unknown = std::process::Command::new(env!("CARGO_BIN_EXE_wattgate"))
+        .args(["experiments", "report", "nope", "--config"])
+        .arg(&config_file)
+        .arg("--ledger")
+        .arg(dir.path().join("ledger.redb"))
+        .output()
+        .expect("run wattgate");
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no experiment `nope`"));
 }

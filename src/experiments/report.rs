@@ -269,11 +269,11 @@ fn verdict(arm: &ArmReport, base: &ArmReport, vs: &VsControl) -> String {
         Some((c, what, a, b)) => {
             let (ra, rb) = (a.success.rate.unwrap_or(0.0), b.success.rate.unwrap_or(0.0));
             let figures = format!(
-                "{what} {:.1}% vs {:.1}% ({:+.1} points, p = {:.3}, n = {} vs {})",
+                "{what} {:.1}% vs {:.1}% ({:+.1} points, {}, n = {} vs {})",
                 ra * 100.0,
                 rb * 100.0,
                 c.difference * 100.0,
-                c.p_value,
+                p_text(c.p_value),
                 a.success.n,
                 b.success.n
             );
@@ -300,11 +300,11 @@ fn verdict(arm: &ArmReport, base: &ArmReport, vs: &VsControl) -> String {
     if let Some(c) = &vs.local_share {
         let _ = write!(
             out,
-            " Local share {:.1}% vs {:.1}% ({:+.1} points, p = {:.3})",
+            " Local share {:.1}% vs {:.1}% ({:+.1} points, {})",
             arm.local_share.rate.unwrap_or(0.0) * 100.0,
             base.local_share.rate.unwrap_or(0.0) * 100.0,
             c.difference * 100.0,
-            c.p_value
+            p_text(c.p_value)
         );
         match vs.energy_saved_points {
             Some(d) => {
@@ -318,6 +318,15 @@ fn verdict(arm: &ArmReport, base: &ArmReport, vs: &VsControl) -> String {
         }
     }
     out
+}
+
+/// "p = 0.034", or "p < 0.001" where three decimals would print 0.
+fn p_text(p: f64) -> String {
+    if p < 0.001 {
+        "p < 0.001".to_owned()
+    } else {
+        format!("p = {p:.3}")
+    }
 }
 
 impl ExperimentReport {
@@ -419,4 +428,118 @@ fn energy_basis(arms: &[ArmReport]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" + ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metering::Bill;
+
+    fn row(id: usize, arm: &str, local: bool) -> LedgerRow {
+        LedgerRow {
+            time_us: id as u64,
+            request_id: format!("{arm}-{id}"),
+            route: if local { "local" } else { "cloud" }.to_owned(),
+            backend: "b".to_owned(),
+            reason: "router_local".to_owned(),
+            experiment: Some("e".to_owned()),
+            arm: Some(arm.to_owned()),
+            p_local: None,
+            fallback_from: None,
+            status: 200,
+            outcome: "ok".to_owned(),
+            stream: false,
+            input_tokens: 1,
+            output_tokens: 1,
+            tokens_source: "upstream".to_owned(),
+            latency_s: 0.1,
+            ttft_s: None,
+            energy_source: "estimate".to_owned(),
+            bill: Bill::default(),
+        }
+    }
+
+    fn feedback(id: &str, score: f64) -> OutcomeRecord {
+        OutcomeRecord {
+            request_id: id.to_owned(),
+            source: OutcomeSource::Feedback,
+            time_us: 0,
+            score,
+            thumbs: None,
+            comment: None,
+            detail: None,
+            spend: None,
+        }
+    }
+
+    /// 100 requests per arm; `successes` of them graded 1, the rest 0; `local` served locally.
+    fn arm(name: &str, successes: usize, local: usize) -> (Vec<LedgerRow>, Vec<OutcomeRecord>) {
+        let rows: Vec<LedgerRow> = (0..100).map(|i| row(i, name, i < local)).collect();
+        let outcomes = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| feedback(&r.request_id, if i < successes { 1.0 } else { 0.0 }))
+            .collect();
+        (rows, outcomes)
+    }
+
+    fn report(a: (usize, usize), b: (usize, usize)) -> ExperimentReport {
+        let (mut rows, mut outcomes) = arm("control", a.0, a.1);
+        let (r, o) = arm("treatment", b.0, b.1);
+        rows.extend(r);
+        outcomes.extend(o);
+        // An outcome for a request outside the experiment is ignored.
+        outcomes.push(feedback("elsewhere", 1.0));
+        build("e", None, &rows, &outcomes, 0).unwrap_or_else(|| unreachable!())
+    }
+
+    #[test]
+    fn verdicts_follow_the_two_proportion_test() {
+        // 60/100 against 45/100: z = 2.124, p = 0.0337 (hand-computed in stats.rs): better.
+        let r = report((45, 50), (60, 80));
+        assert_eq!(r.control, "control");
+        let t = &r.arms[1];
+        assert_eq!((t.requests, t.feedback.success.successes), (100, 60));
+        let vs = t
+            .vs_control
+            .as_ref()
+            .and_then(|v| v.feedback)
+            .unwrap_or_else(|| unreachable!());
+        assert!((vs.p_value - 0.033_672).abs() < 2e-6, "{}", vs.p_value);
+        let verdict = t.verdict.as_deref().unwrap_or_default();
+        assert!(verdict.starts_with("Better than `control`: feedback success 60.0% vs 45.0% (+15.0 points, p = 0.034, n = 100 vs 100)."), "{verdict}");
+        // 80 vs 50 local: z = 4.447, p = 8.7e-6.
+        assert!(
+            verdict.contains("Local share 80.0% vs 50.0% (+30.0 points, p < 0.001)"),
+            "{verdict}"
+        );
+
+        let worse = report((60, 50), (45, 50));
+        assert!(worse.arms[1]
+            .verdict
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("Worse than `control`"));
+
+        // 50 vs 45 of 100: p = 0.479; 0.50 vs 0.45 needs 1,565 per arm, so 1,465 more.
+        let unsure = report((45, 50), (50, 50));
+        let verdict = unsure.arms[1].verdict.clone().unwrap_or_default();
+        assert!(
+            verdict.starts_with(
+                "Not yet significant: feedback success 50.0% vs 45.0% (+5.0 points, p = 0.479"
+            ),
+            "{verdict}"
+        );
+        assert!(
+            verdict.contains("About 1465 more graded requests per arm"),
+            "{verdict}"
+        );
+        let same = report((45, 50), (45, 50));
+        assert!(same.arms[1]
+            .verdict
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("No difference so far"));
+        assert!(same.arms[0].verdict.is_none() && same.arms[0].control);
+    }
 }
