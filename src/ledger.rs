@@ -232,6 +232,7 @@ impl Ledger {
         txn.open_table(REQUEST_IDS)
             .map_err(|e| other(e.to_string()))?;
         txn.open_table(OUTCOMES).map_err(|e| other(e.to_string()))?;
+        index_unindexed_rows(&txn).map_err(other)?;
         txn.commit().map_err(|e| other(e.to_string()))?;
         Ok(ledger)
     }
@@ -572,6 +573,30 @@ fn writer(
     }
 }
 
+/// A ledger written before the request-id index existed gets one on first open, so feedback
+/// can name requests recorded before an upgrade.
+fn index_unindexed_rows(txn: &redb::WriteTransaction) -> Result<(), String> {
+    let rows = txn.open_table(REQUESTS).map_err(|e| e.to_string())?;
+    let mut ids = txn.open_table(REQUEST_IDS).map_err(|e| e.to_string())?;
+    if !ids.is_empty().map_err(|e| e.to_string())? || rows.is_empty().map_err(|e| e.to_string())? {
+        return Ok(());
+    }
+    let mut indexed = 0u64;
+    for entry in rows.iter().map_err(|e| e.to_string())? {
+        let (key, value) = entry.map_err(|e| e.to_string())?;
+        if let Ok(row) = serde_json::from_slice::<LedgerRow>(value.value()) {
+            ids.insert(row.request_id.as_str(), key.value())
+                .map_err(|e| e.to_string())?;
+            indexed += 1;
+        }
+    }
+    tracing::info!(
+        rows = indexed,
+        "ledger: indexed request ids of rows from an earlier version"
+    );
+    Ok(())
+}
+
 /// Writes the queued rows in one transaction; on failure they stay queued.
 fn flush(ledger: &Ledger, batch: &mut Vec<LedgerRow>, last_key: &mut u64) -> Result<(), String> {
     if batch.is_empty() {
@@ -637,6 +662,51 @@ mod tests {
         assert_eq!(ids, ["a", "b", "c"]);
         assert_eq!(ledger.last_key(), 102);
         assert_eq!(ledger.rows_since(101).expect("read").len(), 2);
+    }
+
+    #[test]
+    fn rows_from_before_the_index_are_indexed_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.redb");
+        let ledger = Ledger::open(&path).expect("open");
+        let mut last = 0;
+        ledger.write(&[row(10, "old")], &mut last).expect("write");
+        // Simulate a ledger from before the index: drop it.
+        let txn = ledger.db.begin_write().expect("txn");
+        txn.delete_table(REQUEST_IDS).expect("drop index");
+        txn.commit().expect("commit");
+        drop(ledger);
+        let ledger = Ledger::open(&path).expect("reopen");
+        let feedback = OutcomeRecord {
+            request_id: "old".to_owned(),
+            source: OutcomeSource::Feedback,
+            time_us: 11,
+            score: 1.0,
+            thumbs: None,
+            comment: None,
+            detail: None,
+            spend: None,
+        };
+        let receipt = ledger
+            .store_outcome(&feedback)
+            .expect("known after reindex");
+        assert_eq!(receipt.stored, Stored::Created);
+        assert!(matches!(
+            ledger.store_outcome(&OutcomeRecord {
+                request_id: "new".to_owned(),
+                ..feedback
+            }),
+            Err(OutcomeError::UnknownRequest(_))
+        ));
+        // Retention removes the row's index entry and outcomes with it.
+        assert_eq!(ledger.retain(None, 0).expect("retain"), 0);
+        assert_eq!(
+            ledger
+                .retain(Some(Duration::from_secs(1)), 0)
+                .expect("retain"),
+            1
+        );
+        assert!(ledger.outcomes().expect("outcomes").is_empty());
     }
 
     #[test]

@@ -785,16 +785,7 @@ fn report_savings(
         }
         None => 0,
     };
-    let path = match ledger.or_else(|| config.ledger.resolved_path()) {
-        Some(p) => p,
-        None => anyhow::bail!("no ledger path: set ledger.path or pass --ledger"),
-    };
-    if !path.is_file() {
-        anyhow::bail!(
-            "no ledger at {} (the daemon creates it on its first start; pass --ledger or --config)",
-            path.display()
-        );
-    }
+    let path = existing_ledger(&config, ledger)?;
     match Ledger::open(&path) {
         Ok(ledger) => {
             let rows = ledger.rows_since(since_us)?;
@@ -871,16 +862,7 @@ fn load_experiment_reports(
     use wattgate::experiments::report;
     use wattgate::ledger::{Ledger, LedgerError};
     let (config, _) = arg.load()?;
-    let path = match ledger.or_else(|| config.ledger.resolved_path()) {
-        Some(p) => p,
-        None => anyhow::bail!("no ledger path: set ledger.path or pass --ledger"),
-    };
-    if !path.is_file() {
-        anyhow::bail!(
-            "no ledger at {} (the daemon creates it on its first start; pass --ledger or --config)",
-            path.display()
-        );
-    }
+    let path = existing_ledger(&config, ledger)?;
     match Ledger::open(&path) {
         Ok(ledger) => {
             let rows = ledger.rows_since(0)?;
@@ -931,6 +913,23 @@ fn load_experiment_reports(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The ledger file `--ledger` or the config names, which must exist.
+fn existing_ledger(
+    config: &wattgate::config::Config,
+    ledger: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    let Some(path) = ledger.or_else(|| config.ledger.resolved_path()) else {
+        anyhow::bail!("no ledger path: set ledger.path or pass --ledger");
+    };
+    if !path.is_file() {
+        anyhow::bail!(
+            "no ledger at {} (the daemon creates it on its first start; pass --ledger or --config)",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// GET `url` from the running daemon; a non-2xx status is an error carrying its body.

@@ -266,7 +266,8 @@ pub fn text_parts(content: &Value) -> impl Iterator<Item = &str> {
     )
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// "a string", "an array"...: how error messages name a JSON value's type.
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::ledger::{now_us, OutcomeRecord, OutcomeSource};
+use crate::wire::type_name;
 
 /// Longest comment kept, in characters: room for a paragraph, not for pasting documents.
 pub const MAX_COMMENT_CHARS: usize = 4096;
@@ -49,7 +50,7 @@ pub fn parse(body: &[u8]) -> Result<OutcomeRecord, ApiError> {
                 "request_id",
                 &format!(
                     "must be a string (the x-request-id response header), got {}",
-                    kind(other)
+                    type_name(other)
                 ),
             ))
         }
@@ -73,7 +74,7 @@ pub fn parse(body: &[u8]) -> Result<OutcomeRecord, ApiError> {
         Some(other) => {
             return Err(bad(
                 "comment",
-                &format!("must be a string, got {}", kind(other)),
+                &format!("must be a string, got {}", type_name(other)),
             ))
         }
     };
@@ -104,7 +105,7 @@ fn score_or_thumbs(map: &Map<String, Value>) -> Result<(f64, Option<String>), Ap
         },
         (Some(other), None) => Err(bad(
             "score",
-            &format!("must be a number from 0 to 1, got {}", kind(other)),
+            &format!("must be a number from 0 to 1, got {}", type_name(other)),
         )),
         (None, Some(Value::String(t))) => match t.as_str() {
             "up" => Ok((1.0, Some("up".to_owned()))),
@@ -116,7 +117,7 @@ fn score_or_thumbs(map: &Map<String, Value>) -> Result<(f64, Option<String>), Ap
         },
         (None, Some(other)) => Err(bad(
             "thumbs",
-            &format!("must be \"up\" or \"down\", got {}", kind(other)),
+            &format!("must be \"up\" or \"down\", got {}", type_name(other)),
         )),
         (None, None) => Err(bad(
             "score",
@@ -129,17 +130,6 @@ fn bad(field: &str, problem: &str) -> ApiError {
     ApiError::invalid_request(format!("`{field}` {problem}."))
         .with_param(field)
         .with_code("invalid_feedback")
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]
