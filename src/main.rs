@@ -792,16 +792,11 @@ fn report_savings(
             Ok(wattgate::savings::Savings::from_rows(since_us, &rows))
         }
         Err(LedgerError::Busy(_)) => {
-            let url = format!(
-                "http://{}/v1/savings{}",
-                config.server.listen,
+            let endpoint = format!(
+                "/v1/savings{}",
                 since.map(|s| format!("?since={s}")).unwrap_or_default()
             );
-            eprintln!(
-                "{} is held by the running daemon; reading {url} instead",
-                path.display()
-            );
-            let body = get_json(&url)?;
+            let (url, body) = ask_daemon(&config, &path, &endpoint)?;
             let savings = body
                 .get("savings")
                 .cloned()
@@ -892,16 +887,11 @@ fn load_experiment_reports(
             Ok(reports)
         }
         Err(LedgerError::Busy(_)) => {
-            let url = format!(
-                "http://{}/v1/experiments{}",
-                config.server.listen,
+            let endpoint = format!(
+                "/v1/experiments{}",
                 name.map(|n| format!("/{n}")).unwrap_or_default()
             );
-            eprintln!(
-                "{} is held by the running daemon; reading {url} instead",
-                path.display()
-            );
-            let body = get_json(&url)?;
+            let (url, body) = ask_daemon(&config, &path, &endpoint)?;
             Ok(match name {
                 Some(_) => vec![serde_json::from_value(body)?],
                 None => serde_json::from_value(
@@ -932,7 +922,23 @@ fn existing_ledger(
     Ok(path)
 }
 
-/// GET `url` from the running daemon; a non-2xx status is an error carrying its body.
+/// While the daemon holds the ledger at `path`, GETs `endpoint` from it instead (saying so on
+/// stderr); returns the URL asked and the JSON answer. A non-2xx status is an error carrying
+/// its body.
+fn ask_daemon(
+    config: &wattgate::config::Config,
+    path: &std::path::Path,
+    endpoint: &str,
+) -> anyhow::Result<(String, serde_json::Value)> {
+    let url = format!("http://{}{endpoint}", config.server.listen);
+    eprintln!(
+        "{} is held by the running daemon; reading {url} instead",
+        path.display()
+    );
+    let body = get_json(&url)?;
+    Ok((url, body))
+}
+
 fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

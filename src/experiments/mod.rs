@@ -124,11 +124,10 @@ impl Experiments {
                     .filter(|v| !v.is_empty())?,
                 ExperimentUnit::Request => request_id,
             };
-            let weights: Vec<(&str, f64)> =
-                e.arms.iter().map(|a| (a.name.as_str(), a.weight)).collect();
+            let arms = e.arms.iter().map(|a| (a.name.as_str(), a.weight));
             Some(Enrollment {
                 experiment: i,
-                arm: assign(&e.name, key, &weights)?,
+                arm: assign(&e.name, key, arms)?,
             })
         })
     }
@@ -147,10 +146,14 @@ impl Experiments {
 
 /// The arm (index into `arms`, as (name, weight)) a unit key lands in, by weighted rendezvous
 /// hashing (see the module docs); `None` when every weight is 0.
-pub fn assign(experiment: &str, key: &str, arms: &[(&str, f64)]) -> Option<usize> {
+pub fn assign<'a>(
+    experiment: &str,
+    key: &str,
+    arms: impl IntoIterator<Item = (&'a str, f64)>,
+) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
-    for (i, (name, weight)) in arms.iter().enumerate() {
-        if *weight <= 0.0 || !weight.is_finite() {
+    for (i, (name, weight)) in arms.into_iter().enumerate() {
+        if weight <= 0.0 || !weight.is_finite() {
             continue;
         }
         let race = -unit_hash(&[experiment, key, name]).ln() / weight;
@@ -190,7 +193,9 @@ mod tests {
 
     fn split(experiment: &str, arms: &[(&str, f64)], keys: usize) -> Vec<usize> {
         (0..keys)
-            .map(|k| assign(experiment, &format!("user-{k}"), arms).unwrap_or(usize::MAX))
+            .map(|k| {
+                assign(experiment, &format!("user-{k}"), arms.iter().copied()).unwrap_or(usize::MAX)
+            })
             .collect()
     }
 
@@ -274,6 +279,6 @@ mod tests {
         }
         let drained = split("exp", &[("a", 1.0), ("b", 0.0)], keys);
         assert!(drained.iter().all(|&a| a == 0));
-        assert_eq!(assign("exp", "k", &[("a", 0.0)]), None);
+        assert_eq!(assign("exp", "k", [("a", 0.0)]), None);
     }
 }
