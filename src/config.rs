@@ -32,6 +32,121 @@ pub struct Config {
     pub experiments: Vec<ExperimentConfig>,
     /// Shadow checks: a sample of local answers compared with the cloud's, off the client's path.
     pub shadow: ShadowConfig,
+    /// What one request and one client may ask of the gateway.
+    pub limits: LimitsConfig,
+    /// Client API keys and the admin key.
+    pub auth: AuthConfig,
+    /// Retries and circuit breakers for upstreams.
+    pub resilience: ResilienceConfig,
+}
+
+/// Per-request and per-client limits. Each one protects the gateway (and the cloud bill) from
+/// a client that asks for too much, with an OpenAI-shaped 4xx naming the limit.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most messages one request may carry (400 beyond).
+    pub max_messages: usize,
+    /// Ceiling on `max_tokens` / `max_completion_tokens` (400 beyond); 0: no ceiling.
+    pub max_output_tokens: u64,
+    /// Chat requests served at once, streams included, across all clients; beyond it 429 with
+    /// `Retry-After`. 0: no cap.
+    pub max_concurrent_requests: usize,
+    /// Chat requests per minute per client (API key name, else client IP); 0: no limit.
+    pub requests_per_minute: u32,
+    /// Tokens per minute per client: estimated prompt tokens plus the requested `max_tokens`,
+    /// charged on arrival, the way OpenAI counts its limits. 0: no limit.
+    pub tokens_per_minute: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            // OpenAI's own ceiling: its API rejects a `messages` array longer than 2048 with
+            // "array too long ... maximum length 2048".
+            max_messages: 2048,
+            // gpt-4.1's largest completion, 32,768 tokens (OpenAI model documentation).
+            max_output_tokens: 32_768,
+            // One loopback replica sustained 1,000 req/s mixed at ~100 in flight in
+            // scripts/soak.sh; 1,024 leaves 10x headroom before memory becomes the limit.
+            max_concurrent_requests: 1024,
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+        }
+    }
+}
+
+/// Client authentication. With no keys the gateway is open, which is only safe on loopback.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accepted client keys, as SHA-256 hashes (`wattgate keys new` makes one). Empty: no
+    /// client authentication.
+    pub keys: Vec<ClientKeyConfig>,
+    /// SHA-256 (hex) of the key that admin endpoints (`/metrics`, `/v1/savings`, experiments,
+    /// the dashboard) require. Unset: admin endpoints take any client key (or none, without keys).
+    pub admin_key_sha256: Option<String>,
+}
+
+/// One accepted client key.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientKeyConfig {
+    /// Who holds the key: the rate-limit bucket and the `client` in logs (never the key).
+    pub name: String,
+    /// SHA-256 of the key, 64 hex digits.
+    pub sha256: String,
+    /// This key's own `limits.requests_per_minute`.
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// This key's own `limits.tokens_per_minute`.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// Retries with backoff for cloud backends, and a circuit breaker for every backend.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResilienceConfig {
+    /// Retries of a cloud attempt that failed before its first byte (429, 408, 409, 5xx,
+    /// connection errors, timeouts). Local backends are not retried: they fall back to the cloud.
+    pub max_retries: u32,
+    /// First backoff; each retry doubles it, with full jitter.
+    pub initial_backoff_s: f64,
+    /// Largest backoff between two attempts (an upstream's `Retry-After` may ask for more).
+    pub max_backoff_s: f64,
+    /// Total seconds from the first attempt after which no retry starts.
+    pub retry_deadline_s: f64,
+    /// Seconds of outcomes the breaker looks at.
+    pub breaker_window_s: f64,
+    /// Attempts in the window before the breaker may open.
+    pub breaker_min_requests: u32,
+    /// Share of failed attempts in the window that opens the breaker; 0 turns breakers off.
+    pub breaker_error_ratio: f64,
+    /// Seconds an open breaker refuses before it lets one probe through (half-open).
+    pub breaker_open_s: f64,
+}
+
+impl Default for ResilienceConfig {
+    fn default() -> Self {
+        Self {
+            // The official OpenAI SDKs' defaults: 2 retries, backoff from 0.5 s up to 8 s
+            // (openai-python `DEFAULT_MAX_RETRIES`, `INITIAL_RETRY_DELAY`, `MAX_RETRY_DELAY`).
+            max_retries: 2,
+            initial_backoff_s: 0.5,
+            max_backoff_s: 8.0,
+            // Our own choice (no published source): half of the 60 s first-byte timeout, so a
+            // retried request still answers inside the timeouts clients commonly set.
+            retry_deadline_s: 30.0,
+            // Envoy's outlier detection ejects for 30 s (`base_ejection_time`); resilience4j
+            // opens at a 50% failure rate (`failureRateThreshold`). Its minimum of 100 calls is
+            // lowered to 20 so a gateway with little traffic still reacts within one window.
+            breaker_window_s: 30.0,
+            breaker_min_requests: 20,
+            breaker_error_ratio: 0.5,
+            breaker_open_s: 30.0,
+        }
+    }
 }
 
 /// What identifies the unit an experiment assigns to an arm.
@@ -339,7 +454,8 @@ impl Default for ModelsConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address to listen on. Loopback by default: the gateway has no client auth yet.
+    /// Address to listen on. Loopback by default; a public address without `[auth]` keys
+    /// gets a loud warning at start, since anyone who reaches it spends the cloud keys.
     pub listen: SocketAddr,
     /// Largest accepted request body in bytes; larger bodies get 413.
     pub max_body_bytes: usize,
@@ -349,6 +465,8 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     /// Seconds a `/readyz` probe result is reused, so probes do not hammer upstreams.
     pub readiness_cache_s: f64,
+    /// Log prompt and answer text at debug level. Off: logs never contain message text.
+    pub log_prompts: bool,
 }
 
 /// Log line format.
@@ -558,6 +676,7 @@ impl Default for ServerConfig {
             shutdown_grace_s: 30.0,
             log_format: LogFormat::Text,
             readiness_cache_s: 5.0,
+            log_prompts: false,
         }
     }
 }
@@ -589,6 +708,9 @@ impl Default for Config {
             ledger: LedgerConfig::default(),
             experiments: Vec::new(),
             shadow: ShadowConfig::default(),
+            limits: LimitsConfig::default(),
+            auth: AuthConfig::default(),
+            resilience: ResilienceConfig::default(),
         }
     }
 }
@@ -946,6 +1068,7 @@ impl Config {
         }
         self.validate_metering()?;
         self.validate_experiments()?;
+        self.validate_protection()?;
         self.validate_shadow()
     }
 
@@ -1162,6 +1285,53 @@ impl Config {
         Ok(())
     }
 
+    fn validate_protection(&self) -> Result<(), ConfigError> {
+        if self.limits.max_messages == 0 {
+            return Err(invalid("limits.max_messages", "must be at least 1"));
+        }
+        for (i, k) in self.auth.keys.iter().enumerate() {
+            check_label(&format!("auth.keys[{i}].name"), &k.name)?;
+            check_sha256(&format!("auth.keys[{i}].sha256"), &k.sha256)?;
+            if let Some(j) = self.auth.keys[..i].iter().position(|o| o.name == k.name) {
+                return Err(invalid(
+                    format!("auth.keys[{i}].name"),
+                    format!("\"{}\" is already used by auth.keys[{j}]", k.name),
+                ));
+            }
+            if let Some(j) = self.auth.keys[..i]
+                .iter()
+                .position(|o| o.sha256.eq_ignore_ascii_case(&k.sha256))
+            {
+                return Err(invalid(
+                    format!("auth.keys[{i}].sha256"),
+                    format!("is the same key as auth.keys[{j}]"),
+                ));
+            }
+        }
+        if let Some(admin) = &self.auth.admin_key_sha256 {
+            check_sha256("auth.admin_key_sha256", admin)?;
+        }
+        let r = &self.resilience;
+        check_seconds("resilience.initial_backoff_s", r.initial_backoff_s, true)?;
+        check_seconds("resilience.max_backoff_s", r.max_backoff_s, true)?;
+        check_seconds("resilience.retry_deadline_s", r.retry_deadline_s, true)?;
+        check_seconds("resilience.breaker_window_s", r.breaker_window_s, false)?;
+        check_seconds("resilience.breaker_open_s", r.breaker_open_s, false)?;
+        if !(0.0..=1.0).contains(&r.breaker_error_ratio) {
+            return Err(invalid(
+                "resilience.breaker_error_ratio",
+                format!("must be between 0 and 1, got {}", r.breaker_error_ratio),
+            ));
+        }
+        if r.breaker_min_requests == 0 {
+            return Err(invalid(
+                "resilience.breaker_min_requests",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
     /// The cloud backend that answers shadow checks: `shadow.backend`, else the first cloud one.
     pub fn shadow_backend(&self) -> Option<&str> {
         self.shadow.backend.as_deref().or_else(|| {
@@ -1263,6 +1433,18 @@ fn check_label(key: &str, v: &str) -> Result<(), ConfigError> {
         Err(invalid(
             key,
             format!("must be 1 to 64 characters of letters, digits, `.`, `_` or `-`, got \"{v}\""),
+        ))
+    }
+}
+
+/// A SHA-256 digest in hex: what `[auth]` stores instead of keys.
+fn check_sha256(key: &str, v: &str) -> Result<(), ConfigError> {
+    if v.len() == 64 && v.bytes().all(|c| c.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            "must be the SHA-256 of the key as 64 hex digits (`wattgate keys hash` prints it), never the key itself",
         ))
     }
 }

@@ -100,6 +100,36 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// 429: a per-client rate limit refused the request (`Retry-After` set by the caller).
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            .with_code("rate_limit_exceeded")
+    }
+
+    /// 429: the gateway is serving its configured maximum of requests at once.
+    pub fn too_many_concurrent(limit: usize) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!("The gateway is serving its maximum of {limit} requests at once (limits.max_concurrent_requests). Please retry shortly."),
+        )
+        .with_code("too_many_concurrent_requests");
+        e.retry_after = Some("1".to_owned());
+        e
+    }
+
+    /// 401: no API key, or one the gateway does not accept. Never repeats the key.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+            .with_code("invalid_api_key")
+    }
+
+    /// 403: a valid client key on an endpoint that needs the admin key.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message)
+            .with_code("insufficient_permissions")
+    }
+
     /// 502: an upstream failed or answered something unusable.
     pub fn bad_gateway(message: impl Into<String>, code: &str) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message).with_code(code)

@@ -1,32 +1,39 @@
 //! The request pipeline, top to bottom:
 //!
-//! 1. parse and validate the OpenAI request ([`ChatRequest::parse`]);
+//! 1. parse and validate the OpenAI request ([`ChatRequest::parse`]) against `[limits]`, and
+//!    charge it to its client's rate limits;
 //! 2. route: a backend the client pinned by name, or, for the alias, the decision of the
 //!    router of the request's experiment arm (when an experiment enrolls it) or of `[routing]`;
-//! 3. serve it on that backend; if a local backend fails before anything reached the client,
-//!    serve it on the cloud instead and say so;
+//!    then steer around backends whose circuit breaker is open (`local_unhealthy`,
+//!    `cloud_unhealthy`);
+//! 3. serve it on that backend, retrying transient cloud failures with backoff; if a local
+//!    backend fails before anything reached the client, serve it on the cloud instead and say so;
 //! 4. relay the answer (whole, or as a stream re-framed for the client) and meter it; a sample
 //!    of local answers is then shadow-checked against the cloud, off the client's path.
 //!
 //! HTTP concerns (headers, status codes, body limits) live in `server`; this file decides and
 //! accounts.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use crate::backends::{Backend, BackendError, Chunk, ChunkStream, Reply};
+use crate::config::LimitsConfig;
 use crate::config::{Config, Role};
 use crate::error::ApiError;
 use crate::experiments::shadow::{Shadow, ShadowJob};
 use crate::experiments::{Enrollment, Experiments};
 use crate::ledger::{now_us, LedgerRow, LedgerSender};
+use crate::limits::{Client, RateLimits};
 use crate::metering::{Metering, Ticket, Tokens};
 use crate::metrics::Metrics;
+use crate::resilience::{health_signal, Admission, Breaker, RetryPolicy, Transition};
 use crate::router::{Decision, Overrides, Reason, Router};
 use crate::wire::{generated_text, ChatRequest, Usage};
 
@@ -40,7 +47,25 @@ pub struct Gateway {
     experiments: Experiments,
     alias: String,
     fallback_to_cloud: bool,
+    retry: RetryPolicy,
+    limits: LimitsConfig,
+    rate_limits: RateLimits,
+    log_prompts: bool,
     accounts: Arc<Accounts>,
+}
+
+/// What the HTTP layer knows about a chat request besides its body.
+pub struct Inbound<'a> {
+    /// Routing overrides from the request headers.
+    pub overrides: Overrides,
+    /// The request headers (an experiment's unit key may be one).
+    pub headers: &'a HeaderMap,
+    /// When the request arrived, so the reported overhead includes reading the body.
+    pub started: Instant,
+    /// The request id (goes into the ledger and every log line).
+    pub id: &'a str,
+    /// Who the request is charged to.
+    pub client: &'a Client,
 }
 
 /// Where a finished request is accounted: Prometheus, the energy meter, the ledger.
@@ -50,6 +75,8 @@ pub struct Accounts {
     ledger: Option<LedgerSender>,
     backends: Vec<Arc<dyn Backend>>,
     shadow: Option<Arc<Shadow>>,
+    /// One circuit breaker per backend, in config order.
+    breakers: Vec<Breaker>,
 }
 
 /// Where a request was served and why: becomes the `x-wattgate-*` headers.
@@ -112,7 +139,15 @@ impl Gateway {
             experiments: Experiments::new(config)?,
             alias: config.routing.alias.clone(),
             fallback_to_cloud: config.routing.fallback_to_cloud,
+            retry: RetryPolicy::new(&config.resilience),
+            limits: config.limits.clone(),
+            rate_limits: RateLimits::new(&config.limits, &config.auth),
+            log_prompts: config.server.log_prompts,
             accounts: Arc::new(Accounts {
+                breakers: backends
+                    .iter()
+                    .map(|_| Breaker::new(&config.resilience))
+                    .collect(),
                 metrics,
                 metering,
                 ledger,
@@ -123,29 +158,46 @@ impl Gateway {
         })
     }
 
-    /// Serves one chat-completions request. `started` is when the request arrived, so the
-    /// reported overhead includes reading the body; `request_id` goes into the ledger;
-    /// `headers` may carry an experiment's unit key.
-    pub async fn chat(
-        &self,
-        body: &[u8],
-        overrides: Overrides,
-        headers: &HeaderMap,
-        started: Instant,
-        request_id: &str,
-    ) -> Result<Answer, ApiError> {
-        // 1. Parse and validate.
-        let request = Arc::new(ChatRequest::parse(body)?);
+    /// Serves one chat-completions request.
+    pub async fn chat(&self, body: &[u8], inbound: Inbound<'_>) -> Result<Answer, ApiError> {
+        let Inbound {
+            overrides,
+            headers,
+            started,
+            id: request_id,
+            client,
+        } = inbound;
+        // 1. Parse, validate, charge the client's rate limits.
+        let request = ChatRequest::parse(body)?;
+        request.check_limits(&self.limits)?;
+        if let Err(refusal) = self.rate_limits.charge(client, request.estimated_tokens()) {
+            self.accounts
+                .metrics
+                .rejected
+                .with_label_values(&[refusal.limit.reason()])
+                .inc();
+            return Err(refusal.to_api_error(client));
+        }
+        if self.log_prompts {
+            tracing::debug!(request_id, prompt = %request.prompt_text(), "prompt");
+        }
+        let request = Arc::new(request);
 
         // 2. Route: the enrolled arm's router, else the configured one.
         let enrollment = (request.model == self.alias)
             .then(|| self.experiments.enroll(&request, headers, request_id))
             .flatten();
         let decision = self.route(&request, overrides, enrollment)?;
+        let decision = self.avoid_unhealthy(&request, decision);
 
         // 3. Serve, with fallback to the cloud before the first byte.
-        let mut meter =
-            RequestMeter::start(self.accounts.clone(), request.clone(), request_id, started);
+        let mut meter = RequestMeter::start(
+            self.accounts.clone(),
+            request.clone(),
+            request_id,
+            client,
+            started,
+        );
         let (decision, fallback_from, first_failure, result, upstream_wait) =
             self.serve(&request, decision).await;
         let info = self.backends[decision.backend].info();
@@ -257,6 +309,43 @@ impl Gateway {
         }
     }
 
+    /// Steers an alias decision away from a backend whose circuit breaker is open: an open local
+    /// backend sends the request to the cloud (`local_unhealthy`); an open cloud backend sends it
+    /// to the first healthy local backend able to serve it (`cloud_unhealthy`). Pinned and forced
+    /// routes, and requests only the cloud can serve, keep their backend and fail fast instead.
+    fn avoid_unhealthy(&self, request: &ChatRequest, decision: Decision) -> Decision {
+        let breakers = &self.accounts.breakers;
+        if !breakers[decision.backend].is_refusing()
+            || matches!(
+                decision.reason,
+                Reason::Pinned | Reason::ForcedLocal | Reason::ForcedCloud
+            )
+        {
+            return decision;
+        }
+        let healthy = |i: &usize| !breakers[*i].is_refusing();
+        let target = match self.backends[decision.backend].info().role {
+            Role::Local => self
+                .router
+                .cloud()
+                .filter(healthy)
+                .map(|c| (c, Reason::LocalUnhealthy)),
+            Role::Cloud => self
+                .router
+                .capable_locals(request)
+                .find(healthy)
+                .map(|l| (l, Reason::CloudUnhealthy)),
+        };
+        match target {
+            Some((backend, reason)) => Decision {
+                backend,
+                reason,
+                p_local: decision.p_local,
+            },
+            None => decision,
+        }
+    }
+
     /// Runs the decided backend; on a local failure, the cloud. Returns the decision that
     /// produced the result, the backend that failed first and how (if it fell back), the
     /// result, and the time spent waiting on upstreams.
@@ -308,19 +397,83 @@ impl Gateway {
         )
     }
 
-    async fn attempt(&self, backend: usize, request: &ChatRequest) -> Result<Reply, BackendError> {
-        let backend = &self.backends[backend];
-        let result = backend.chat(request).await;
-        if let Err(e) = &result {
-            let name = &backend.info().name;
-            tracing::debug!(backend = %name, error = %e, "upstream attempt failed");
-            self.accounts
-                .metrics
+    /// One backend's answer, through its circuit breaker. Cloud attempts that fail before the
+    /// first byte with a transient error are retried with backoff (or the upstream's
+    /// `Retry-After`) until `[resilience]`'s retries or deadline run out. A backend that panics
+    /// is an internal failure of that backend, not of the gateway.
+    async fn attempt(&self, index: usize, request: &ChatRequest) -> Result<Reply, BackendError> {
+        let backend = &self.backends[index];
+        let info = backend.info();
+        let name = info.name.as_str();
+        let retries = if info.role == Role::Cloud {
+            self.retry.max_retries
+        } else {
+            0
+        };
+        let metrics = &self.accounts.metrics;
+        let started = Instant::now();
+        let mut retry = 0;
+        loop {
+            let admission = match self.accounts.admit(index) {
+                Ok(admission) => admission,
+                Err(e) => {
+                    metrics
+                        .upstream_errors
+                        .with_label_values(&[name, e.kind()])
+                        .inc();
+                    return Err(e);
+                }
+            };
+            let result = AssertUnwindSafe(backend.chat(request))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    tracing::error!(backend = %name, "backend panicked: {}", panic_message(&*panic));
+                    Err(BackendError::Internal {
+                        detail: format!("the backend panicked: {}", panic_message(&*panic)),
+                    })
+                });
+            self.accounts.record_health(
+                index,
+                admission,
+                health_signal(&result.as_ref().map(|_| ())),
+            );
+            let error = match result {
+                Ok(Reply::Stream(mut opened)) => {
+                    opened.rest = panic_safe(opened.rest, name);
+                    return Ok(Reply::Stream(opened));
+                }
+                Ok(reply) => return Ok(reply),
+                Err(e) => e,
+            };
+            tracing::debug!(backend = %name, error = %error, "upstream attempt failed");
+            metrics
                 .upstream_errors
-                .with_label_values(&[name.as_str(), e.kind()])
+                .with_label_values(&[name, error.kind()])
                 .inc();
+            let wait = if retry < retries {
+                self.retry
+                    .wait_before_retry(&error, retry, started.elapsed())
+            } else {
+                None
+            };
+            let Some(wait) = wait else {
+                return Err(error);
+            };
+            retry += 1;
+            metrics
+                .retries
+                .with_label_values(&[name, error.kind()])
+                .inc();
+            tracing::info!(
+                backend = %name,
+                error = %error,
+                retry,
+                wait_ms = wait.as_millis() as u64,
+                "retrying upstream attempt"
+            );
+            tokio::time::sleep(wait).await;
         }
-        result
     }
 
     /// The cloud backend to retry on, when fallback applies to this decision.
@@ -400,7 +553,35 @@ fn fallback_reason(e: &BackendError) -> Reason {
         BackendError::Status { .. }
         | BackendError::Protocol { .. }
         | BackendError::Internal { .. } => Reason::FallbackLocalError,
+        BackendError::CircuitOpen { .. } => Reason::LocalUnhealthy,
     }
+}
+
+/// A stream that ends with an internal error instead of unwinding when the backend panics
+/// mid-stream, so the client gets an error frame and the request is accounted.
+fn panic_safe(rest: ChunkStream, backend: &str) -> ChunkStream {
+    let backend = backend.to_owned();
+    AssertUnwindSafe(rest)
+        .catch_unwind()
+        .map(move |item| match item {
+            Ok(chunk) => chunk,
+            Err(panic) => {
+                tracing::error!(backend = %backend, "backend panicked mid-stream: {}", panic_message(&*panic));
+                Err(BackendError::Internal {
+                    detail: format!("the backend panicked: {}", panic_message(&*panic)),
+                })
+            }
+        })
+        .boxed()
+}
+
+/// The text of a caught panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// How a chat request ended, for `wattgate_chat_requests_total{outcome}`.
@@ -427,6 +608,7 @@ struct RequestMeter {
     accounts: Arc<Accounts>,
     request: Arc<ChatRequest>,
     request_id: String,
+    client: String,
     started: Instant,
     arrived_us: u64,
     ticket: Option<Ticket>,
@@ -447,6 +629,7 @@ impl RequestMeter {
         accounts: Arc<Accounts>,
         request: Arc<ChatRequest>,
         request_id: &str,
+        client: &Client,
         started: Instant,
     ) -> Self {
         accounts.metrics.in_flight.inc();
@@ -456,6 +639,7 @@ impl RequestMeter {
             accounts,
             request,
             request_id: request_id.to_owned(),
+            client: client.to_string(),
             started,
             ticket: Some(ticket),
             route: None,
@@ -522,6 +706,53 @@ impl Accounts {
     fn count_tokens(&self, served: usize, text: &str) -> (u64, &'static str) {
         crate::backends::count_tokens(&self.backends, served, text)
     }
+
+    /// Asks backend `index`'s breaker for an attempt.
+    fn admit(&self, index: usize) -> Result<Admission, BackendError> {
+        match self.breakers[index].admit() {
+            Ok((admission, transition)) => {
+                self.transitioned(index, transition);
+                Ok(admission)
+            }
+            Err(wait) => Err(BackendError::CircuitOpen {
+                retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
+            }),
+        }
+    }
+
+    /// Feeds an attempt's outcome to backend `index`'s breaker.
+    fn record_health(&self, index: usize, admission: Admission, healthy: Option<bool>) {
+        let transition = self.breakers[index].record(admission, healthy);
+        self.transitioned(index, transition);
+    }
+
+    /// A stream of backend `index` broke after its first byte.
+    fn record_late_failure(&self, index: usize) {
+        let transition = self.breakers[index].record_late_failure();
+        self.transitioned(index, transition);
+    }
+
+    fn transitioned(&self, index: usize, transition: Option<Transition>) {
+        let Some(Transition(state)) = transition else {
+            return;
+        };
+        let name = self.backends[index].info().name.as_str();
+        match state {
+            crate::resilience::CircuitState::Open => tracing::warn!(
+                backend = %name,
+                "circuit breaker opened: too many failed attempts; routing around this backend"
+            ),
+            _ => tracing::info!(backend = %name, state = state.as_str(), "circuit breaker"),
+        }
+        self.metrics
+            .circuit_state
+            .with_label_values(&[name])
+            .set(state.gauge());
+        self.metrics
+            .circuit_transitions
+            .with_label_values(&[name, state.as_str()])
+            .inc();
+    }
 }
 
 impl Drop for RequestMeter {
@@ -539,6 +770,22 @@ impl Drop for RequestMeter {
         let (tokens, tokens_source) = self.tokens(served);
         let bill = accounts.metering.end(ticket, served, tokens);
         let latency = self.started.elapsed();
+        // The access log: who, where, why, how it ended. Never message text.
+        tracing::info!(
+            request_id = %self.request_id,
+            client = %self.client,
+            route = route.role.as_str(),
+            backend = %route.backend,
+            reason = route.reason.as_str(),
+            fallback_from = route.fallback_from.as_deref().unwrap_or(""),
+            status = self.status,
+            outcome = self.outcome.as_str(),
+            stream = self.request.stream,
+            input_tokens = tokens.input,
+            output_tokens = tokens.output,
+            latency_ms = (latency.as_secs_f64() * 1000.0).round() as u64,
+            "chat"
+        );
         let role = route.role.as_str();
         let backend = route.backend.as_str();
         let reason = route.reason.as_str();
@@ -722,6 +969,9 @@ fn client_stream(
                 }
                 Some(Err(e)) => {
                     meter.outcome = Outcome::Error;
+                    if let Some((_, served)) = &meter.route {
+                        meter.accounts.record_late_failure(*served);
+                    }
                     let backend = meter.route.as_ref().map_or("", |(r, _)| r.backend.as_str());
                     tracing::warn!(backend, error = %e, "upstream stream failed after the first byte");
                     let error = e.to_api_error(backend);

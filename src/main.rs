@@ -55,6 +55,11 @@ enum Command {
         #[arg(long)]
         ledger: Option<PathBuf>,
     },
+    /// Client API keys for `[auth]`: make one, or hash one you have.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// A/B experiments on routing: per-arm reports from the ledger.
     Experiments {
         #[command(subcommand)]
@@ -286,9 +291,63 @@ impl ConfigArg {
     }
 }
 
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Generates a random key; prints the key (give it to the client, once) and the `[auth]`
+    /// entry holding only its SHA-256.
+    New {
+        /// The key holder's name (rate-limit bucket and log label).
+        #[arg(long, default_value = "client")]
+        name: String,
+    },
+    /// Reads a key from standard input (not the command line, which shells keep in history)
+    /// and prints its SHA-256 for `[auth]`.
+    Hash,
+}
+
+fn keys(command: KeysCommand) -> ExitCode {
+    let hex = |key: &str| -> String {
+        wattgate::server::key_digest(key)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    match command {
+        KeysCommand::New { name } => {
+            let bytes: [u8; 24] = rand::random();
+            let key: String = std::iter::once("wg-".to_owned())
+                .chain(bytes.iter().map(|b| format!("{b:02x}")))
+                .collect();
+            println!("key (give to the client; it is not stored anywhere): {key}");
+            println!();
+            println!("[[auth.keys]]");
+            println!("name = \"{name}\"");
+            println!("sha256 = \"{}\"", hex(&key));
+            ExitCode::SUCCESS
+        }
+        KeysCommand::Hash => {
+            let mut key = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut key) {
+                eprintln!("error: cannot read the key from standard input: {e}");
+                return ExitCode::FAILURE;
+            }
+            let key = key.trim();
+            if key.is_empty() {
+                eprintln!(
+                    "error: no key on standard input (try: echo -n \"$KEY\" | wattgate keys hash)"
+                );
+                return ExitCode::FAILURE;
+            }
+            println!("{}", hex(key));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Keys { command } => keys(command),
         Command::Serve { config, listen } => serve(&config, listen),
         Command::Report {
             config,
@@ -722,9 +781,19 @@ fn serve(arg: &ConfigArg, listen: Option<SocketAddr>) -> ExitCode {
             }
         };
         let bound = listener.local_addr().map_or(addr, |a| a);
-        if !bound.ip().is_loopback() {
-            tracing::warn!(
-                "listening on {bound}, which is not loopback: anyone who can reach it can spend your cloud keys (client authentication is not implemented yet)"
+        if !bound.ip().is_loopback() && config.auth.keys.is_empty() {
+            for line in [
+                format!("listening on {bound}, which is NOT loopback, and [auth] lists no client keys:"),
+                "anyone who can reach this port can send requests that spend your cloud API keys,".to_owned(),
+                "read /metrics and /v1/savings. Add keys (`wattgate keys new`) to [auth], or listen on 127.0.0.1.".to_owned(),
+            ] {
+                tracing::warn!("SECURITY: {line}");
+            }
+        } else if !config.auth.keys.is_empty() {
+            tracing::info!(
+                keys = config.auth.keys.len(),
+                admin_key = config.auth.admin_key_sha256.is_some(),
+                "client API keys required"
             );
         }
         tracing::info!(

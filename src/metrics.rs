@@ -91,6 +91,15 @@ pub struct Metrics {
     pub shadow_energy: CounterVec,
     /// Tokens shadow checks used, by backend and kind (input, output).
     pub shadow_tokens: IntCounterVec,
+    /// Retries of failed cloud attempts, by backend and the failure retried.
+    pub retries: IntCounterVec,
+    /// Circuit breaker state by backend: 0 closed, 1 half-open (probing), 2 open.
+    pub circuit_state: IntGaugeVec,
+    /// Circuit breaker transitions by backend and new state (open, half_open, closed).
+    pub circuit_transitions: IntCounterVec,
+    /// Requests refused before reaching a backend, by reason (unauthorized, forbidden,
+    /// rate_limited_requests, rate_limited_tokens, too_many_concurrent).
+    pub rejected: IntCounterVec,
 }
 
 impl Metrics {
@@ -279,6 +288,32 @@ impl Metrics {
                 "wattgate_shadow_tokens_total",
                 "Tokens used by shadow checks, by backend and kind (input|output).",
                 &["backend", "kind"],
+            )?,
+            retries: counter(
+                "wattgate_upstream_retries_total",
+                "Retries of failed cloud attempts (before the first byte), by backend and the failure kind retried.",
+                &["backend", "kind"],
+            )?,
+            circuit_state: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "wattgate_backend_circuit_state",
+                        "Circuit breaker state by backend: 0 closed, 1 half-open, 2 open.",
+                    ),
+                    &["backend"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            circuit_transitions: counter(
+                "wattgate_circuit_transitions_total",
+                "Circuit breaker transitions by backend and new state (open|half_open|closed).",
+                &["backend", "state"],
+            )?,
+            rejected: counter(
+                "wattgate_rejected_requests_total",
+                "Requests refused before any backend, by reason (unauthorized|forbidden|rate_limited_requests|rate_limited_tokens|too_many_concurrent).",
+                &["reason"],
             )?,
             in_flight,
             registry,

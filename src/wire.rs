@@ -24,6 +24,10 @@ pub struct ChatRequest {
     pub include_usage: bool,
     /// Characters of message text, a cheap size signal for routing before tokenization.
     pub prompt_chars: usize,
+    /// `max_completion_tokens`, else `max_tokens`, when the client set one.
+    pub max_tokens: Option<u64>,
+    /// Messages in the request.
+    pub message_count: usize,
 }
 
 /// Token counts as upstreams report them.
@@ -119,13 +123,60 @@ impl ChatRequest {
             Some(other) => return Err(wrong_type("stream_options", "an object", other)),
         };
 
+        let mut max_tokens = None;
+        for field in ["max_completion_tokens", "max_tokens"] {
+            match body.get(field) {
+                None | Some(Value::Null) => {}
+                Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n >= 1) => {
+                    max_tokens = max_tokens.or(n.as_u64());
+                }
+                Some(other) => return Err(wrong_type(field, "an integer of at least 1", other)),
+            }
+        }
+
         Ok(Self {
+            message_count: messages.len(),
             body,
             model,
             stream,
             include_usage,
             prompt_chars,
+            max_tokens,
         })
+    }
+
+    /// Checks the request against the gateway's per-request `[limits]`.
+    pub fn check_limits(&self, limits: &crate::config::LimitsConfig) -> Result<(), ApiError> {
+        if self.message_count > limits.max_messages {
+            return Err(ApiError::invalid_request(format!(
+                "`messages` has {} messages; this gateway accepts at most {} (limits.max_messages).",
+                self.message_count, limits.max_messages
+            ))
+            .with_param("messages")
+            .with_code("too_many_messages"));
+        }
+        if let Some(asked) = self.max_tokens {
+            if limits.max_output_tokens > 0 && asked > limits.max_output_tokens {
+                let field = if self.body.contains_key("max_completion_tokens") {
+                    "max_completion_tokens"
+                } else {
+                    "max_tokens"
+                };
+                return Err(ApiError::invalid_request(format!(
+                    "`{field}` is {asked}; this gateway allows at most {} (limits.max_output_tokens).",
+                    limits.max_output_tokens
+                ))
+                .with_param(field)
+                .with_code("max_tokens_too_large"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Tokens charged against a tokens-per-minute limit on arrival: the prompt at ~4 characters
+    /// per token plus the output the client reserved, as OpenAI counts its own limits.
+    pub fn estimated_tokens(&self) -> u64 {
+        (self.prompt_chars as u64).div_ceil(4) + self.max_tokens.unwrap_or(0)
     }
 
     /// Every message's text, joined by newlines: what the gateway tokenizes when an upstream
@@ -168,6 +219,8 @@ impl ChatRequest {
             stream: false,
             include_usage: false,
             prompt_chars: self.prompt_chars,
+            max_tokens: self.max_tokens,
+            message_count: self.message_count,
         }
     }
 

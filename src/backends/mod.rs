@@ -163,6 +163,13 @@ pub enum BackendError {
         /// What failed.
         detail: String,
     },
+    /// The backend's circuit breaker is open: it failed too often recently, so no attempt was
+    /// made.
+    #[error("circuit open: failing recently; next attempt allowed in {retry_after_s}s")]
+    CircuitOpen {
+        /// Whole seconds until the breaker lets a probe through.
+        retry_after_s: u64,
+    },
 }
 
 impl BackendError {
@@ -178,6 +185,7 @@ impl BackendError {
             BackendError::ContextTooLong { .. } => "context_too_long",
             BackendError::Unsupported { .. } => "unsupported",
             BackendError::Internal { .. } => "internal",
+            BackendError::CircuitOpen { .. } => "circuit_open",
         }
     }
 
@@ -269,6 +277,14 @@ impl BackendError {
             .with_code("unsupported_by_backend"),
             BackendError::Internal { detail } => {
                 ApiError::internal(format!("Backend `{backend}` failed: {detail}"))
+            }
+            BackendError::CircuitOpen { retry_after_s } => {
+                let mut e = ApiError::unavailable(
+                    format!("Backend `{backend}` is failing (its circuit breaker is open); no attempt was made. Retry in {retry_after_s}s."),
+                    "backend_unhealthy",
+                );
+                e.retry_after = Some(retry_after_s.to_string());
+                e
             }
         }
     }

@@ -78,6 +78,11 @@ pub enum Reason {
     NeedsN,
     /// `logprobs`: local backends do not return them.
     NeedsLogprobs,
+    /// The chosen local backend's circuit breaker is open; the cloud served.
+    LocalUnhealthy,
+    /// The cloud backend's circuit breaker is open; a healthy local backend served whatever the
+    /// router had decided.
+    CloudUnhealthy,
 }
 
 impl Reason {
@@ -107,6 +112,8 @@ impl Reason {
             Reason::NeedsImages => "needs_images",
             Reason::NeedsN => "needs_n",
             Reason::NeedsLogprobs => "needs_logprobs",
+            Reason::LocalUnhealthy => "local_unhealthy",
+            Reason::CloudUnhealthy => "cloud_unhealthy",
         }
     }
 }
@@ -287,6 +294,19 @@ impl Router {
     /// The first cloud backend, the fallback target.
     pub fn cloud(&self) -> Option<usize> {
         self.first_cloud
+    }
+
+    /// The local backends that could serve `request` at all (no hard constraint refuses it),
+    /// cheapest first: where traffic goes when the cloud is down, whatever the router says.
+    pub fn capable_locals<'a>(
+        &'a self,
+        request: &'a ChatRequest,
+    ) -> impl Iterator<Item = usize> + 'a {
+        let needs = Needs::of(request);
+        self.locals
+            .iter()
+            .filter(move |l| l.refusal(needs, request.prompt_chars).is_none())
+            .map(|l| l.backend)
     }
 
     /// The thresholds in use, by backend index (for the startup log and tests).

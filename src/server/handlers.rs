@@ -16,7 +16,8 @@ use serde_json::json;
 use super::{AppState, RequestContext};
 use crate::config::Role;
 use crate::error::ApiError;
-use crate::gateway::{Answer, AnswerBody};
+use crate::gateway::{Answer, AnswerBody, Inbound};
+use crate::limits::Client;
 use crate::router::Overrides;
 
 /// How much of an oversized body is read and discarded before answering 413, so that ordinary
@@ -27,8 +28,21 @@ const OVERSIZE_DRAIN_BYTES: usize = 32 * 1024 * 1024;
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(ctx): Extension<RequestContext>,
+    Extension(client): Extension<Client>,
     request: Request,
 ) -> Response {
+    let slot = match state.inner.access.slot() {
+        Ok(slot) => slot,
+        Err(e) => {
+            state
+                .inner
+                .metrics
+                .rejected
+                .with_label_values(&["too_many_concurrent"])
+                .inc();
+            return e.into_response();
+        }
+    };
     let (parts, body) = request.into_parts();
     let overrides = match overrides(&parts.headers) {
         Ok(o) => o,
@@ -39,13 +53,27 @@ pub async fn chat_completions(
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
-    match state
-        .inner
-        .gateway
-        .chat(&body, overrides, &parts.headers, ctx.started, &ctx.id)
-        .await
-    {
-        Ok(answer) => answer_response(answer),
+    let inbound = Inbound {
+        overrides,
+        headers: &parts.headers,
+        started: ctx.started,
+        id: &ctx.id,
+        client: &client,
+    };
+    match state.inner.gateway.chat(&body, inbound).await {
+        Ok(mut answer) => {
+            // A stream holds its concurrency slot until its last frame.
+            if let (AnswerBody::Stream(frames), Some(slot)) = (&mut answer.body, slot) {
+                let taken = std::mem::replace(frames, futures::stream::empty().boxed());
+                *frames = taken
+                    .map(move |frame| {
+                        let _held = &slot;
+                        frame
+                    })
+                    .boxed();
+            }
+            answer_response(answer)
+        }
         Err(e) => e.into_response(),
     }
 }

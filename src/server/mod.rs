@@ -4,6 +4,7 @@
 //! OpenAI-shaped responses with `x-wattgate-*` headers. Everything a client can get wrong, and
 //! every path that does not exist, ends in an [`ApiError`].
 
+mod access;
 mod experiments;
 mod handlers;
 mod observe;
@@ -26,6 +27,7 @@ use crate::ledger::{spawn_writer, Ledger, LedgerSender};
 use crate::metering::Metering;
 use crate::metrics::Metrics;
 
+pub use access::key_digest;
 pub use observe::RequestContext;
 
 /// Shared state of the HTTP handlers.
@@ -44,6 +46,7 @@ struct Shared {
     ledger_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     baseline_backend: Option<String>,
     experiments: Vec<crate::config::ExperimentConfig>,
+    access: access::Access,
 }
 
 impl AppState {
@@ -74,6 +77,7 @@ impl AppState {
                 ledger_writer,
                 ledger_thread: std::sync::Mutex::new(ledger_thread),
                 experiments: config.experiments.clone(),
+                access: access::Access::new(&config.auth, &config.limits),
             }),
         })
     }
@@ -149,6 +153,10 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            access::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             observe::observe,
         ))
         .layer(CatchPanicLayer::custom(|_| {
@@ -189,7 +197,8 @@ pub async fn serve_app(
     });
     let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
     let kept = state.clone();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let service = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
         shutdown.await;
         tracing::info!(
             "shutdown requested: no longer accepting; waiting up to {:.1}s for in-flight requests",

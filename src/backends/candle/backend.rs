@@ -476,10 +476,26 @@ fn worker(engine: &Engine, jobs: &Mutex<Receiver<Job>>, queued: &AtomicUsize) {
         if !taken || job.events.is_closed() {
             continue;
         }
-        if let Err(e) = engine.run(&job) {
-            let _ = job.events.send(Event::Failed(BackendError::Internal {
-                detail: e.to_string(),
-            }));
+        // A panic in the model code fails this request, not the worker: without the catch a
+        // single bad request would take a worker away for the life of the process.
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(&job)));
+        let failure = match run {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".to_owned());
+                tracing::error!("the model panicked while generating: {what}");
+                Some(format!("the model panicked: {what}"))
+            }
+        };
+        if let Some(detail) = failure {
+            let _ = job
+                .events
+                .send(Event::Failed(BackendError::Internal { detail }));
         }
     }
 }
