@@ -175,9 +175,11 @@ async fn cloud_only_gateway(script: Vec<Behavior>, extra: &str) -> (ScriptedUpst
 
 #[tokio::test]
 async fn cloud_500_is_a_502_with_the_upstream_message() {
-    let (_cloud, gw) =
+    let (cloud, gw) =
         cloud_only_gateway(vec![Behavior::server_error("overloaded, try later")], "").await;
     let r = gw.post_chat(&chat_body("auto", "hi")).await;
+    // The first attempt and the default 2 retries all failed.
+    assert_eq!(cloud.hits(), 3);
     assert_eq!(header(&r, "x-wattgate-route"), "cloud");
     assert_eq!(header(&r, "x-wattgate-reason"), "no_local_backend");
     let e = expect_error(r, 502).await;
@@ -203,8 +205,19 @@ async fn cloud_500_is_a_502_with_the_upstream_message() {
 
 #[tokio::test]
 async fn cloud_429_is_relayed_with_retry_after() {
-    let (_cloud, gw) = cloud_only_gateway(vec![Behavior::rate_limited(7)], "").await;
+    // Waiting the upstream's 7 s would pass the 5 s retry deadline: relayed at once instead.
+    let cloud = ScriptedUpstream::start("c", vec![Behavior::rate_limited(7)])
+        .await
+        .expect("cloud");
+    let gw = Gateway::start(&format!(
+        "[resilience]\nretry_deadline_s = 5.0\n{}",
+        backend("cloud", "cloud", &cloud.base_url(), "")
+    ))
+    .await;
+    let started = Instant::now();
     let r = gw.post_chat(&chat_body("auto", "hi")).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(cloud.hits(), 1);
     assert_eq!(header(&r, "retry-after"), "7");
     let e = expect_error(r, 429).await;
     assert_eq!(e["type"], "rate_limit_error");
@@ -258,14 +271,24 @@ async fn local_and_cloud_both_failing_reports_the_cloud_failure() {
         ),
         1.0
     );
+    // The cloud attempt was retried twice (local attempts never are).
     assert_eq!(
         sample(
             &m,
             "wattgate_upstream_errors_total",
             &[("backend", "cloud"), ("kind", "error_status")]
         ),
-        1.0
+        3.0
     );
+    assert_eq!(
+        sample(
+            &m,
+            "wattgate_upstream_retries_total",
+            &[("backend", "cloud"), ("kind", "error_status")]
+        ),
+        2.0
+    );
+    assert_eq!(local.hits(), 1);
 }
 
 #[tokio::test]

@@ -54,10 +54,25 @@ impl AppState {
     /// config. Fails when the ledger cannot be opened (another daemon has it, or the directory
     /// is not writable): running without the configured ledger would lose data silently.
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let backends = crate::backends::build_all(&config.backends, &config.models)?;
+        Self::with_backends(config, backends)
+    }
+
+    /// [`AppState::from_config`] with backends built by the caller (one per `config.backends`
+    /// entry, same order): for embedding the gateway with a custom [`crate::backends::Backend`].
+    pub fn with_backends(
+        config: &Config,
+        backends: Vec<Arc<dyn crate::backends::Backend>>,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            backends.len() == config.backends.len(),
+            "{} backends built for {} configured",
+            backends.len(),
+            config.backends.len()
+        );
         let metrics = Arc::new(Metrics::new()?);
         let metering = Arc::new(Metering::new(config).map_err(anyhow::Error::msg)?);
         let (ledger, ledger_writer, ledger_thread) = open_ledger(&config.ledger)?;
-        let backends = crate::backends::build_all(&config.backends, &config.models)?;
         let gateway = Gateway::new(
             config,
             backends,

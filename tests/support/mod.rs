@@ -58,6 +58,47 @@ impl Gateway {
         }
     }
 
+    /// Starts the gateway with this TOML config and backends built by `build` (one per
+    /// configured backend, in order) instead of the configured ones.
+    pub async fn start_with_backends(
+        toml: &str,
+        build: impl FnOnce(&Config) -> Vec<std::sync::Arc<dyn wattgate::backends::Backend>>,
+    ) -> Self {
+        let mut config =
+            Config::parse(toml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
+        let data = tempfile::tempdir().expect("tempdir");
+        let ledger = config
+            .ledger
+            .path
+            .get_or_insert_with(|| data.path().join("ledger.redb"))
+            .clone();
+        let state = wattgate::server::AppState::with_backends(&config, build(&config))
+            .expect("state");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            wattgate::server::serve_app(
+                state,
+                listener,
+                async move {
+                    let _ = rx.await;
+                },
+                std::time::Duration::from_secs(5),
+            )
+            .await
+        });
+        Self {
+            addr,
+            ledger,
+            shutdown: Some(tx),
+            task,
+            _data: data,
+        }
+    }
+
     /// The gateway with one local and one cloud backend and otherwise default config.
     pub async fn pair(local_url: &str, cloud_url: &str) -> Self {
         Self::start(&local_and_cloud("", local_url, cloud_url, "")).await
