@@ -151,10 +151,8 @@ async fn reconcile(gw: Gateway, seen: &[Seen]) {
         .rows_since(0)
         .expect("rows");
     assert_eq!(rows.len(), seen.len(), "one ledger row per request");
-    let mut from_ledger: Vec<(u16, bool)> = rows
-        .iter()
-        .map(|r| (r.status, r.outcome == "ok"))
-        .collect();
+    let mut from_ledger: Vec<(u16, bool)> =
+        rows.iter().map(|r| (r.status, r.outcome == "ok")).collect();
     let mut from_clients: Vec<(u16, bool)> = seen.iter().map(|s| (s.status, s.complete)).collect();
     from_ledger.sort_unstable();
     from_clients.sort_unstable();
@@ -284,7 +282,12 @@ async fn a_slow_cloud_times_out_within_the_deadline() {
     let cloud = upstream(vec![Behavior::slow(Duration::from_secs(60), "late")]).await;
     let gw = Gateway::start(&format!(
         "{FAST_RETRIES}\n{}",
-        backend("cloud", "cloud", &cloud.base_url(), "first_byte_timeout_s = 0.3")
+        backend(
+            "cloud",
+            "cloud",
+            &cloud.base_url(),
+            "first_byte_timeout_s = 0.3"
+        )
     ))
     .await;
     let seen = drive(&gw, 6, Duration::from_secs(3)).await;
@@ -467,7 +470,12 @@ async fn a_hanging_local_backend_falls_back_at_its_first_byte_timeout() {
     let cloud = upstream(vec![Behavior::Reply("cloud answer".into())]).await;
     let gw = Gateway::start(&format!(
         "{FAST_RETRIES}\n{}{}",
-        backend("local", "local", &local.base_url(), "first_byte_timeout_s = 0.3"),
+        backend(
+            "local",
+            "local",
+            &local.base_url(),
+            "first_byte_timeout_s = 0.3"
+        ),
         backend("cloud", "cloud", &cloud.base_url(), "")
     ))
     .await;
@@ -510,7 +518,10 @@ async fn an_open_local_breaker_routes_to_the_cloud_until_a_probe_succeeds() {
     let probe = drive(&gw, 1, Duration::from_secs(3)).await;
     assert_eq!(probe[0].reason, "prefer_local");
     let closed = drive(&gw, 4, Duration::from_secs(3)).await;
-    assert!(closed.iter().all(|s| s.reason == "prefer_local"), "{closed:?}");
+    assert!(
+        closed.iter().all(|s| s.reason == "prefer_local"),
+        "{closed:?}"
+    );
     let m = gw.metrics().await;
     for (state, n) in [("open", 1.0), ("half_open", 1.0), ("closed", 1.0)] {
         assert_eq!(

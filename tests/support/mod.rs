@@ -72,8 +72,8 @@ impl Gateway {
             .path
             .get_or_insert_with(|| data.path().join("ledger.redb"))
             .clone();
-        let state = wattgate::server::AppState::with_backends(&config, build(&config))
-            .expect("state");
+        let state =
+            wattgate::server::AppState::with_backends(&config, build(&config)).expect("state");
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
