@@ -58,6 +58,13 @@ impl ApiError {
 
     /// 404: the `model` names neither the alias nor a configured backend.
     pub fn model_not_found(model: &str, known: &[&str]) -> Self {
+        // Echo at most 100 characters: the name is client input, and may be megabytes.
+        let shown: String = model.chars().take(100).collect();
+        let model = if shown.len() < model.len() {
+            format!("{shown}... ({} bytes)", model.len())
+        } else {
+            shown
+        };
         Self::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",

@@ -87,7 +87,8 @@ pub fn is_retryable(error: &BackendError) -> bool {
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0 && seconds <= 86_400.0)
+        return (0.0..=86_400.0)
+            .contains(&seconds)
             .then(|| Duration::from_secs_f64(seconds));
     }
     let at = httpdate::parse_http_date(value).ok()?;

@@ -187,3 +187,66 @@ async fn unknown_endpoints_are_404_and_wrong_methods_405() {
     )
     .await;
 }
+
+/// The malformed-request corpus: each body gets the right 4xx, names what was wrong, and never
+/// reaches an upstream (docs/faults.md lists it).
+#[tokio::test]
+async fn the_malformed_request_corpus_gets_the_right_4xx() {
+    let (up, gw) = setup("[limits]\nmax_messages = 64\nmax_output_tokens = 4096").await;
+    let msg = json!([{"role": "user", "content": "hi"}]);
+    let deep_array = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep_object = format!(
+        "{{\"model\":\"auto\",\"messages\":[{{\"role\":\"user\",\"content\":\"x\"}}],\"metadata\":{}1{}}}",
+        "{\"a\":".repeat(5_000),
+        "}".repeat(5_000)
+    );
+    let many: Vec<_> = (0..65)
+        .map(|i| json!({"role": "user", "content": format!("m{i}")}))
+        .collect();
+    let mut invalid_utf8 = br#"{"model":"auto","messages":[{"role":"user","content":""#.to_vec();
+    invalid_utf8.extend_from_slice(b"\xc3\x28 \xed\xa0\x80");
+    invalid_utf8.extend_from_slice(br#""}]}"#);
+    // (what, body, status, code or "" when any, param)
+    type Case<'a> = (&'a str, Vec<u8>, u16, &'a str, Option<&'a str>);
+    let cases: Vec<Case> = vec![
+        ("deeply nested array", deep_array.into_bytes(), 400, "invalid_json", None),
+        ("deeply nested object", deep_object.into_bytes(), 400, "invalid_json", None),
+        ("invalid UTF-8 in a string", invalid_utf8, 400, "invalid_json", None),
+        ("lone surrogate escape", br#"{"model":"auto","messages":[{"role":"user","content":"\ud800"}]}"#.to_vec(), 400, "invalid_json", None),
+        ("number too large for any type", br#"{"model":"auto","messages":[{"role":"user","content":"x"}],"max_tokens":1e999}"#.to_vec(), 400, "invalid_json", None),
+        ("max_tokens past u64", br#"{"model":"auto","messages":[{"role":"user","content":"x"}],"max_tokens":18446744073709551616}"#.to_vec(), 400, "", Some("max_tokens")),
+        ("negative max_tokens", json!({"model":"auto","messages":msg,"max_tokens":-5}).to_string().into_bytes(), 400, "", Some("max_tokens")),
+        ("zero max_tokens", json!({"model":"auto","messages":msg,"max_tokens":0}).to_string().into_bytes(), 400, "", Some("max_tokens")),
+        ("fractional max_tokens", json!({"model":"auto","messages":msg,"max_tokens":1.5}).to_string().into_bytes(), 400, "", Some("max_tokens")),
+        ("string max_completion_tokens", json!({"model":"auto","messages":msg,"max_completion_tokens":"10"}).to_string().into_bytes(), 400, "", Some("max_completion_tokens")),
+        ("max_tokens over the ceiling", json!({"model":"auto","messages":msg,"max_tokens":4097}).to_string().into_bytes(), 400, "max_tokens_too_large", Some("max_tokens")),
+        ("too many messages", json!({"model":"auto","messages":many}).to_string().into_bytes(), 400, "too_many_messages", Some("messages")),
+        ("messages is an object", json!({"model":"auto","messages":{"role":"user"}}).to_string().into_bytes(), 400, "", Some("messages")),
+        ("a message is a string", json!({"model":"auto","messages":["hi"]}).to_string().into_bytes(), 400, "", Some("messages[0]")),
+        ("role is a number", json!({"model":"auto","messages":[{"role":1,"content":"x"}]}).to_string().into_bytes(), 400, "", Some("messages[0].role")),
+        ("model is null", json!({"model":null,"messages":msg}).to_string().into_bytes(), 400, "", Some("model")),
+        ("model is an array", json!({"model":["auto"],"messages":msg}).to_string().into_bytes(), 400, "", Some("model")),
+        ("stream is a number", json!({"model":"auto","messages":msg,"stream":1}).to_string().into_bytes(), 400, "", Some("stream")),
+        ("include_usage is a string", json!({"model":"auto","messages":msg,"stream":true,"stream_options":{"include_usage":"yes"}}).to_string().into_bytes(), 400, "", Some("stream_options.include_usage")),
+        ("a NUL byte body", vec![0u8; 64], 400, "invalid_json", None),
+        ("trailing garbage", br#"{"model":"auto","messages":[{"role":"user","content":"x"}]} trailing"#.to_vec(), 400, "invalid_json", None),
+        ("a huge model name", json!({"model":"m".repeat(1_000_000),"messages":msg}).to_string().into_bytes(), 404, "model_not_found", Some("model")),
+        ("10 MB of whitespace", vec![b' '; 10 * 1024 * 1024], 413, "request_too_large", None),
+    ];
+    for (name, body, status, code, param) in cases {
+        let e = expect_error(post_raw(&gw, body).await, status).await;
+        if !code.is_empty() {
+            assert_eq!(e["code"], code, "{name}: {e}");
+        }
+        if let Some(param) = param {
+            assert_eq!(e["param"], param, "{name}: {e}");
+        }
+        // The message never echoes a megabyte of input back.
+        assert!(
+            support::message(&e).len() < 2_000,
+            "{name}: {}",
+            support::message(&e).len()
+        );
+    }
+    assert_eq!(up.hits(), 0, "no malformed request reached an upstream");
+}

@@ -384,3 +384,107 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Reads a whole SSE body, delivered in the given pieces, the way a stream is read.
+    fn read_all(pieces: Vec<Vec<u8>>) -> Vec<Result<&'static str, String>> {
+        let runtime = match tokio::runtime::Builder::new_current_thread().build() {
+            Ok(r) => r,
+            Err(e) => return vec![Err(e.to_string())],
+        };
+        runtime.block_on(async move {
+            let body = futures::stream::iter(
+                pieces
+                    .into_iter()
+                    .map(|p| Ok::<Bytes, reqwest::Error>(Bytes::from(p))),
+            );
+            let mut events = Box::pin(body.eventsource());
+            let mut seen = Vec::new();
+            // Bounded: every step consumes input or ends.
+            for _ in 0..10_000 {
+                match next_chunk(&mut events).await {
+                    Ok(Next::Chunk(_)) => seen.push(Ok("chunk")),
+                    Ok(Next::Done) => {
+                        seen.push(Ok("done"));
+                        break;
+                    }
+                    Ok(Next::Eof) => {
+                        seen.push(Ok("eof"));
+                        break;
+                    }
+                    Err(StreamFailure::Protocol(e)) => {
+                        seen.push(Err(e));
+                        break;
+                    }
+                    Err(StreamFailure::Transport(e)) => {
+                        seen.push(Err(e.to_string()));
+                        break;
+                    }
+                }
+            }
+            seen
+        })
+    }
+
+    /// Splits `bytes` at the given cut points.
+    fn split(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut pieces = Vec::new();
+        let mut at = 0;
+        for c in cuts {
+            pieces.push(bytes[at..c].to_vec());
+            at = c;
+        }
+        pieces.push(bytes[at..].to_vec());
+        pieces
+    }
+
+    #[test]
+    fn a_well_formed_stream_reads_the_same_however_it_is_split() {
+        let body = b"data: {\"choices\":[{\"delta\":{\"content\":\"h\xc3\xa9\"}}]}\n\n: comment\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\ndata: [DONE]\n\n";
+        let whole = read_all(vec![body.to_vec()]);
+        assert_eq!(whole, vec![Ok("chunk"), Ok("chunk"), Ok("done")]);
+        for at in 0..body.len() {
+            assert_eq!(read_all(split(body, &[at])), whole, "split at {at}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_sse_reader_never_panics_on_arbitrary_bytes(
+            bytes in prop::collection::vec(any::<u8>(), 0..512),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let _ = read_all(split(&bytes, &cuts));
+        }
+
+        #[test]
+        fn the_sse_reader_never_panics_on_near_miss_frames(
+            frames in prop::collection::vec(
+                prop_oneof![
+                    Just(b"data: [DONE]\n\n".to_vec()),
+                    Just(b"data: {\"choices\":[]}\n\n".to_vec()),
+                    Just(b"data: {\"error\":{\"message\":\"x\"}}\n\n".to_vec()),
+                    Just(b"event: ping\n\n".to_vec()),
+                    Just(b"data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"prompt_tokens\":-1}}\n\n".to_vec()),
+                    Just(b"data: {\"choices\":\n".to_vec()),
+                    Just(b"retry: 10\r\n".to_vec()),
+                    Just(b"\xff\xfe\r\n\r\n".to_vec()),
+                    prop::collection::vec(any::<u8>(), 0..40),
+                ],
+                0..12,
+            ),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let body: Vec<u8> = frames.concat();
+            let _ = read_all(split(&body, &cuts));
+        }
+    }
+}
