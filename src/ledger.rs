@@ -202,6 +202,11 @@ pub enum LedgerError {
 }
 
 /// The open database, shared by the writer thread and readers.
+/// redb's page cache. Its default (1 GiB) lets the daemon's memory grow with the ledger file
+/// under steady traffic (scripts/soak.sh measured +24 MiB in 30 s at 1,000 req/s); 16 MiB
+/// holds the pages that appends and the index touch, and reports read the rest from disk.
+const LEDGER_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 #[derive(Clone)]
 pub struct Ledger {
     db: Arc<Database>,
@@ -218,10 +223,13 @@ impl Ledger {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| other(e.to_string()))?;
         }
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => LedgerError::Busy(path.to_owned()),
-            e => other(e.to_string()),
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(LEDGER_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => LedgerError::Busy(path.to_owned()),
+                e => other(e.to_string()),
+            })?;
         let ledger = Self {
             db: Arc::new(db),
             path: path.to_owned(),
