@@ -66,6 +66,7 @@ report = {
     "requests": soak["requests"],
     "client_errors": soak["errors"],
     "gateway_error_outcomes": errors_counted,
+    "refused_over_concurrency_cap": total("wattgate_rejected_requests_total", ['reason="too_many_concurrent"']),
     "served_local": local, "served_cloud": cloud,
     "latency_ms": soak["latency_ms"],
     "gateway_overhead_ms": soak["reported_overhead_ms"],

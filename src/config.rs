@@ -67,8 +67,9 @@ impl Default for LimitsConfig {
             max_messages: 2048,
             // gpt-4.1's largest completion, 32,768 tokens (OpenAI model documentation).
             max_output_tokens: 32_768,
-            // One loopback replica sustained 1,000 req/s mixed at ~100 in flight in
-            // scripts/soak.sh; 1,024 leaves 10x headroom before memory becomes the limit.
+            // scripts/soak.sh (docs/scaling.md): 6,000 req/s of 20-40 ms upstream answers is
+            // ~250 in flight at 57 MiB RSS; 1,024 is 4x that, and bounds memory when a replica's
+            // CPU saturates (the 10,000 req/s run hit it and refused the excess with 429s).
             max_concurrent_requests: 1024,
             requests_per_minute: 0,
             tokens_per_minute: 0,
