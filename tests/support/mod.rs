@@ -30,32 +30,11 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the gateway with this TOML config.
     pub async fn start(toml: &str) -> Self {
-        let mut config =
-            Config::parse(toml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{toml}"));
-        let data = tempfile::tempdir().expect("tempdir");
-        let ledger = config
-            .ledger
-            .path
-            .get_or_insert_with(|| data.path().join("ledger.redb"))
-            .clone();
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            wattgate::server::serve(&config, listener, async move {
-                let _ = rx.await;
-            })
-            .await
-        });
-        Self {
-            addr,
-            ledger,
-            shutdown: Some(tx),
-            task,
-            _data: data,
-        }
+        Self::start_with_backends(toml, |config| {
+            wattgate::backends::build_all(&config.backends, &config.models)
+                .unwrap_or_else(|e| panic!("backends: {e:#}"))
+        })
+        .await
     }
 
     /// Starts the gateway with this TOML config and backends built by `build` (one per
@@ -72,8 +51,9 @@ impl Gateway {
             .path
             .get_or_insert_with(|| data.path().join("ledger.redb"))
             .clone();
-        let state =
-            wattgate::server::AppState::with_backends(&config, build(&config)).expect("state");
+        let state = wattgate::server::AppState::with_backends(&config, build(&config))
+            .unwrap_or_else(|e| panic!("gateway state: {e:#}"));
+        let grace = wattgate::config::secs(config.server.shutdown_grace_s);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -86,7 +66,7 @@ impl Gateway {
                 async move {
                     let _ = rx.await;
                 },
-                std::time::Duration::from_secs(5),
+                grace,
             )
             .await
         });
