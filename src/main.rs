@@ -1008,14 +1008,27 @@ fn ask_daemon(
     Ok((url, body))
 }
 
+/// The variable holding the key the CLI sends when it asks the daemon's admin endpoints (with
+/// `[auth]` keys configured, those need the admin key, or a client key without one).
+const ADMIN_KEY_ENV: &str = "WATTGATE_API_KEY";
+
 fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let response = reqwest::get(url).await?;
+        let mut request = reqwest::Client::new().get(url);
+        if let Ok(key) = std::env::var(ADMIN_KEY_ENV) {
+            request = request.bearer_auth(key.trim());
+        }
+        let response = request.send().await?;
         let status = response.status();
         let text = response.text().await?;
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            anyhow::bail!(
+                "{url} answered {status}: the daemon requires a key; set {ADMIN_KEY_ENV} to its admin key (or a client key when no admin key is configured)"
+            );
+        }
         if !status.is_success() {
             anyhow::bail!("{url} answered {status}: {text}");
         }
