@@ -405,39 +405,26 @@ impl Gateway {
         let backend = &self.backends[index];
         let info = backend.info();
         let name = info.name.as_str();
-        let retries = if info.role == Role::Cloud {
-            self.retry.max_retries
-        } else {
-            0
-        };
         let metrics = &self.accounts.metrics;
         let started = Instant::now();
         let mut retry = 0;
         loop {
-            let admission = match self.accounts.admit(index) {
-                Ok(admission) => admission,
-                Err(e) => {
-                    metrics
-                        .upstream_errors
-                        .with_label_values(&[name, e.kind()])
-                        .inc();
-                    return Err(e);
+            // An open breaker refuses without an attempt (CircuitOpen is never retried).
+            let result = match self.accounts.admit(index) {
+                Err(refused) => Err(refused),
+                Ok(admission) => {
+                    let result = AssertUnwindSafe(backend.chat(request))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|panic| Err(panicked(name, &*panic)));
+                    self.accounts.record_health(
+                        index,
+                        admission,
+                        health_signal(result.as_ref().err()),
+                    );
+                    result
                 }
             };
-            let result = AssertUnwindSafe(backend.chat(request))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    tracing::error!(backend = %name, "backend panicked: {}", panic_message(&*panic));
-                    Err(BackendError::Internal {
-                        detail: format!("the backend panicked: {}", panic_message(&*panic)),
-                    })
-                });
-            self.accounts.record_health(
-                index,
-                admission,
-                health_signal(&result.as_ref().map(|_| ())),
-            );
             let error = match result {
                 Ok(Reply::Stream(mut opened)) => {
                     opened.rest = panic_safe(opened.rest, name);
@@ -451,12 +438,13 @@ impl Gateway {
                 .upstream_errors
                 .with_label_values(&[name, error.kind()])
                 .inc();
-            let wait = if retry < retries {
-                self.retry
-                    .wait_before_retry(&error, retry, started.elapsed())
-            } else {
-                None
-            };
+            // Local attempts are not retried: a failed local attempt falls back to the cloud.
+            let wait = (info.role == Role::Cloud)
+                .then(|| {
+                    self.retry
+                        .wait_before_retry(&error, retry, started.elapsed())
+                })
+                .flatten();
             let Some(wait) = wait else {
                 return Err(error);
             };
@@ -563,25 +551,17 @@ fn panic_safe(rest: ChunkStream, backend: &str) -> ChunkStream {
     let backend = backend.to_owned();
     AssertUnwindSafe(rest)
         .catch_unwind()
-        .map(move |item| match item {
-            Ok(chunk) => chunk,
-            Err(panic) => {
-                tracing::error!(backend = %backend, "backend panicked mid-stream: {}", panic_message(&*panic));
-                Err(BackendError::Internal {
-                    detail: format!("the backend panicked: {}", panic_message(&*panic)),
-                })
-            }
-        })
+        .map(move |item| item.unwrap_or_else(|panic| Err(panicked(&backend, &*panic))))
         .boxed()
 }
 
-/// The text of a caught panic's payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
-    payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)")
+/// A backend's panic as the failure of that backend, logged once.
+fn panicked(backend: &str, payload: &(dyn std::any::Any + Send)) -> BackendError {
+    let what = crate::backends::panic_message(payload);
+    tracing::error!(backend = %backend, "backend panicked: {what}");
+    BackendError::Internal {
+        detail: format!("the backend panicked: {what}"),
+    }
 }
 
 /// How a chat request ended, for `wattgate_chat_requests_total{outcome}`.

@@ -97,19 +97,19 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// Whether an attempt's result says anything about the backend's health. Client mistakes and
 /// requests the backend cannot serve say nothing; only failures of the upstream count.
-pub fn health_signal(result: &Result<(), &BackendError>) -> Option<bool> {
-    match result {
-        Ok(()) => Some(true),
-        Err(BackendError::Status { status, .. }) => {
+pub fn health_signal(error: Option<&BackendError>) -> Option<bool> {
+    match error {
+        None => Some(true),
+        Some(BackendError::Status { status, .. }) => {
             (matches!(status, 408 | 429) || *status >= 500).then_some(false)
         }
-        Err(
+        Some(
             BackendError::Unreachable { .. }
             | BackendError::Timeout { .. }
             | BackendError::Protocol { .. }
             | BackendError::Internal { .. },
         ) => Some(false),
-        Err(
+        Some(
             BackendError::NotConfigured { .. }
             | BackendError::Busy { .. }
             | BackendError::ContextTooLong { .. }

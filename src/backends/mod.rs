@@ -332,6 +332,16 @@ pub fn count_tokens(
     (chars.div_ceil(4), "chars_estimate")
 }
 
+/// The text of a caught panic's payload (a `&str` or `String` message), for the error that
+/// replaces it.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// Builds the configured backends, in config order. Embedded models are fetched (if missing)
 /// and loaded here, so this can take seconds.
 pub fn build_all(

@@ -483,11 +483,7 @@ fn worker(engine: &Engine, jobs: &Mutex<Receiver<Job>>, queued: &AtomicUsize) {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(no message)".to_owned());
+                let what = crate::backends::panic_message(&*panic);
                 tracing::error!("the model panicked while generating: {what}");
                 Some(format!("the model panicked: {what}"))
             }
