@@ -191,10 +191,18 @@ enum RouterCommand {
         /// Router name recorded in router.json. Default: the output directory's name.
         #[arg(long)]
         name: Option<String>,
-        /// Also use the dense structure measures (length, code, math, lists, language). Off by
-        /// default: they lowered held-out-source AUC on the shared data.
+        /// Dense structure measures the head also reads, comma-separated: names from
+        /// ln_chars, ln_words, newline_rate, digit_share, operator_share, code, choice_lines,
+        /// ln_questions, latex, non_ascii_share, ln_user_turns, ln_system_chars, list_lines;
+        /// or `all`, or `none`. Default: ln_chars,digit_share,operator_share (the measures that
+        /// mean the same in every kind of query; see router-models/README.md).
+        #[arg(long, value_delimiter = ',')]
+        structure_features: Option<Vec<String>>,
+        /// Fit the head to the labels as they are. By default each source's mean label is
+        /// replaced by the overall mean first, so the head learns what makes a query hard
+        /// among queries of its kind, not which source is easy.
         #[arg(long)]
-        structure_features: bool,
+        keep_source_levels: bool,
     },
     /// Score JSONL lines (`id` plus `prompt` or `messages`) into `{"id", "p_local"}` lines.
     Score {
@@ -561,13 +569,15 @@ fn router(command: RouterCommand) -> ExitCode {
             out,
             name,
             structure_features,
+            keep_source_levels,
         } => commands::train(
             &data,
             &local_model,
             &cloud_model,
             &out,
             name.as_deref(),
-            structure_features,
+            structure_features.as_deref(),
+            keep_source_levels,
         ),
         RouterCommand::Score {
             router,

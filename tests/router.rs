@@ -208,10 +208,36 @@ fn train_then_eval_round_trip_through_the_cli() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("set-a") && stdout.contains("set-b"),
+        stdout.contains("set-a")
+            && stdout.contains("set-b")
+            && stdout.contains("(all held out, pooled)"),
         "{stdout}"
     );
     assert!(out_dir.join("router.json").is_file() && out_dir.join("weights.bin").is_file());
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("router.json")).unwrap_or_else(|e| panic!("{e}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(meta["pooled"]["n"], 90, "{}", meta["pooled"]);
+
+    // A structure measure that does not exist is refused by name, and nothing is written.
+    let refused_dir = dir.path().join("refused");
+    let out = wattgate(&[
+        "router",
+        "train",
+        "--data",
+        arg(&data),
+        "--local-model",
+        "small-model",
+        "--structure-features",
+        "ln_chars,lenght",
+        "--out",
+        arg(&refused_dir),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("\"lenght\""), "{stderr}");
+    assert!(!refused_dir.exists());
 
     let out = eval_cli(&out_dir, &data, "small-model");
     assert!(

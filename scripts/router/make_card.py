@@ -57,6 +57,8 @@ def main():
     d = Path(sys.argv[1])
     profiles = sys.argv[2:]
     m = json.loads((d / "router.json").read_text())
+    # The measures the head reads: a measure left out was fed as zero, so its weight is 0.
+    dense = [n for n, w in zip(m["dense_names"], m["dense_weights"]) if m["structure"] and w != 0]
     rows = sum(s["rows"] for s in m["trained_on"])
     out = [f"# Router `{m['name']}`", ""]
     if profiles:
@@ -92,8 +94,11 @@ def main():
         f"(last turn weight 1, earlier 0.5, system prompt 0.3), hashed (FNV-1a) into {m['buckets']} "
         "buckets, sublinear TF x IDF, L2-normalised; a logistic head on soft labels with L2 "
         "penalty, fitted full-batch with Adam (300 steps, deterministic). "
-        + ("Dense structure features are on. " if m["structure"] else
-           "Dense structure features are off (they lowered held-out-source AUC). ")
+        + (f"Dense structure measures read: {', '.join(dense)}. " if dense else
+           "No dense structure measures. ")
+        + ("Labels are centred by source before fitting (each source's mean moved to the overall "
+           "mean), so the head learns what makes a query hard among its own kind rather than "
+           "which source is easy. " if len(m["trained_on"]) > 1 else "")
         + f"Platt calibration on held-out-source logits: a = {m['calibration']['a']:.4f}, "
         f"b = {m['calibration']['b']:.4f}. Why this representation: router-models/README.md.",
         "",
@@ -108,6 +113,7 @@ def main():
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     v = m["validation"]
+    pooled = m.get("pooled")
     for s in v:
         out.append(
             f"| {s['source']} | {s['n']} | {fmt(s['auc'])} | {fmt(s['apgr'])} | "
@@ -119,6 +125,18 @@ def main():
             f"| **mean** | | **{mean('auc'):.3f}** | **{mean('apgr'):.3f}** | "
             f"**{mean('local_share_at_1pt'):.3f}** | {mean('oracle_local_share'):.3f} |"
         )
+    if pooled:
+        out.append(
+            f"| **all held-out rows pooled** | {pooled['n']} | **{fmt(pooled['auc'])}** | "
+            f"**{fmt(pooled['apgr'])}** | **{pooled['local_share_at_1pt']:.3f}** | "
+            f"{pooled['oracle_local_share']:.3f} |"
+        )
+        out += [
+            "",
+            "The pooled row ranks every held-out row together, each scored by the head that did not "
+            "see its source: a mixture of unseen kinds, as mixed traffic is, so it also measures "
+            "whether the router puts an unseen easy kind above an unseen hard one.",
+        ]
     out += [
         "",
         "Note: routellm/mmlu and mmlu-pro/ori_mmlu are both drawn from MMLU, and dcrouter contains "

@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::data::{self, Example};
 use super::evaluation::{self, Outcome};
 use super::features::Query;
+use super::features::DENSE_NAMES;
 use super::model::{self, RouterModel};
 use super::train::{self, Labels, TrainOptions};
 
@@ -33,7 +34,8 @@ pub fn train(
     cloud: &[String],
     out: &Path,
     name: Option<&str>,
-    structure: bool,
+    structure: Option<&[String]>,
+    keep_source_levels: bool,
 ) -> Result<(), String> {
     let examples = read_all(files)?;
     let name = match name {
@@ -44,7 +46,16 @@ pub fn train(
             .unwrap_or_else(|| "router".to_owned()),
     };
     let mut options = TrainOptions::new(&name, local.to_vec(), cloud.to_vec());
-    options.structure = structure;
+    match structure {
+        None => {}
+        Some(names) if names.iter().any(|s| s == "all") => {
+            options.structure = DENSE_NAMES.iter().map(|s| (*s).to_owned()).collect();
+        }
+        Some(names) => {
+            options.structure = names.iter().filter(|s| *s != "none").cloned().collect();
+        }
+    }
+    options.centre_sources = !keep_source_levels;
     let started = std::time::Instant::now();
     let trained = train::train(&examples, &options, &mut |s| eprintln!("train: {s}"))?;
     trained.model.save(out)?;
@@ -66,6 +77,17 @@ pub fn train(
             opt(v.report.apgr),
             v.report.local_share_at_1pt,
             v.report.oracle_local_share
+        );
+    }
+    if let Some(p) = &meta.pooled {
+        println!(
+            "{:<22} {:>6} {:>6} {:>6} {:>9.3} {:>8.3}",
+            "(all held out, pooled)",
+            p.n,
+            opt(p.auc),
+            opt(p.apgr),
+            p.local_share_at_1pt,
+            p.oracle_local_share
         );
     }
     if meta.validation.is_empty() {

@@ -49,6 +49,11 @@ pub struct RouterMeta {
     pub curve: Vec<CurvePoint>,
     /// Leave-one-source-out metrics, one per held-out source.
     pub validation: Vec<SourceReport>,
+    /// The same held-out predictions pooled over every held-out source: how well the router
+    /// ranks a mixture of kinds it was not trained on, source levels included (what mixed
+    /// traffic needs). Absent in routers trained before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooled: Option<Report>,
     /// Training rows by source.
     pub trained_on: Vec<SourceCount>,
 }
