@@ -11,8 +11,7 @@ use serde_json::Value;
 
 use super::data::{self, Example};
 use super::evaluation::{self, Outcome};
-use super::features::Query;
-use super::features::DENSE_NAMES;
+use super::features::{Query, DENSE_NAMES};
 use super::model::{self, RouterModel};
 use super::train::{self, Labels, TrainOptions};
 

@@ -200,6 +200,14 @@ pub fn train(
     if options.local.is_empty() {
         return Err("name at least one local model".to_owned());
     }
+    for name in &options.structure {
+        if !DENSE_NAMES.contains(&name.as_str()) {
+            return Err(format!(
+                "unknown structure feature {name:?}; known: {}",
+                DENSE_NAMES.join(", ")
+            ));
+        }
+    }
     let labels = Labels::new(examples, &options.local, &options.cloud);
     let rows: Vec<(&Example, f64)> = examples
         .iter()
@@ -216,14 +224,6 @@ pub fn train(
         .iter()
         .map(|(e, _)| features::extract(&Query::from_prompt(&e.prompt), options.buckets))
         .collect();
-    for name in &options.structure {
-        if !DENSE_NAMES.contains(&name.as_str()) {
-            return Err(format!(
-                "unknown structure feature {name:?}; known: {}",
-                DENSE_NAMES.join(", ")
-            ));
-        }
-    }
     let y: Vec<f64> = rows.iter().map(|(_, y)| *y).collect();
     let mut sources: BTreeMap<&str, usize> = BTreeMap::new();
     for (e, _) in &rows {
