@@ -65,6 +65,22 @@ fn eval_cli(router: &Path, data: &Path, local: &str) -> std::process::Output {
     ])
 }
 
+/// `router train` on `data` for the label `small-model`, written to `out`, plus `extra` flags.
+fn train_cli(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "router",
+        "train",
+        "--data",
+        arg(data),
+        "--local-model",
+        "small-model",
+        "--out",
+        arg(out),
+    ];
+    args.extend_from_slice(extra);
+    wattgate(&args)
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
@@ -189,18 +205,7 @@ fn train_then_eval_round_trip_through_the_cli() {
     let data = dir.path().join("data.jsonl");
     labeled(&data, 90);
     let out_dir = dir.path().join("my-router");
-    let out = wattgate(&[
-        "router",
-        "train",
-        "--data",
-        arg(&data),
-        "--local-model",
-        "small-model",
-        "--cloud-model",
-        "big-model",
-        "--out",
-        arg(&out_dir),
-    ]);
+    let out = train_cli(&data, &out_dir, &["--cloud-model", "big-model"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -222,18 +227,11 @@ fn train_then_eval_round_trip_through_the_cli() {
 
     // A structure measure that does not exist is refused by name, and nothing is written.
     let refused_dir = dir.path().join("refused");
-    let out = wattgate(&[
-        "router",
-        "train",
-        "--data",
-        arg(&data),
-        "--local-model",
-        "small-model",
-        "--structure-features",
-        "ln_chars,lenght",
-        "--out",
-        arg(&refused_dir),
-    ]);
+    let out = train_cli(
+        &data,
+        &refused_dir,
+        &["--structure-features", "ln_chars,lenght"],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("\"lenght\""), "{stderr}");
@@ -266,18 +264,7 @@ fn training_is_reproducible_byte_for_byte() {
     labeled(&data, 60);
     let run = |name: &str| {
         let out_dir = dir.path().join(name);
-        let out = wattgate(&[
-            "router",
-            "train",
-            "--data",
-            arg(&data),
-            "--local-model",
-            "small-model",
-            "--out",
-            arg(&out_dir),
-            "--name",
-            "same",
-        ]);
+        let out = train_cli(&data, &out_dir, &["--name", "same"]);
         assert!(out.status.success());
         let read = |f: &str| std::fs::read(out_dir.join(f)).unwrap_or_default();
         (read("router.json"), read("weights.bin"))
