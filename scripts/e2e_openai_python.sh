@@ -41,3 +41,23 @@ WATTGATE_LOG=warn run_bg "$BIN/wattgate" serve --config "$work/wattgate.toml"
 python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
 
 "$VENV/bin/python" scripts/e2e_openai.py "http://127.0.0.1:$GW_PORT/v1"
+
+# The embedded model's logprobs, through a second gateway whose only backend is the embedded
+# default (fetched into the model cache by the Rust tests, or here on first use).
+EMB_PORT=$(free_port)
+cat >"$work/embedded.toml" <<TOML
+[server]
+listen = "127.0.0.1:$EMB_PORT"
+[ledger]
+enabled = false
+
+[[backends]]
+name = "gemma-3-270m"
+kind = "embedded"
+role = "local"
+model = "gemma-3-270m"
+parameters = 268e6
+TOML
+WATTGATE_LOG=warn run_bg "$BIN/wattgate" serve --config "$work/embedded.toml"
+python3 scripts/wait_http.py "http://127.0.0.1:$EMB_PORT/healthz" 120
+"$VENV/bin/python" scripts/e2e_logprobs.py "http://127.0.0.1:$EMB_PORT/v1"

@@ -12,6 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+mod guard;
+pub use guard::{GuardConfig, GuardMode, GuardStream, DEFAULT_MAX_QUALITY_LOSS, DEFAULT_RULE_THRESHOLD};
+
 /// The whole daemon configuration, as read from TOML.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -38,6 +41,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Retries and circuit breakers for upstreams.
     pub resilience: ResilienceConfig,
+    /// The quality guard: local answers checked before the client sees them.
+    pub guard: GuardConfig,
 }
 
 /// Per-request and per-client limits. Each one protects the gateway (and the cloud bill) from
@@ -237,6 +242,10 @@ pub struct ArmConfig {
     pub target_local_share: Option<f64>,
     /// Threshold from the validation curve: at most this quality loss.
     pub max_quality_loss: Option<f64>,
+    /// The quality guard for this arm's requests (`off` makes a "router alone" arm).
+    pub guard: Option<GuardMode>,
+    /// The guard's threshold for this arm's requests.
+    pub guard_threshold: Option<f64>,
 }
 
 fn default_weight() -> f64 {
@@ -624,6 +633,22 @@ pub struct BackendConfig {
     /// The backend accepts image and audio content parts (reason `needs_images` otherwise).
     #[serde(default)]
     pub supports_images: bool,
+    /// The backend returns `logprobs` to clients that ask. Unset: yes for `embedded`, no for
+    /// `openai` (set it for llama.cpp's server and vLLM, which do); without it such requests
+    /// skip this backend (reason `needs_logprobs`).
+    #[serde(default)]
+    pub supports_logprobs: Option<bool>,
+    /// Local backends: where the quality guard reads an answer's confidence. `logprobs` (the
+    /// default for local backends): the sampled tokens' log-probabilities, computed in-process
+    /// or asked of an `openai` server (and removed from the reply when the client did not ask);
+    /// `none`: never asked, so the guard serves this backend's answers as `no_signal`.
+    #[serde(default)]
+    pub confidence: Option<ConfidenceSource>,
+    /// `embedded`: `chat` renders messages with the model's chat template (or Gemma's turn
+    /// format); `plain` joins their texts without turn markup, for base models, which continue
+    /// text (a prompt ending in `Answer:` is answered with the next words) rather than turns.
+    #[serde(default)]
+    pub prompt_format: PromptStyle,
     /// Cloud price, $ per million input tokens (the provider's published price).
     #[serde(default)]
     pub usd_per_million_input_tokens: Option<f64>,
@@ -638,6 +663,41 @@ pub struct BackendConfig {
     /// `metering.cloud_joules_per_output_token`.
     #[serde(default)]
     pub joules_per_output_token: Option<f64>,
+}
+
+/// How an embedded model's prompt is rendered from messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptStyle {
+    /// The chat template (instruction-tuned models).
+    #[default]
+    Chat,
+    /// The texts joined, no turn markup (base models).
+    Plain,
+}
+
+/// Where the quality guard reads a backend's confidence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfidenceSource {
+    /// Token log-probabilities.
+    Logprobs,
+    /// None: answers are unchecked (`no_signal`).
+    None,
+}
+
+impl BackendConfig {
+    /// Whether clients' `logprobs` requests can be served here.
+    pub fn logprobs_supported(&self) -> bool {
+        self.supports_logprobs
+            .unwrap_or(self.kind == BackendKind::Embedded)
+    }
+
+    /// Whether the guard collects this backend's token log-probabilities.
+    pub fn reads_logprobs(&self) -> bool {
+        self.role == Role::Local
+            && self.confidence.unwrap_or(ConfidenceSource::Logprobs) == ConfidenceSource::Logprobs
+    }
 }
 
 fn default_connect_timeout_s() -> f64 {
@@ -712,6 +772,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             auth: AuthConfig::default(),
             resilience: ResilienceConfig::default(),
+            guard: GuardConfig::default(),
         }
     }
 }
@@ -752,6 +813,9 @@ fn default_backends() -> Vec<BackendConfig> {
             supports_tools: false,
             supports_response_format: false,
             supports_images: false,
+            supports_logprobs: None,
+            confidence: None,
+            prompt_format: PromptStyle::Chat,
             usd_per_million_input_tokens: None,
             usd_per_million_output_tokens: None,
             joules_per_input_token: None,
@@ -782,6 +846,9 @@ fn default_backends() -> Vec<BackendConfig> {
             supports_tools: false,
             supports_response_format: false,
             supports_images: false,
+            supports_logprobs: None,
+            confidence: None,
+            prompt_format: PromptStyle::Chat,
             // OpenAI API pricing for gpt-4.1: $2.00 input, $8.00 output per 1M tokens
             // (openai.com/api/pricing, April 2025).
             usd_per_million_input_tokens: Some(2.0),
@@ -862,6 +929,9 @@ impl Config {
 
     /// Checks every cross-field rule the types cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.guard
+            .validate()
+            .map_err(|(key, problem)| invalid(key, problem))?;
         check_seconds(
             "server.shutdown_grace_s",
             self.server.shutdown_grace_s,
@@ -1122,6 +1192,14 @@ impl Config {
                 }
                 check_non_negative(&akey("weight"), arm.weight)?;
                 total += arm.weight;
+                if let Some(t) = arm.guard_threshold {
+                    if !(0.0..=1.0).contains(&t) {
+                        return Err(invalid(
+                            akey("guard_threshold"),
+                            format!("must be between 0 and 1, got {t}"),
+                        ));
+                    }
+                }
                 let targets = [
                     ("threshold", arm.threshold),
                     ("target_local_share", arm.target_local_share),

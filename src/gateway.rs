@@ -25,10 +25,11 @@ use futures::{FutureExt, StreamExt};
 
 use crate::backends::{Backend, BackendError, Chunk, ChunkStream, Reply};
 use crate::config::LimitsConfig;
-use crate::config::{Config, Role};
+use crate::config::{Config, GuardStream, Role};
 use crate::error::ApiError;
 use crate::experiments::shadow::{Shadow, ShadowJob};
 use crate::experiments::{Enrollment, Experiments};
+use crate::guard::{Decision as GuardDecision, Guard, Plan, Verdict};
 use crate::ledger::{now_us, LedgerRow, LedgerSender};
 use crate::limits::{Client, RateLimits};
 use crate::metering::{Metering, Ticket, Tokens};
@@ -47,7 +48,6 @@ pub struct Gateway {
     experiments: Experiments,
     alias: String,
     fallback_to_cloud: bool,
-    retry: RetryPolicy,
     limits: LimitsConfig,
     rate_limits: RateLimits,
     log_prompts: bool,
@@ -77,6 +77,12 @@ pub struct Accounts {
     shadow: Option<Arc<Shadow>>,
     /// One circuit breaker per backend, in config order.
     breakers: Vec<Breaker>,
+    /// How cloud attempts are retried.
+    retry: RetryPolicy,
+    /// The quality guard.
+    guard: Guard,
+    /// The first cloud backend: where doubtful local answers escalate.
+    cloud: Option<usize>,
 }
 
 /// Where a request was served and why: becomes the `x-wattgate-*` headers.
@@ -94,6 +100,17 @@ pub struct Route {
     pub fallback_from: Option<String>,
     /// The experiment and arm that routed it, when one enrolled it.
     pub arm: Option<(String, String)>,
+    /// What the quality guard did, when it was asked to check this request's local answer.
+    pub guard: Option<RouteGuard>,
+}
+
+/// The quality guard's part of a route (`x-wattgate-guard`, `x-wattgate-confidence`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouteGuard {
+    /// The decision's label; `hold` for a stream whose verdict comes after the headers.
+    pub decision: &'static str,
+    /// The local answer's confidence, when known.
+    pub confidence: Option<f64>,
 }
 
 /// The gateway's answer to a routed request.
@@ -139,7 +156,6 @@ impl Gateway {
             experiments: Experiments::new(config)?,
             alias: config.routing.alias.clone(),
             fallback_to_cloud: config.routing.fallback_to_cloud,
-            retry: RetryPolicy::new(&config.resilience),
             limits: config.limits.clone(),
             rate_limits: RateLimits::new(&config.limits, &config.auth),
             log_prompts: config.server.log_prompts,
@@ -153,6 +169,9 @@ impl Gateway {
                 ledger,
                 backends: backends.clone(),
                 shadow,
+                retry: RetryPolicy::new(&config.resilience),
+                guard: Guard::new(config)?,
+                cloud: config.backends.iter().position(|b| b.role == Role::Cloud),
             }),
             backends,
         })
@@ -181,12 +200,20 @@ impl Gateway {
         if self.log_prompts {
             tracing::debug!(request_id, prompt = %request.prompt_text(), "prompt");
         }
-        let request = Arc::new(request);
+        let mut request = request;
 
-        // 2. Route: the enrolled arm's router, else the configured one.
-        let enrollment = (request.model == self.alias)
+        // 2. Route: the enrolled arm's router, else the configured one. The guard's plan is
+        //    known before serving, so a local backend collects the signals it will read.
+        let routed = request.model == self.alias;
+        let enrollment = routed
             .then(|| self.experiments.enroll(&request, headers, request_id))
             .flatten();
+        let plan = self.accounts.guard.plan(
+            overrides.guard,
+            enrollment.and_then(|e| self.experiments.guard(e)),
+        );
+        request.set_wants_signals(routed && plan.check && self.accounts.cloud.is_some());
+        let request = Arc::new(request);
         let decision = self.route(&request, overrides, enrollment)?;
         let decision = self.avoid_unhealthy(&request, decision);
 
@@ -201,7 +228,7 @@ impl Gateway {
         let (decision, fallback_from, first_failure, result, upstream_wait) =
             self.serve(&request, decision).await;
         let info = self.backends[decision.backend].info();
-        let route = Route {
+        let mut route = Route {
             role: info.role,
             backend: info.name.clone(),
             reason: decision.reason,
@@ -210,6 +237,7 @@ impl Gateway {
             arm: enrollment
                 .and_then(|e| self.experiments.names(e))
                 .map(|(e, a)| (e.to_owned(), a.to_owned())),
+            guard: None,
         };
         meter.routed(&route, decision.backend);
         let shadowed = route.role == Role::Local
@@ -222,9 +250,25 @@ impl Gateway {
         if shadowed {
             meter.answer = Some(String::new());
         }
+        // The guard checks what the router sent local on its own judgement, when there is a
+        // cloud to escalate to: not pinned or forced routes, nor `local_only`.
+        let guarded = request.wants_signals()
+            && route.role == Role::Local
+            && matches!(route.reason, Reason::RouterLocal | Reason::PreferLocal);
 
-        // 4. Relay and meter.
+        // 4. Relay and meter; a checked local answer is held until the guard has judged it.
+        let mut upstream_wait = upstream_wait;
         let body = match result {
+            Ok(Reply::Complete(completion)) if guarded => {
+                let waited = Instant::now();
+                let (served, body) = self
+                    .accounts
+                    .check_complete(&request, &plan, decision, completion, &mut route, &mut meter)
+                    .await;
+                upstream_wait += waited.elapsed();
+                meter.routed(&route, served);
+                AnswerBody::Json(body)
+            }
             Ok(Reply::Complete(completion)) => {
                 meter.first_byte();
                 if completion.usage.is_none() {
@@ -236,7 +280,33 @@ impl Gateway {
                 meter.finish(Outcome::Ok, completion.usage, 200);
                 AnswerBody::Json(completion.body)
             }
+            Ok(Reply::Stream(opened)) if guarded && plan.stream == GuardStream::Hold => {
+                route.guard = Some(RouteGuard {
+                    decision: "hold",
+                    confidence: None,
+                });
+                meter.first_byte();
+                AnswerBody::Stream(held_stream(
+                    opened,
+                    Held {
+                        accounts: self.accounts.clone(),
+                        request: request.clone(),
+                        plan,
+                        decision,
+                        route: route.clone(),
+                        meter,
+                    },
+                ))
+            }
             Ok(Reply::Stream(opened)) => {
+                if guarded {
+                    let decision = crate::guard::Decision::Unchecked;
+                    route.guard = Some(RouteGuard {
+                        decision: decision.as_str(),
+                        confidence: None,
+                    });
+                    meter.guard = Some(GuardLeg::unchecked(decision));
+                }
                 meter.first_byte();
                 AnswerBody::Stream(client_stream(
                     opened.first,
@@ -397,71 +467,9 @@ impl Gateway {
         )
     }
 
-    /// One backend's answer, through its circuit breaker. Cloud attempts that fail before the
-    /// first byte with a transient error are retried with backoff (or the upstream's
-    /// `Retry-After`) until `[resilience]`'s retries or deadline run out. A backend that panics
-    /// is an internal failure of that backend, not of the gateway.
+    /// One backend's answer, through its circuit breaker and retries ([`Accounts::attempt`]).
     async fn attempt(&self, index: usize, request: &ChatRequest) -> Result<Reply, BackendError> {
-        let backend = &self.backends[index];
-        let info = backend.info();
-        let name = info.name.as_str();
-        let metrics = &self.accounts.metrics;
-        let started = Instant::now();
-        let mut retry = 0;
-        loop {
-            // An open breaker refuses without an attempt (CircuitOpen is never retried).
-            let result = match self.accounts.admit(index) {
-                Err(refused) => Err(refused),
-                Ok(admission) => {
-                    let result = AssertUnwindSafe(backend.chat(request))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|panic| Err(panicked(name, &*panic)));
-                    self.accounts.record_health(
-                        index,
-                        admission,
-                        health_signal(result.as_ref().err()),
-                    );
-                    result
-                }
-            };
-            let error = match result {
-                Ok(Reply::Stream(mut opened)) => {
-                    opened.rest = panic_safe(opened.rest, name);
-                    return Ok(Reply::Stream(opened));
-                }
-                Ok(reply) => return Ok(reply),
-                Err(e) => e,
-            };
-            tracing::debug!(backend = %name, error = %error, "upstream attempt failed");
-            metrics
-                .upstream_errors
-                .with_label_values(&[name, error.kind()])
-                .inc();
-            // Local attempts are not retried: a failed local attempt falls back to the cloud.
-            let wait = (info.role == Role::Cloud)
-                .then(|| {
-                    self.retry
-                        .wait_before_retry(&error, retry, started.elapsed())
-                })
-                .flatten();
-            let Some(wait) = wait else {
-                return Err(error);
-            };
-            retry += 1;
-            metrics
-                .retries
-                .with_label_values(&[name, error.kind()])
-                .inc();
-            tracing::info!(
-                backend = %name,
-                error = %error,
-                retry,
-                wait_ms = wait.as_millis() as u64,
-                "retrying upstream attempt"
-            );
-            tokio::time::sleep(wait).await;
-        }
+        self.accounts.attempt(index, request).await
     }
 
     /// The cloud backend to retry on, when fallback applies to this decision.
@@ -602,6 +610,30 @@ struct RequestMeter {
     output_bytes: usize,
     /// The answer's text, kept only for requests sampled for a shadow check.
     answer: Option<String>,
+    /// The quality guard's part, when it was asked to check this request.
+    guard: Option<GuardLeg>,
+}
+
+/// What the quality guard did with one request, for its ledger row and counters.
+#[derive(Debug, Clone)]
+struct GuardLeg {
+    decision: GuardDecision,
+    verdict: Option<Verdict>,
+    /// The local backend whose answer was checked (None: the route's backend).
+    local: Option<usize>,
+    /// Tokens of the local answer (the leg an escalated request paid for and discarded).
+    local_tokens: Tokens,
+}
+
+impl GuardLeg {
+    fn unchecked(decision: GuardDecision) -> Self {
+        Self {
+            decision,
+            verdict: None,
+            local: None,
+            local_tokens: Tokens::default(),
+        }
+    }
 }
 
 impl RequestMeter {
@@ -631,6 +663,7 @@ impl RequestMeter {
             output: Vec::new(),
             output_bytes: 0,
             answer: None,
+            guard: None,
         }
     }
 
@@ -683,6 +716,73 @@ impl RequestMeter {
 }
 
 impl Accounts {
+    /// One backend's answer, through its circuit breaker. Cloud attempts that fail before the
+    /// first byte with a transient error are retried with backoff (or the upstream's
+    /// `Retry-After`) until `[resilience]`'s retries or deadline run out. A backend that panics
+    /// is an internal failure of that backend, not of the gateway.
+    async fn attempt(&self, index: usize, request: &ChatRequest) -> Result<Reply, BackendError> {
+        let backend = &self.backends[index];
+        let info = backend.info();
+        let name = info.name.as_str();
+        let metrics = &self.metrics;
+        let started = Instant::now();
+        let mut retry = 0;
+        loop {
+            // An open breaker refuses without an attempt (CircuitOpen is never retried).
+            let result = match self.admit(index) {
+                Err(refused) => Err(refused),
+                Ok(admission) => {
+                    let result = AssertUnwindSafe(backend.chat(request))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|panic| Err(panicked(name, &*panic)));
+                    self.record_health(
+                        index,
+                        admission,
+                        health_signal(result.as_ref().err()),
+                    );
+                    result
+                }
+            };
+            let error = match result {
+                Ok(Reply::Stream(mut opened)) => {
+                    opened.rest = panic_safe(opened.rest, name);
+                    return Ok(Reply::Stream(opened));
+                }
+                Ok(reply) => return Ok(reply),
+                Err(e) => e,
+            };
+            tracing::debug!(backend = %name, error = %error, "upstream attempt failed");
+            metrics
+                .upstream_errors
+                .with_label_values(&[name, error.kind()])
+                .inc();
+            // Local attempts are not retried: a failed local attempt falls back to the cloud.
+            let wait = (info.role == Role::Cloud)
+                .then(|| {
+                    self.retry
+                        .wait_before_retry(&error, retry, started.elapsed())
+                })
+                .flatten();
+            let Some(wait) = wait else {
+                return Err(error);
+            };
+            retry += 1;
+            metrics
+                .retries
+                .with_label_values(&[name, error.kind()])
+                .inc();
+            tracing::info!(
+                backend = %name,
+                error = %error,
+                retry,
+                wait_ms = wait.as_millis() as u64,
+                "retrying upstream attempt"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     fn count_tokens(&self, served: usize, text: &str) -> (u64, &'static str) {
         crate::backends::count_tokens(&self.backends, served, text)
     }
@@ -748,7 +848,29 @@ impl Drop for RequestMeter {
             return;
         };
         let (tokens, tokens_source) = self.tokens(served);
-        let bill = accounts.metering.end(ticket, served, tokens);
+        let bill = match &self.guard {
+            Some(g) if g.decision == GuardDecision::Escalated => {
+                let local = g.local.unwrap_or(served);
+                accounts
+                    .metering
+                    .end_escalated(ticket, served, tokens, local, g.local_tokens)
+            }
+            _ => accounts.metering.end(ticket, served, tokens),
+        };
+        if let Some(g) = &self.guard {
+            let local = g.local.unwrap_or(served);
+            let name = accounts.backends[local].info().name.as_str();
+            metrics
+                .guard_decisions
+                .with_label_values(&[name, g.decision.as_str()])
+                .inc();
+            if let Some(c) = g.verdict.and_then(|v| v.confidence) {
+                metrics
+                    .guard_confidence
+                    .with_label_values(&[name])
+                    .observe(c);
+            }
+        }
         let latency = self.started.elapsed();
         // The access log: who, where, why, how it ended. Never message text.
         tracing::info!(
@@ -857,7 +979,7 @@ impl Drop for RequestMeter {
         match &accounts.ledger {
             None => metrics.ledger_rows.with_label_values(&["disabled"]).inc(),
             Some(ledger) => {
-                self.record(ledger, &route, tokens, tokens_source, latency, bill);
+                self.record(ledger, &route, served, tokens, tokens_source, latency, bill);
                 metrics.ledger_rows.with_label_values(&["queued"]).inc();
             }
         }
@@ -877,10 +999,12 @@ impl Drop for RequestMeter {
 }
 
 impl RequestMeter {
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         ledger: &LedgerSender,
         route: &Route,
+        route_backend: usize,
         tokens: Tokens,
         tokens_source: &str,
         latency: Duration,
@@ -906,8 +1030,464 @@ impl RequestMeter {
             ttft_s: self.ttft.map(|t| t.as_secs_f64()),
             energy_source: self.accounts.metering.source().as_str().to_owned(),
             bill,
+            guard: self.guard.as_ref().map(|g| {
+                let local = g.local.unwrap_or(route_backend);
+                crate::ledger::GuardRow {
+                    decision: g.decision.as_str().to_owned(),
+                    confidence: g.verdict.and_then(|v| v.confidence),
+                    threshold: g.verdict.map_or(0.0, |v| v.threshold),
+                    signals: g.verdict.and_then(|v| v.signals),
+                    local_backend: self.accounts.backends[local].info().name.clone(),
+                    local_input_tokens: g.local_tokens.input,
+                    local_output_tokens: g.local_tokens.output,
+                    local_flops: self.accounts.metering.flops(local, g.local_tokens),
+                }
+            }),
         });
     }
+}
+
+impl Accounts {
+    /// The guard's check of a whole local answer: returned as it is, or replaced by the cloud's
+    /// answer to the same request. Returns the backend whose answer the client gets, and the
+    /// body; `route` and `meter` are updated to match.
+    async fn check_complete(
+        &self,
+        request: &ChatRequest,
+        plan: &Plan,
+        decision: Decision,
+        completion: crate::backends::Completion,
+        route: &mut Route,
+        meter: &mut RequestMeter,
+    ) -> (usize, Bytes) {
+        let finish = crate::wire::answer_peek(&completion.body).finish_reason;
+        let verdict = self.guard.judge(
+            decision.backend,
+            plan,
+            completion.logprobs.as_deref(),
+            finish.as_deref(),
+            decision.p_local,
+        );
+        let local_tokens = completion.usage.map_or_else(
+            || Tokens {
+                input: 0,
+                output: completion.logprobs.as_ref().map_or(0, |l| l.len() as u64),
+            },
+            |u| Tokens {
+                input: u.prompt_tokens,
+                output: u.completion_tokens,
+            },
+        );
+        let mut outcome = if verdict.confidence.is_none() {
+            GuardDecision::NoSignal
+        } else if verdict.escalate {
+            GuardDecision::Escalated
+        } else {
+            GuardDecision::Pass
+        };
+        if outcome == GuardDecision::Escalated {
+            match self.escalate(request, route, &verdict).await {
+                Ok(Reply::Complete(cloud)) => {
+                    let served = self.cloud.unwrap_or(decision.backend);
+                    meter.answer = None;
+                    meter.first_byte();
+                    if cloud.usage.is_none() {
+                        meter.keep_output(&cloud.body);
+                    }
+                    meter.finish(Outcome::Ok, cloud.usage, 200);
+                    meter.guard = Some(GuardLeg {
+                        decision: outcome,
+                        verdict: Some(verdict),
+                        local: Some(decision.backend),
+                        local_tokens,
+                    });
+                    return (served, cloud.body);
+                }
+                Ok(Reply::Stream(_)) | Err(_) => outcome = GuardDecision::EscalationFailed,
+            }
+        }
+        route.guard = Some(RouteGuard {
+            decision: outcome.as_str(),
+            confidence: verdict.confidence,
+        });
+        meter.first_byte();
+        if completion.usage.is_none() {
+            meter.keep_output(&completion.body);
+        }
+        if let Some(answer) = &mut meter.answer {
+            generated_text(&completion.body, answer);
+        }
+        meter.finish(Outcome::Ok, completion.usage, 200);
+        meter.guard = Some(GuardLeg {
+            decision: outcome,
+            verdict: Some(verdict),
+            local: Some(decision.backend),
+            local_tokens,
+        });
+        (decision.backend, completion.body)
+    }
+
+    /// Asks the cloud for the answer to a request whose local answer was found doubtful, and
+    /// rewrites `route` to what the client gets: the cloud's answer
+    /// (`escalated_low_confidence`), or, when the cloud fails, the held local answer
+    /// (`escalation_failed`).
+    async fn escalate(
+        &self,
+        request: &ChatRequest,
+        route: &mut Route,
+        verdict: &Verdict,
+    ) -> Result<Reply, BackendError> {
+        let Some(cloud) = self.cloud else {
+            route.reason = Reason::EscalationFailed;
+            return Err(BackendError::NotConfigured {
+                detail: "no cloud backend to escalate to".to_owned(),
+            });
+        };
+        let result = self.attempt(cloud, request).await;
+        let usable = matches!(
+            (&result, request.stream),
+            (Ok(Reply::Complete(_)), false) | (Ok(Reply::Stream(_)), true)
+        );
+        if usable {
+            let to = self.backends[cloud].info();
+            route.fallback_from = Some(route.backend.clone());
+            route.role = to.role;
+            route.backend = to.name.clone();
+            route.reason = Reason::EscalatedLowConfidence;
+            route.guard = Some(RouteGuard {
+                decision: GuardDecision::Escalated.as_str(),
+                confidence: verdict.confidence,
+            });
+        } else {
+            if let Err(e) = &result {
+                tracing::warn!(
+                    local = %route.backend,
+                    cloud = %self.backends[cloud].info().name,
+                    error = %e,
+                    "escalation to the cloud failed; serving the held local answer"
+                );
+            }
+            route.reason = Reason::EscalationFailed;
+        }
+        result
+    }
+}
+
+/// A local stream under `[guard] stream = "hold"`, with what is needed to judge, release or
+/// replace it.
+struct Held {
+    accounts: Arc<Accounts>,
+    request: Arc<ChatRequest>,
+    plan: Plan,
+    decision: Decision,
+    route: Route,
+    meter: RequestMeter,
+}
+
+/// Where a held stream is.
+enum HoldState {
+    /// Reading the local stream into `chunks`, sending keep-alive comments meanwhile.
+    Holding {
+        held: Box<Held>,
+        rest: ChunkStream,
+        chunks: Vec<Chunk>,
+        logprobs: Option<Vec<f32>>,
+        tokens: usize,
+        finish: Option<String>,
+        next_ping: tokio::time::Instant,
+    },
+    /// The local answer was judged doubtful (or its stream broke): waiting for the cloud's
+    /// first chunk, still sending keep-alives.
+    Escalating {
+        held: Box<Held>,
+        chunks: Vec<Chunk>,
+        verdict: Option<Verdict>,
+        local_tokens: Tokens,
+        local_error: Option<BackendError>,
+        cloud: futures::future::BoxFuture<'static, Result<Reply, BackendError>>,
+        next_ping: tokio::time::Instant,
+    },
+    /// Sending what the client gets.
+    Relay(BoxStream<'static, Bytes>),
+}
+
+/// The SSE comment sent while an answer is held: ignored by SSE clients, and it keeps idle
+/// timeouts of clients and proxies from firing.
+const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Holds a local stream until it ends (or `hold_max_tokens`), judges it, and releases it or
+/// replaces it with the cloud's stream: the client receives one answer, never a mix.
+fn held_stream(opened: crate::backends::OpenedStream, held: Held) -> BoxStream<'static, Bytes> {
+    let keepalive = held.accounts.guard.keepalive;
+    let start = HoldState::Holding {
+        held: Box::new(held),
+        rest: opened.rest,
+        logprobs: opened.first.logprobs.clone(),
+        chunks: vec![opened.first],
+        tokens: 0,
+        finish: None,
+        next_ping: tokio::time::Instant::now() + keepalive,
+    };
+    futures::stream::unfold(start, move |state| async move {
+        match state {
+            HoldState::Relay(mut frames) => {
+                let frame = frames.next().await?;
+                Some((frame, HoldState::Relay(frames)))
+            }
+            HoldState::Holding {
+                held,
+                mut rest,
+                mut chunks,
+                mut logprobs,
+                mut tokens,
+                mut finish,
+                next_ping,
+            } => loop {
+                let max = held.accounts.guard.hold_max_tokens;
+                let next = tokio::select! {
+                    next = rest.next() => next,
+                    () = tokio::time::sleep_until(next_ping) => {
+                        let state = HoldState::Holding {
+                            held, rest, chunks, logprobs, tokens, finish,
+                            next_ping: tokio::time::Instant::now() + keepalive,
+                        };
+                        return Some((Bytes::from_static(KEEPALIVE), state));
+                    }
+                };
+                match next {
+                    Some(Ok(chunk)) => {
+                        if let Some(lp) = &chunk.logprobs {
+                            tokens += lp.len();
+                            logprobs.get_or_insert_with(Vec::new).extend(lp);
+                        } else if !chunk.usage_only {
+                            tokens += 1;
+                        }
+                        if let Some(f) = crate::wire::answer_peek(&chunk.data).finish_reason {
+                            finish = Some(f);
+                        }
+                        chunks.push(chunk);
+                        if tokens >= max {
+                            return decide(held, chunks, logprobs, finish, Some(rest), keepalive);
+                        }
+                    }
+                    None => return decide(held, chunks, logprobs, finish, None, keepalive),
+                    Some(Err(e)) => {
+                        // Nothing reached the client yet: the cloud can still answer whole.
+                        let local = held.decision.backend;
+                        held.accounts.record_late_failure(local);
+                        tracing::warn!(backend = %held.route.backend, error = %e, "held local stream failed; asking the cloud");
+                        return escalate_held(held, chunks, None, Some(e), keepalive);
+                    }
+                }
+            },
+            HoldState::Escalating {
+                mut held,
+                chunks,
+                verdict,
+                local_tokens,
+                local_error,
+                mut cloud,
+                next_ping,
+            } => {
+                let result = tokio::select! {
+                    r = &mut cloud => r,
+                    () = tokio::time::sleep_until(next_ping) => {
+                        let state = HoldState::Escalating {
+                            held, chunks, verdict, local_tokens, local_error, cloud,
+                            next_ping: tokio::time::Instant::now() + keepalive,
+                        };
+                        return Some((Bytes::from_static(KEEPALIVE), state));
+                    }
+                };
+                let decision = held.decision;
+                let leg = |d: GuardDecision| GuardLeg {
+                    decision: d,
+                    verdict,
+                    local: Some(decision.backend),
+                    local_tokens,
+                };
+                match result {
+                    Ok(Reply::Stream(opened)) => {
+                        let cloud = held.accounts.cloud.unwrap_or(decision.backend);
+                        let to = held.accounts.backends[cloud].info();
+                        let mut route = held.route.clone();
+                        route.fallback_from = Some(route.backend.clone());
+                        route.role = to.role;
+                        route.backend = to.name.clone();
+                        route.reason = if local_error.is_some() {
+                            Reason::FallbackLocalError
+                        } else {
+                            Reason::EscalatedLowConfidence
+                        };
+                        let Held {
+                            request, mut meter, ..
+                        } = *held;
+                        meter.routed(&route, cloud);
+                        meter.answer = None;
+                        meter.guard = Some(leg(GuardDecision::Escalated));
+                        let note = verdict_comment(GuardDecision::Escalated, verdict, &route.backend);
+                        let frames = client_stream(opened.first, opened.rest, request.include_usage, meter);
+                        Some((note, HoldState::Relay(frames)))
+                    }
+                    failed => {
+                        if let Err(e) = &failed {
+                            tracing::warn!(error = %e, "escalation of a held stream failed; serving the held local answer");
+                        }
+                        if let Some(e) = local_error {
+                            // The local stream broke and the cloud could not answer: the
+                            // client gets the local failure as its error frame.
+                            let backend = held.route.backend.clone();
+                            let mut meter = held.meter;
+                            meter.outcome = Outcome::Error;
+                            meter.guard = Some(leg(GuardDecision::EscalationFailed));
+                            drop(meter);
+                            let error = e.to_api_error(&backend);
+                            let frames = futures::stream::iter([Bytes::from_static(b"data: [DONE]\n\n")]).boxed();
+                            return Some((sse_frame(&error.to_json()), HoldState::Relay(frames)));
+                        }
+                        held.route.reason = Reason::EscalationFailed;
+                        let route = held.route.clone();
+                        held.meter.routed(&route, decision.backend);
+                        held.meter.guard = Some(leg(GuardDecision::EscalationFailed));
+                        Some(release(*held, chunks, None, GuardDecision::EscalationFailed, verdict))
+                    }
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Judges a held answer (whole, or its first `hold_max_tokens` when `rest` is left) and
+/// releases it or starts the escalation.
+fn decide(
+    held: Box<Held>,
+    chunks: Vec<Chunk>,
+    logprobs: Option<Vec<f32>>,
+    finish: Option<String>,
+    rest: Option<ChunkStream>,
+    keepalive: Duration,
+) -> Option<(Bytes, HoldState)> {
+    let verdict = held.accounts.guard.judge(
+        held.decision.backend,
+        &held.plan,
+        logprobs.as_deref(),
+        finish.as_deref(),
+        held.decision.p_local,
+    );
+    if verdict.escalate {
+        drop(rest); // stops the local generation
+        return escalate_held(held, chunks, Some(verdict), None, keepalive);
+    }
+    let decision = if verdict.confidence.is_none() {
+        GuardDecision::NoSignal
+    } else {
+        GuardDecision::Pass
+    };
+    let mut held = held;
+    held.meter.guard = Some(GuardLeg {
+        decision,
+        verdict: Some(verdict),
+        local: Some(held.decision.backend),
+        local_tokens: Tokens::default(),
+    });
+    Some(release(*held, chunks, rest, decision, Some(verdict)))
+}
+
+/// Starts asking the cloud for a held request's answer.
+fn escalate_held(
+    held: Box<Held>,
+    chunks: Vec<Chunk>,
+    verdict: Option<Verdict>,
+    local_error: Option<BackendError>,
+    keepalive: Duration,
+) -> Option<(Bytes, HoldState)> {
+    let local_tokens = held_tokens(&chunks);
+    let Some(cloud) = held.accounts.cloud else {
+        let decision = GuardDecision::EscalationFailed;
+        return Some(release(*held, chunks, None, decision, verdict));
+    };
+    let (accounts, request) = (held.accounts.clone(), held.request.clone());
+    let attempt = async move { accounts.attempt(cloud, &request).await }.boxed();
+    Some((
+        Bytes::from_static(KEEPALIVE),
+        HoldState::Escalating {
+            held,
+            chunks,
+            verdict,
+            local_tokens,
+            local_error,
+            cloud: attempt,
+            next_ping: tokio::time::Instant::now() + keepalive,
+        },
+    ))
+}
+
+/// The local leg's tokens from its held chunks: the usage chunk, else one per logprob.
+fn held_tokens(chunks: &[Chunk]) -> Tokens {
+    if let Some(u) = chunks.iter().rev().find_map(|c| c.usage) {
+        return Tokens {
+            input: u.prompt_tokens,
+            output: u.completion_tokens,
+        };
+    }
+    let output = chunks
+        .iter()
+        .filter_map(|c| c.logprobs.as_ref())
+        .map(|l| l.len() as u64)
+        .sum();
+    Tokens { input: 0, output }
+}
+
+/// Sends the held local chunks (then the rest of the local stream, if the hold stopped at
+/// `hold_max_tokens`) to the client as an ordinary relayed stream.
+fn release(
+    held: Held,
+    chunks: Vec<Chunk>,
+    rest: Option<ChunkStream>,
+    decision: GuardDecision,
+    verdict: Option<Verdict>,
+) -> (Bytes, HoldState) {
+    let Held {
+        request,
+        mut meter,
+        route,
+        ..
+    } = held;
+    if meter.guard.is_none() {
+        meter.guard = Some(GuardLeg {
+            decision,
+            verdict,
+            local: None,
+            local_tokens: Tokens::default(),
+        });
+    }
+    let note = verdict_comment(decision, verdict, &route.backend);
+    let mut chunks = chunks.into_iter();
+    let Some(first) = chunks.next() else {
+        // Unreachable (a held stream has its first chunk), but never panics.
+        return (note, HoldState::Relay(futures::stream::empty().boxed()));
+    };
+    let tail = futures::stream::iter(chunks.map(Ok::<Chunk, BackendError>));
+    let rest: ChunkStream = match rest {
+        Some(r) => tail.chain(r).boxed(),
+        None => tail.boxed(),
+    };
+    let frames = client_stream(first, rest, request.include_usage, meter);
+    (note, HoldState::Relay(frames))
+}
+
+/// An SSE comment naming the guard's verdict, sent before the released answer: SDKs ignore
+/// it; a person reading the stream (or a log) sees what happened, since the headers left
+/// before the verdict.
+fn verdict_comment(decision: GuardDecision, verdict: Option<Verdict>, backend: &str) -> Bytes {
+    let confidence = verdict
+        .and_then(|v| v.confidence)
+        .map_or_else(|| "none".to_owned(), |c| format!("{c:.4}"));
+    Bytes::from(format!(
+        ": wattgate-guard decision={} confidence={confidence} backend={backend}\n\n",
+        decision.as_str()
+    ))
 }
 
 /// Re-frames an upstream stream for the client: drops the usage chunk the gateway asked for on

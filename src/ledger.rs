@@ -78,6 +78,31 @@ pub struct LedgerRow {
     pub energy_source: String,
     /// Spend and counterfactual.
     pub bill: Bill,
+    /// What the quality guard did, for local answers it was asked to check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardRow>,
+}
+
+/// The quality guard's part of a ledger row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardRow {
+    /// `pass`, `escalated`, `no_signal`, `escalation_failed` or `unchecked`.
+    pub decision: String,
+    /// P(acceptable) of the local answer, when it had signals.
+    pub confidence: Option<f64>,
+    /// The threshold it was held to.
+    pub threshold: f64,
+    /// The signals read.
+    pub signals: Option<crate::guard::Signals>,
+    /// The local backend whose answer was checked.
+    pub local_backend: String,
+    /// The local leg's tokens (for an escalated request, the answer the client never saw;
+    /// its joules are inside `bill.local_joules`, its FLOPs inside `bill.flops`).
+    pub local_input_tokens: u64,
+    /// See `local_input_tokens`.
+    pub local_output_tokens: u64,
+    /// FLOPs of the local leg (2 x active parameters x its tokens).
+    pub local_flops: f64,
 }
 
 /// Where an outcome came from.
@@ -647,6 +672,7 @@ mod tests {
             ttft_s: Some(0.1),
             energy_source: "estimate".to_owned(),
             bill: Bill::default(),
+            guard: None,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod experiments;
 pub mod gateway;
+pub mod guard;
 pub mod ledger;
 pub mod limits;
 pub mod metering;

@@ -218,6 +218,32 @@ enum RouterCommand {
         #[command(flatten)]
         dir: RouterDirArg,
     },
+    /// Fit the quality guard's head (guard.json) on profiled answers that carry their signals
+    /// (`wattgate profile` records them); prints held-out AUCs of the guard, the raw rule and
+    /// the router on the same rows, and replays router-only against router + guard.
+    Guard {
+        /// Profile queries.jsonl files; each row's `source` is a validation fold.
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// The cloud model's label in the rows' scores (repeatable, first present wins).
+        #[arg(long, required = true)]
+        cloud_model: Vec<String>,
+        /// The local model's router (name under --router-dir, or a directory): its p_local is
+        /// one of the head's features and the baseline it is compared with.
+        #[arg(long)]
+        router: Option<String>,
+        /// Output directory for guard.json (normally the router's own directory).
+        #[arg(long)]
+        out: PathBuf,
+        /// Where to write the replayed curves' SVG. Default: <out>/guard_curve.svg.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Ridge penalty on the standardised weights.
+        #[arg(long, default_value_t = 1.0)]
+        l2: f64,
+        #[command(flatten)]
+        dir: RouterDirArg,
+    },
     /// Evaluate a router on a labeled file; prints JSON (auc, apgr, local_share_at_1pt, ...).
     Eval {
         /// A router name under --router-dir, or a router directory.
@@ -592,6 +618,23 @@ fn router(command: RouterCommand) -> ExitCode {
             cloud_model,
             dir,
         } => commands::eval(&router, &dir.router_dir, &data, &local_model, &cloud_model),
+        RouterCommand::Guard {
+            data,
+            cloud_model,
+            router,
+            out,
+            svg,
+            l2,
+            dir,
+        } => commands::guard(&commands::GuardOptions {
+            files: &data,
+            cloud: &cloud_model,
+            router: router.as_deref(),
+            router_dir: &dir.router_dir,
+            out: &out,
+            svg: svg.as_deref(),
+            l2,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

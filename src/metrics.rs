@@ -26,6 +26,11 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.025, 0.1,
 ];
 
+/// Confidence is a probability: tenths, finer near the usual thresholds.
+const CONFIDENCE_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0,
+];
+
 /// Every series the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -66,6 +71,11 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// Local failures retried on the cloud, by from/to backend and failure kind.
     pub fallbacks: IntCounterVec,
+    /// Quality-guard decisions by local backend and decision (pass, escalated, no_signal,
+    /// escalation_failed, unchecked).
+    pub guard_decisions: IntCounterVec,
+    /// The guard's confidence in local answers, by local backend.
+    pub guard_confidence: HistogramVec,
     /// Tokens by backend and kind (input, output), as the upstream reported them.
     pub tokens: IntCounterVec,
     /// Chat requests being served right now.
@@ -232,6 +242,17 @@ impl Metrics {
                 "wattgate_fallbacks_total",
                 "Local failures retried on the cloud, by from/to backend and failure kind.",
                 &["from", "to", "kind"],
+            )?,
+            guard_decisions: counter(
+                "wattgate_guard_decisions_total",
+                "Quality-guard decisions on local answers, by local backend and decision (pass|escalated|no_signal|escalation_failed|unchecked).",
+                &["backend", "decision"],
+            )?,
+            guard_confidence: histogram(
+                "wattgate_guard_confidence",
+                "The quality guard's confidence (P(acceptable), 0..1) in local answers it checked, by local backend.",
+                &["backend"],
+                CONFIDENCE_BUCKETS,
             )?,
             tokens: counter(
                 "wattgate_tokens_total",

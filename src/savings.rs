@@ -367,6 +367,7 @@ mod tests {
             ttft_s: None,
             energy_source: "estimate".to_owned(),
             bill,
+            guard: None,
         }
     }
 

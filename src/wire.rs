@@ -28,7 +28,14 @@ pub struct ChatRequest {
     pub max_tokens: Option<u64>,
     /// Messages in the request.
     pub message_count: usize,
+    /// Set by the gateway, never by the client: the quality guard will check a local answer to
+    /// this request, so local backends collect the sampled tokens' log-probabilities (see
+    /// [`ChatRequest::set_wants_signals`]).
+    wants_signals: bool,
 }
+
+/// OpenAI's ceiling on `top_logprobs`.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
 
 /// Token counts as upstreams report them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -134,6 +141,38 @@ impl ChatRequest {
             }
         }
 
+        let logprobs = match body.get("logprobs") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => return Err(wrong_type("logprobs", "a boolean", other)),
+        };
+        match body.get("top_logprobs") {
+            None | Some(Value::Null) => {}
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= MAX_TOP_LOGPROBS) => {
+                if !logprobs {
+                    return Err(ApiError::invalid_request(
+                        "`top_logprobs` requires `logprobs: true`.".to_owned(),
+                    )
+                    .with_param("top_logprobs")
+                    .with_code("invalid_value"));
+                }
+            }
+            Some(Value::Number(n)) if n.as_u64().is_some() => {
+                return Err(ApiError::invalid_request(format!(
+                    "`top_logprobs` must be at most {MAX_TOP_LOGPROBS}, got {n}."
+                ))
+                .with_param("top_logprobs")
+                .with_code("invalid_value"))
+            }
+            Some(other) => {
+                return Err(wrong_type(
+                    "top_logprobs",
+                    &format!("an integer from 0 to {MAX_TOP_LOGPROBS}"),
+                    other,
+                ))
+            }
+        }
+
         Ok(Self {
             message_count: messages.len(),
             body,
@@ -142,7 +181,23 @@ impl ChatRequest {
             include_usage,
             prompt_chars,
             max_tokens,
+            wants_signals: false,
         })
+    }
+
+    /// Whether the client asked for `logprobs`.
+    pub fn client_logprobs(&self) -> bool {
+        self.body.get("logprobs").and_then(Value::as_bool) == Some(true)
+    }
+
+    /// Whether a local answer to this request will be checked by the quality guard.
+    pub fn wants_signals(&self) -> bool {
+        self.wants_signals
+    }
+
+    /// Marks the request for the quality guard (the gateway does, before serving it).
+    pub fn set_wants_signals(&mut self, on: bool) {
+        self.wants_signals = on;
     }
 
     /// Checks the request against the gateway's per-request `[limits]`.
@@ -195,13 +250,15 @@ impl ChatRequest {
         text
     }
 
-    /// The body to send upstream: the client's object with `model` replaced, and
-    /// `stream_options.include_usage` set when `force_usage` asks for metered streams.
-    pub fn upstream_body(&self, model: &str, force_usage: bool) -> Vec<u8> {
+    /// The body to send upstream: the client's object with `model` replaced,
+    /// `stream_options.include_usage` set when `force_usage` asks for metered streams, and
+    /// `logprobs: true` when `force_logprobs` asks for the guard's signals.
+    pub fn upstream_body(&self, model: &str, force_usage: bool, force_logprobs: bool) -> Vec<u8> {
         let body = UpstreamBody {
             request: self,
             model,
             add_usage: self.stream && force_usage && !self.include_usage,
+            add_logprobs: force_logprobs && !self.client_logprobs(),
         };
         // Serializing an in-memory JSON tree into a Vec cannot fail.
         serde_json::to_vec(&body).unwrap_or_default()
@@ -221,6 +278,7 @@ impl ChatRequest {
             prompt_chars: self.prompt_chars,
             max_tokens: self.max_tokens,
             message_count: self.message_count,
+            wants_signals: self.wants_signals,
         }
     }
 
@@ -234,6 +292,7 @@ struct UpstreamBody<'a> {
     request: &'a ChatRequest,
     model: &'a str,
     add_usage: bool,
+    add_logprobs: bool,
 }
 
 impl Serialize for UpstreamBody<'_> {
@@ -241,9 +300,14 @@ impl Serialize for UpstreamBody<'_> {
         let body = &self.request.body;
         let mut map = serializer.serialize_map(Some(body.len() + 1))?;
         let mut wrote_options = false;
+        let mut wrote_logprobs = false;
         for (key, value) in body {
             match key.as_str() {
                 "model" => map.serialize_entry(key, self.model)?,
+                "logprobs" if self.add_logprobs => {
+                    map.serialize_entry(key, &true)?;
+                    wrote_logprobs = true;
+                }
                 "stream_options" if self.add_usage => {
                     let mut options = match value {
                         Value::Object(o) => o.clone(),
@@ -261,6 +325,9 @@ impl Serialize for UpstreamBody<'_> {
                 "stream_options",
                 &serde_json::json!({"include_usage": true}),
             )?;
+        }
+        if self.add_logprobs && !wrote_logprobs {
+            map.serialize_entry("logprobs", &true)?;
         }
         map.end()
     }
@@ -301,6 +368,74 @@ pub fn generated_text(json: &[u8], out: &mut String) {
             }
         }
     }
+}
+
+/// What the quality guard reads of a completion body or stream chunk (first choice).
+#[derive(Debug, Default, PartialEq)]
+pub struct AnswerPeek {
+    /// `choices[0].logprobs.content[].logprob`, when the body carries them.
+    pub logprobs: Option<Vec<f32>>,
+    /// `choices[0].finish_reason`, when set.
+    pub finish_reason: Option<String>,
+}
+
+/// Reads `logprobs` and `finish_reason` of the first choice, skipping everything else; a body
+/// that is not a completion reads as empty.
+pub fn answer_peek(json: &[u8]) -> AnswerPeek {
+    #[derive(Deserialize)]
+    struct Token {
+        logprob: f32,
+    }
+    #[derive(Deserialize)]
+    struct Logprobs {
+        #[serde(default)]
+        content: Option<Vec<Token>>,
+    }
+    #[derive(Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        logprobs: Option<Logprobs>,
+        #[serde(default)]
+        finish_reason: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Body {
+        #[serde(default)]
+        choices: Vec<Choice>,
+    }
+    let Ok(body) = serde_json::from_slice::<Body>(json) else {
+        return AnswerPeek::default();
+    };
+    let Some(choice) = body.choices.into_iter().next() else {
+        return AnswerPeek::default();
+    };
+    AnswerPeek {
+        logprobs: choice
+            .logprobs
+            .and_then(|l| l.content)
+            .map(|c| c.into_iter().map(|t| t.logprob).collect()),
+        finish_reason: choice.finish_reason,
+    }
+}
+
+/// The body with every choice's `logprobs` set to `null`, as OpenAI answers a client that did
+/// not ask for them; `None` when nothing needed changing (or the body is not JSON).
+pub fn without_logprobs(json: &[u8]) -> Option<Vec<u8>> {
+    if !json.windows(10).any(|w| w == b"\"logprobs\"") {
+        return None;
+    }
+    let mut body: Map<String, Value> = serde_json::from_slice(json).ok()?;
+    let choices = body.get_mut("choices")?.as_array_mut()?;
+    let mut changed = false;
+    for choice in choices.iter_mut().filter_map(Value::as_object_mut) {
+        if let Some(l) = choice.get_mut("logprobs") {
+            if !l.is_null() {
+                *l = Value::Null;
+                changed = true;
+            }
+        }
+    }
+    changed.then(|| serde_json::to_vec(&body).unwrap_or_default())
 }
 
 /// The text of a message `content`: the string itself, or the `text` of each array part
@@ -399,28 +534,78 @@ mod tests {
     fn keeps_unknown_fields_and_order_and_replaces_model() {
         let text = r#"{"temperature":0.2,"model":"auto","messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f","parameters":{}}}],"x_vendor":{"a":[1,2]}}"#;
         let req = ChatRequest::parse(text.as_bytes()).unwrap();
-        let out = String::from_utf8(req.upstream_body("llama", true)).unwrap();
+        let out = String::from_utf8(req.upstream_body("llama", true, false)).unwrap();
         assert_eq!(out, text.replace("\"auto\"", "\"llama\""));
     }
 
     #[test]
     fn stream_usage_is_added_or_merged() {
         let req = parse(serde_json::json!({"model":"m","messages":[{"role":"user","content":"x"}],"stream":true})).unwrap();
-        let out: Value = serde_json::from_slice(&req.upstream_body("u", true)).unwrap();
+        let out: Value = serde_json::from_slice(&req.upstream_body("u", true, false)).unwrap();
         assert_eq!(
             out["stream_options"],
             serde_json::json!({"include_usage": true})
         );
-        let out: Value = serde_json::from_slice(&req.upstream_body("u", false)).unwrap();
+        let out: Value = serde_json::from_slice(&req.upstream_body("u", false, false)).unwrap();
         assert!(out.get("stream_options").is_none());
 
         let req = parse(serde_json::json!({"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":false,"other":1}})).unwrap();
         assert!(!req.include_usage);
-        let out: Value = serde_json::from_slice(&req.upstream_body("u", true)).unwrap();
+        let out: Value = serde_json::from_slice(&req.upstream_body("u", true, false)).unwrap();
         assert_eq!(
             out["stream_options"],
             serde_json::json!({"include_usage": true, "other": 1})
         );
+    }
+
+    #[test]
+    fn logprobs_are_validated_forced_and_stripped() {
+        let base = || serde_json::json!({"model":"m","messages":[{"role":"user","content":"x"}]});
+        let with = |k: &str, v: Value| {
+            let mut b = base();
+            b[k] = v;
+            b
+        };
+        let e = parse({
+            let mut b = with("logprobs", Value::Bool(true));
+            b["top_logprobs"] = serde_json::json!(21);
+            b
+        })
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+        assert!(e.message.contains("at most 20"), "{}", e.message);
+        let e = parse(with("top_logprobs", serde_json::json!(2))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+        let e = parse(with("logprobs", serde_json::json!("yes"))).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("logprobs"));
+        let ok = parse({
+            let mut b = with("logprobs", Value::Bool(true));
+            b["top_logprobs"] = serde_json::json!(20);
+            b
+        })
+        .unwrap();
+        assert!(ok.client_logprobs());
+
+        // Forced for the guard: added when absent, set when false, untouched when asked.
+        let req = parse(with("logprobs", Value::Bool(false))).unwrap();
+        let out: Value = serde_json::from_slice(&req.upstream_body("u", true, true)).unwrap();
+        assert_eq!(out["logprobs"], Value::Bool(true));
+        let req = parse(base()).unwrap();
+        let out: Value = serde_json::from_slice(&req.upstream_body("u", true, true)).unwrap();
+        assert_eq!(out["logprobs"], Value::Bool(true));
+        let out: Value = serde_json::from_slice(&req.upstream_body("u", true, false)).unwrap();
+        assert!(out.get("logprobs").is_none());
+
+        let body = br#"{"id":"x","choices":[{"index":0,"message":{"content":"hi"},"logprobs":{"content":[{"token":"h","logprob":-0.5,"bytes":[104],"top_logprobs":[]},{"token":"i","logprob":-1.25,"bytes":[105],"top_logprobs":[]}]},"finish_reason":"stop"}],"usage":null}"#;
+        let peek = answer_peek(body);
+        assert_eq!(peek.logprobs, Some(vec![-0.5, -1.25]));
+        assert_eq!(peek.finish_reason.as_deref(), Some("stop"));
+        let stripped = without_logprobs(body).unwrap();
+        let v: Value = serde_json::from_slice(&stripped).unwrap();
+        assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+        assert_eq!(v["choices"][0]["message"]["content"], "hi");
+        assert_eq!(answer_peek(&stripped).logprobs, None);
+        assert_eq!(answer_peek(b"not json").logprobs, None);
     }
 
     #[test]

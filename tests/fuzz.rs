@@ -88,7 +88,7 @@ fn check(bytes: &[u8]) {
             // Everything downstream of a parsed request is total too.
             let _ = request.prompt_text();
             let _ = request.estimated_tokens();
-            let _ = request.upstream_body("m", true);
+            let _ = request.upstream_body("m", true, true);
             let _ = request.unstreamed();
             if let Err(e) = request.check_limits(&LimitsConfig::default()) {
                 assert_eq!(e.status.as_u16(), 400);

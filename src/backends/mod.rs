@@ -53,6 +53,9 @@ pub struct Completion {
     pub body: Bytes,
     /// Token usage, when the upstream reported it.
     pub usage: Option<Usage>,
+    /// ln P of each generated token, when the backend computed them (the embedded model) or the
+    /// upstream returned `logprobs`: what the quality guard reads. `None`: no signal.
+    pub logprobs: Option<Vec<f32>>,
 }
 
 /// One streamed chunk (the JSON after `data: `).
@@ -66,6 +69,21 @@ pub struct Chunk {
     pub usage_only: bool,
     /// True when the chunk carries an `error` object instead of a delta.
     pub is_error: bool,
+    /// ln P of the tokens this chunk adds, when known (see [`Completion::logprobs`]).
+    pub logprobs: Option<Vec<f32>>,
+}
+
+impl Chunk {
+    /// A content chunk with nothing known beside its JSON.
+    pub fn new(data: Bytes) -> Self {
+        Self {
+            data,
+            usage: None,
+            usage_only: false,
+            is_error: false,
+            logprobs: None,
+        }
+    }
 }
 
 /// The remaining chunks of a stream; ends after the upstream's `[DONE]`.

@@ -14,7 +14,9 @@ use super::{
     Backend, BackendError, BackendInfo, Chunk, Completion, OpenedStream, Reply, TimeoutPhase,
 };
 use crate::config::{secs, BackendConfig};
-use crate::wire::{upstream_error_message, ChatRequest, ChunkPeek, Usage};
+use crate::wire::{
+    answer_peek, upstream_error_message, without_logprobs, ChatRequest, ChunkPeek, Usage,
+};
 
 /// How long a readiness probe may take before the backend counts as not ready.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -31,6 +33,8 @@ pub struct OpenAiBackend {
     first_byte_timeout_s: f64,
     total_timeout_s: f64,
     stream_usage: bool,
+    /// Ask for `logprobs` when the guard will check the answer (`confidence = "logprobs"`).
+    reads_logprobs: bool,
 }
 
 impl OpenAiBackend {
@@ -74,6 +78,7 @@ impl OpenAiBackend {
             first_byte_timeout_s: c.first_byte_timeout_s,
             total_timeout_s: c.total_timeout_s,
             stream_usage: c.stream_usage,
+            reads_logprobs: c.reads_logprobs(),
         })
     }
 
@@ -121,12 +126,15 @@ impl Backend for OpenAiBackend {
         let started = Instant::now();
         let first_byte_deadline = started + secs(self.first_byte_timeout_s);
         let deadline = started + secs(self.total_timeout_s);
+        // Asked for on the guard's behalf: read, then removed before the client sees them.
+        let reads = self.reads_logprobs && request.wants_signals();
+        let forced_logprobs = reads && !request.client_logprobs();
 
         let mut builder = self
             .client
             .post(&self.chat_url)
             .header(CONTENT_TYPE, "application/json")
-            .body(request.upstream_body(&self.info.model, self.stream_usage));
+            .body(request.upstream_body(&self.info.model, self.stream_usage, forced_logprobs));
         if let Some(key) = self.key()? {
             builder = builder.bearer_auth(key);
         }
@@ -158,11 +166,25 @@ impl Backend for OpenAiBackend {
                 Ok(Ok(b)) => b,
             };
             let usage = completion_usage(&body)?;
-            return Ok(Reply::Complete(Completion { body, usage }));
+            let logprobs = reads.then(|| answer_peek(&body).logprobs).flatten();
+            let body = match forced_logprobs.then(|| without_logprobs(&body)).flatten() {
+                Some(stripped) => Bytes::from(stripped),
+                None => body,
+            };
+            return Ok(Reply::Complete(Completion {
+                body,
+                usage,
+                logprobs,
+            }));
         }
 
         let mut events = Box::pin(response.bytes_stream().eventsource());
-        let first = match timeout_at(first_byte_deadline, next_chunk(&mut events)).await {
+        let first = match timeout_at(
+            first_byte_deadline,
+            next_chunk(&mut events, reads, forced_logprobs),
+        )
+        .await
+        {
             Err(_) => return Err(self.timeout(TimeoutPhase::FirstByte)),
             Ok(Err(e)) => return Err(self.stream_error(e)),
             Ok(Ok(Next::Chunk(c))) => c,
@@ -187,6 +209,8 @@ impl Backend for OpenAiBackend {
             total_timeout_s: self.total_timeout_s,
             chat_url: self.chat_url.clone(),
             finished: false,
+            read_logprobs: reads,
+            strip_logprobs: forced_logprobs,
         };
         Ok(Reply::Stream(OpenedStream {
             first,
@@ -230,6 +254,8 @@ struct RestOfStream {
     total_timeout_s: f64,
     chat_url: String,
     finished: bool,
+    read_logprobs: bool,
+    strip_logprobs: bool,
 }
 
 impl RestOfStream {
@@ -237,7 +263,12 @@ impl RestOfStream {
         if self.finished {
             return None;
         }
-        let item = match timeout_at(self.deadline, next_chunk(&mut self.events)).await {
+        let item = match timeout_at(
+            self.deadline,
+            next_chunk(&mut self.events, self.read_logprobs, self.strip_logprobs),
+        )
+        .await
+        {
             Ok(Ok(Next::Chunk(c))) => return Some((Ok(c), self)),
             Ok(Ok(Next::Done)) => return None,
             Ok(Ok(Next::Eof)) => Err(BackendError::Protocol {
@@ -288,7 +319,14 @@ impl StreamFailure {
     }
 }
 
-async fn next_chunk<S>(events: &mut std::pin::Pin<Box<S>>) -> Result<Next, StreamFailure>
+/// The next chunk. With `read_logprobs` its `logprobs` are read into [`Chunk::logprobs`] (for
+/// the guard), and with `strip_logprobs` removed from its JSON (they were asked for on the
+/// guard's behalf); without either, the chunk is not looked at twice.
+async fn next_chunk<S>(
+    events: &mut std::pin::Pin<Box<S>>,
+    read_logprobs: bool,
+    strip_logprobs: bool,
+) -> Result<Next, StreamFailure>
 where
     S: EventSource + ?Sized,
 {
@@ -313,11 +351,22 @@ where
             ))
         })?;
         let usage_only = peek.usage.is_some() && peek.choices.as_ref().is_some_and(Vec::is_empty);
+        let logprobs = read_logprobs
+            .then(|| answer_peek(data.as_bytes()).logprobs)
+            .flatten();
+        let data = match strip_logprobs
+            .then(|| without_logprobs(data.as_bytes()))
+            .flatten()
+        {
+            Some(stripped) => Bytes::from(stripped),
+            None => Bytes::copy_from_slice(data.as_bytes()),
+        };
         return Ok(Next::Chunk(Chunk {
-            data: Bytes::copy_from_slice(data.as_bytes()),
+            data,
             usage: peek.usage,
             usage_only,
             is_error: peek.error.is_some(),
+            logprobs,
         }));
     }
 }
@@ -406,7 +455,7 @@ mod tests {
             let mut seen = Vec::new();
             // Bounded: every step consumes input or ends.
             for _ in 0..10_000 {
-                match next_chunk(&mut events).await {
+                match next_chunk(&mut events, false, false).await {
                     Ok(Next::Chunk(_)) => seen.push(Ok("chunk")),
                     Ok(Next::Done) => {
                         seen.push(Ok("done"));

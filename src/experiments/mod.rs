@@ -43,6 +43,10 @@ pub struct Arm {
     pub weight: f64,
     /// The routing it applies to alias requests.
     pub router: Router,
+    /// The quality guard's mode for its requests, when the arm sets one.
+    pub guard: Option<crate::config::GuardMode>,
+    /// The quality guard's threshold for its requests, when the arm sets one.
+    pub guard_threshold: Option<f64>,
 }
 
 /// One experiment at run time.
@@ -82,6 +86,8 @@ impl Experiments {
                     name: arm.name.clone(),
                     weight: arm.weight,
                     router,
+                    guard: arm.guard,
+                    guard_threshold: arm.guard_threshold,
                 });
             }
             list.push(Experiment {
@@ -136,6 +142,15 @@ impl Experiments {
     pub fn names(&self, at: Enrollment) -> Option<(&str, &str)> {
         let e = self.list.get(at.experiment)?;
         Some((e.name.as_str(), e.arms.get(at.arm)?.name.as_str()))
+    }
+
+    /// The quality-guard settings of an enrollment's arm: (mode, threshold), each when set.
+    pub fn guard(
+        &self,
+        at: Enrollment,
+    ) -> Option<(Option<crate::config::GuardMode>, Option<f64>)> {
+        let arm = self.list.get(at.experiment)?.arms.get(at.arm)?;
+        Some((arm.guard, arm.guard_threshold))
     }
 
     /// The router of an enrollment's arm.

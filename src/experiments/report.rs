@@ -456,6 +456,7 @@ mod tests {
             ttft_s: None,
             energy_source: "estimate".to_owned(),
             bill: Bill::default(),
+            guard: None,
         }
     }
 

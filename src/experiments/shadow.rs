@@ -241,7 +241,8 @@ impl Shadow {
                 c.usage
             }
             Reply::Stream(opened) => {
-                let (t, usage) = crate::profile::collect_stream(opened).await?;
+                let collected = crate::profile::collect_stream(opened).await?;
+                let (t, usage) = (collected.text, collected.usage);
                 text = t;
                 usage
             }

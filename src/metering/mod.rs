@@ -101,6 +101,30 @@ impl Metering {
         Bill::compute(charge, rates, tokens, baseline, self.local)
     }
 
+    /// A request the quality guard escalated is over: it pays for both legs. The meter's charge
+    /// covers the whole window (the local generation included); the cloud leg is priced on
+    /// `tokens` at `served`'s rates; compute adds the local leg's `2 x params x local_tokens`;
+    /// the counterfactual is the cloud-only baseline for the answer the client got.
+    pub fn end_escalated(
+        &self,
+        ticket: Ticket,
+        served: usize,
+        tokens: Tokens,
+        local: usize,
+        local_tokens: Tokens,
+    ) -> Bill {
+        let mut bill = self.end(ticket, served, tokens);
+        if let Some(rates) = self.rates.get(local) {
+            bill.flops += rates.flops(local_tokens);
+        }
+        bill
+    }
+
+    /// FLOPs of `tokens` on backend `backend` (2 x active parameters per token).
+    pub fn flops(&self, backend: usize, tokens: Tokens) -> f64 {
+        self.rates.get(backend).map_or(0.0, |r| r.flops(tokens))
+    }
+
     /// What `tokens` on cloud backend `backend` cost: (joules, an estimate; dollars). For
     /// spend that is not a served request (shadow checks), so it never enters the meter.
     pub fn cloud_price(&self, backend: usize, tokens: Tokens) -> (f64, f64) {

@@ -128,6 +128,10 @@ pub struct Measurement {
     /// is graded wrong, because served traffic like it would fail the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The answer's confidence signals (token log-probabilities), when the backend gave them:
+    /// what the quality guard reads, and what `wattgate router guard` trains on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signals: Option<crate::guard::Signals>,
 }
 
 #[derive(Deserialize)]
@@ -502,22 +506,35 @@ impl Runner<'_> {
         let answer = match self.backend.chat(&request).await {
             Ok(Reply::Stream(opened)) => {
                 let ttft = sent.elapsed();
-                collect_stream(opened)
-                    .await
-                    .map(|(text, usage)| (text, usage, ttft))
+                collect_stream(opened).await.map(|c| (c, ttft))
             }
             Ok(Reply::Complete(c)) => {
                 let mut text = String::new();
                 generated_text(&c.body, &mut text);
-                Ok((text, c.usage, sent.elapsed()))
+                let collected = Collected {
+                    text,
+                    usage: c.usage,
+                    finish_reason: crate::wire::answer_peek(&c.body).finish_reason,
+                    logprobs: c.logprobs,
+                };
+                Ok((collected, sent.elapsed()))
             }
             Err(e) => Err(e),
         };
-        let (output, usage, ttft, error) = match answer {
-            Ok((text, usage, ttft)) => (text, usage, ttft, None),
-            Err(e @ (BackendError::ContextTooLong { .. } | BackendError::Unsupported { .. })) => {
-                (String::new(), None, sent.elapsed(), Some(e.to_string()))
+        let (output, usage, ttft, error, signals) = match answer {
+            Ok((c, ttft)) => {
+                let signals = c.logprobs.as_deref().and_then(|l| {
+                    crate::guard::Signals::from_logprobs(l, c.finish_reason.as_deref())
+                });
+                (c.text, c.usage, ttft, None, signals)
             }
+            Err(e @ (BackendError::ContextTooLong { .. } | BackendError::Unsupported { .. })) => (
+                String::new(),
+                None,
+                sent.elapsed(),
+                Some(e.to_string()),
+                None,
+            ),
             Err(e) => {
                 self.metering.release(ticket);
                 return Err(e.into());
@@ -582,6 +599,7 @@ impl Runner<'_> {
                 energy_source: self.source.as_str().to_owned(),
                 measured: self.source.is_measured(),
                 error,
+                signals,
             },
         })
     }
@@ -655,17 +673,29 @@ async fn complete(
     let mut text = String::new();
     match backend.chat(&request).await? {
         Reply::Complete(c) => generated_text(&c.body, &mut text),
-        Reply::Stream(opened) => text = collect_stream(opened).await?.0,
+        Reply::Stream(opened) => text = collect_stream(opened).await?.text,
     }
     Ok(text)
 }
 
-/// Reads a stream to its end: the text and the usage, if sent.
+/// What a stream read to its end carried.
+#[derive(Debug, Default)]
+pub(crate) struct Collected {
+    /// The answer's text.
+    pub text: String,
+    /// The usage chunk's counts, if sent.
+    pub usage: Option<crate::wire::Usage>,
+    /// The sampled tokens' ln P, when the backend gave any.
+    pub logprobs: Option<Vec<f32>>,
+    /// The last `finish_reason` seen.
+    pub finish_reason: Option<String>,
+}
+
+/// Reads a stream to its end.
 pub(crate) async fn collect_stream(
     opened: crate::backends::OpenedStream,
-) -> Result<(String, Option<crate::wire::Usage>), BackendError> {
-    let mut text = String::new();
-    let mut usage = None;
+) -> Result<Collected, BackendError> {
+    let mut out = Collected::default();
     let mut take = |chunk: &crate::backends::Chunk| -> Result<(), BackendError> {
         if chunk.is_error {
             return Err(BackendError::Protocol {
@@ -675,9 +705,15 @@ pub(crate) async fn collect_stream(
                 ),
             });
         }
-        generated_text(&chunk.data, &mut text);
+        generated_text(&chunk.data, &mut out.text);
         if chunk.usage.is_some() {
-            usage = chunk.usage;
+            out.usage = chunk.usage;
+        }
+        if let Some(lp) = &chunk.logprobs {
+            out.logprobs.get_or_insert_with(Vec::new).extend(lp);
+        }
+        if let Some(f) = crate::wire::answer_peek(&chunk.data).finish_reason {
+            out.finish_reason = Some(f);
         }
         Ok(())
     };
@@ -686,7 +722,7 @@ pub(crate) async fn collect_stream(
     while let Some(chunk) = rest.next().await {
         take(&chunk?)?;
     }
-    Ok((text, usage))
+    Ok(out)
 }
 
 /// A deterministic request (temperature 0) as the gateway would forward it.
@@ -707,7 +743,11 @@ fn chat_request(
     if let Some(n) = max_tokens {
         body["max_tokens"] = json!(n);
     }
-    ChatRequest::parse(&serde_json::to_vec(&body)?).map_err(|e| anyhow!("{}", e.message))
+    let mut request =
+        ChatRequest::parse(&serde_json::to_vec(&body)?).map_err(|e| anyhow!("{}", e.message))?;
+    // Record the signals the quality guard would read of the same answer.
+    request.set_wants_signals(true);
+    Ok(request)
 }
 
 /// `n` items spread evenly over `items` (the first, then every len/n-th), in order.

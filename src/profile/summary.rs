@@ -378,6 +378,7 @@ mod tests {
                 energy_source: "estimate".to_owned(),
                 measured: false,
                 error: None,
+                signals: None,
             },
         }
     }

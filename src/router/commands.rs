@@ -209,3 +209,135 @@ pub fn eval(
     println!("{json}");
     Ok(())
 }
+
+/// What `router guard` needs.
+pub struct GuardOptions<'a> {
+    /// Profile `queries.jsonl` files whose rows carry `profile.signals`.
+    pub files: &'a [PathBuf],
+    /// The cloud model's label in the rows' `scores` (first present wins).
+    pub cloud: &'a [String],
+    /// The local model's router (its p_local is a feature and the comparison), if any.
+    pub router: Option<&'a str>,
+    /// Where routers are looked up by name.
+    pub router_dir: &'a Path,
+    /// Where `guard.json` is written.
+    pub out: &'a Path,
+    /// The replayed curves' SVG; default `<out>/guard_curve.svg`.
+    pub svg: Option<&'a Path>,
+    /// Ridge penalty on the standardised weights.
+    pub l2: f64,
+}
+
+/// `router guard`: fits the quality guard's head on profiled answers that carry their
+/// signals, validates it by held-out source, and replays router-only against router + guard.
+pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
+    use crate::guard::head::{self, Example as GuardExample};
+    use crate::guard::replay;
+    let router = o
+        .router
+        .map(|r| RouterModel::load(&model::resolve(r, o.router_dir)?))
+        .transpose()?;
+    let metering = crate::config::MeteringConfig::default();
+    let mut examples = Vec::new();
+    let mut joules = Vec::new();
+    let (mut no_signals, mut no_cloud) = (0usize, 0usize);
+    let mut local_model = String::new();
+    for f in o.files {
+        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let r: crate::profile::QueryRecord = serde_json::from_str(line)
+                .map_err(|e| format!("{}:{}: {e}", f.display(), i + 1))?;
+            let Some(signals) = r.profile.signals else {
+                no_signals += 1;
+                continue;
+            };
+            let Some(cloud) = o.cloud.iter().find_map(|c| r.scores.get(c)) else {
+                no_cloud += 1;
+                continue;
+            };
+            local_model.clone_from(&r.profile.model);
+            let p_local = router
+                .as_ref()
+                .map(|m| m.score(&Query::from_prompt(&r.prompt)));
+            // The cloud's answer is priced on the local answer's token counts (an estimate:
+            // the cloud answer is not generated in a replay).
+            let cloud_joules = metering.cloud_pue
+                * (r.profile.input_tokens as f64 * metering.cloud_joules_per_input_token
+                    + r.profile.output_tokens as f64 * metering.cloud_joules_per_output_token);
+            joules.push((r.profile.joules, cloud_joules));
+            examples.push(GuardExample {
+                signals,
+                p_local,
+                local: r.profile.score,
+                cloud: *cloud,
+                source: r.source,
+            });
+        }
+    }
+    if no_signals + no_cloud > 0 {
+        eprintln!(
+            "skipped {no_signals} rows without signals (profiled before signals were recorded, or a backend without logprobs) and {no_cloud} without a cloud label ({})",
+            o.cloud.join(", ")
+        );
+    }
+    let trained = head::train(&examples, &local_model, o.l2)?;
+    // The same held-out predictions training validated with.
+    let held_out = head::held_out_confidence(&examples, &local_model, o.l2)?;
+    std::fs::create_dir_all(o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
+    trained.save(o.out)?;
+    let v = &trained.validation;
+    let positives = examples.iter().filter(|e| e.local >= 0.5).count();
+    println!(
+        "guard head for {local_model} -> {}",
+        o.out.join(head::GUARD_FILE).display()
+    );
+    println!(
+        "{} answers with signals from {} source(s), {positives} right ({:.1}%)",
+        v.n,
+        v.sources,
+        100.0 * positives as f64 / v.n.max(1) as f64
+    );
+    let opt = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.3}"));
+    println!(
+        "held-out AUC for \"answered right\": guard {}, rule exp(mean ln P) {}, router p_local {}",
+        opt(v.auc),
+        opt(v.rule_auc),
+        opt(v.router_auc)
+    );
+    if let (Some(g), Some(r)) = (v.auc, v.router_auc) {
+        println!("guard - router AUC: {:+.3}", g - r);
+    }
+    println!(
+        "default threshold (max_quality_loss = {}): {:.4}",
+        crate::config::DEFAULT_MAX_QUALITY_LOSS,
+        trained.threshold_for_quality_loss(crate::config::DEFAULT_MAX_QUALITY_LOSS)
+    );
+    let rows: Vec<replay::Row> = examples
+        .iter()
+        .zip(&held_out)
+        .zip(&joules)
+        .map(|((e, &confidence), &(local_joules, cloud_joules))| replay::Row {
+            p_local: e.p_local.unwrap_or(0.5),
+            confidence,
+            local: e.local,
+            cloud: e.cloud,
+            local_joules,
+            cloud_joules,
+        })
+        .collect();
+    let shares: Vec<f64> = (0..=10).map(|i| f64::from(i) / 10.0).collect();
+    let points = replay::curves(&rows, &shares);
+    println!(
+        "replayed on the same rows (no new generation; local joules as profiled, cloud joules estimated at {} J/input and {} J/output token x PUE {}):",
+        metering.cloud_joules_per_input_token, metering.cloud_joules_per_output_token, metering.cloud_pue
+    );
+    print!("{}", replay::table(&points));
+    let svg_path = o
+        .svg
+        .map_or_else(|| o.out.join("guard_curve.svg"), Path::to_path_buf);
+    let title = format!("{local_model}: quality vs local share, router only vs router + guard (held out)");
+    std::fs::write(&svg_path, replay::svg(&points, &title))
+        .map_err(|e| format!("{}: {e}", svg_path.display()))?;
+    println!("chart: {}", svg_path.display());
+    Ok(())
+}

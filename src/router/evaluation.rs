@@ -118,7 +118,8 @@ fn curve(rows: &[Outcome]) -> Vec<(f64, f64)> {
 }
 
 /// ROC AUC of `p_local` for `local >= 0.5`, with tied scores counted as half (Mann-Whitney U).
-fn auc(rows: &[Outcome]) -> Option<f64> {
+/// ROC AUC of `p_local` for "the local model answers" (local score >= 0.5); `None` with one class.
+pub fn auc(rows: &[Outcome]) -> Option<f64> {
     let mut order: Vec<&Outcome> = rows.iter().collect();
     order.sort_by(|a, b| a.p_local.total_cmp(&b.p_local));
     // Average ranks (1-based) over groups of equal scores.

@@ -76,13 +76,18 @@ pub enum Reason {
     NeedsImages,
     /// `n > 1`: local backends return one choice.
     NeedsN,
-    /// `logprobs`: local backends do not return them.
+    /// `logprobs`: the local backend does not return them (`supports_logprobs`).
     NeedsLogprobs,
     /// The chosen local backend's circuit breaker is open; the cloud served.
     LocalUnhealthy,
     /// The cloud backend's circuit breaker is open; a healthy local backend served whatever the
     /// router had decided.
     CloudUnhealthy,
+    /// The quality guard found the local answer doubtful; the cloud's answer replaced it.
+    EscalatedLowConfidence,
+    /// The quality guard found the local answer doubtful, but the cloud failed too: the held
+    /// local answer was served.
+    EscalationFailed,
 }
 
 impl Reason {
@@ -114,6 +119,8 @@ impl Reason {
             Reason::NeedsLogprobs => "needs_logprobs",
             Reason::LocalUnhealthy => "local_unhealthy",
             Reason::CloudUnhealthy => "cloud_unhealthy",
+            Reason::EscalatedLowConfidence => "escalated_low_confidence",
+            Reason::EscalationFailed => "escalation_failed",
         }
     }
 }
@@ -137,6 +144,8 @@ pub struct Overrides {
     pub force: Option<Role>,
     /// `x-wattgate-threshold`: replaces every local backend's threshold.
     pub threshold: Option<f64>,
+    /// `x-wattgate-guard: off|check`: the quality guard for this request.
+    pub guard: Option<crate::config::GuardMode>,
 }
 
 /// Capabilities a request needs that a local backend may lack.
@@ -181,11 +190,8 @@ impl Needs {
             .get("n")
             .and_then(Value::as_f64)
             .is_some_and(|n| n > 1.0);
-        let logprobs = body.get("logprobs").and_then(Value::as_bool) == Some(true)
-            || body
-                .get("top_logprobs")
-                .and_then(Value::as_f64)
-                .is_some_and(|n| n > 0.0);
+        // The parser refuses `top_logprobs` without `logprobs: true`.
+        let logprobs = request.client_logprobs();
         Self {
             tools: non_empty("tools") || non_empty("functions"),
             response_format,
@@ -203,6 +209,7 @@ struct Local {
     supports_tools: bool,
     supports_response_format: bool,
     supports_images: bool,
+    supports_logprobs: bool,
     max_context_tokens: usize,
     /// Under `policy = "router"`: its router and threshold.
     head: Option<(Arc<RouterModel>, f64)>,
@@ -223,7 +230,7 @@ impl Local {
         if needs.n {
             return Some(Reason::NeedsN);
         }
-        if needs.logprobs {
+        if needs.logprobs && !self.supports_logprobs {
             return Some(Reason::NeedsLogprobs);
         }
         if prompt_chars / CHARS_PER_TOKEN > self.max_context_tokens {
@@ -279,6 +286,7 @@ impl Router {
                 supports_tools: b.supports_tools,
                 supports_response_format: b.supports_response_format,
                 supports_images: b.supports_images,
+                supports_logprobs: b.logprobs_supported(),
                 max_context_tokens: b.max_context,
                 head,
             });
@@ -496,8 +504,10 @@ mod tests {
             max_local_prompt_chars: 0,
             ..RoutingConfig::default()
         };
-        let router = Router::new(&config, &backends(&[Role::Local, Role::Cloud]))
-            .unwrap_or_else(|e| panic!("{e}"));
+        // A local backend that declares no logprobs support (the embedded model has it).
+        let mut declared = backends(&[Role::Local, Role::Cloud]);
+        declared[0].supports_logprobs = Some(false);
+        let router = Router::new(&config, &declared).unwrap_or_else(|e| panic!("{e}"));
         let user = serde_json::json!([{"role": "user", "content": "hi"}]);
         let image = serde_json::json!([{"role": "user", "content": [
             {"type": "text", "text": "what is this?"},
@@ -521,7 +531,7 @@ mod tests {
                 Reason::NeedsLogprobs,
             ),
             (
-                serde_json::json!({"top_logprobs": 3}),
+                serde_json::json!({"logprobs": true, "top_logprobs": 3}),
                 user.clone(),
                 Reason::NeedsLogprobs,
             ),
@@ -572,7 +582,7 @@ mod tests {
         let router = rule(RoutingPolicy::CloudOnly, &[Role::Local, Role::Cloud]);
         let force = |role| Overrides {
             force: Some(role),
-            threshold: None,
+            ..Overrides::default()
         };
         let d = router.decide(&chars(500), force(Role::Local));
         assert_eq!((d.backend, d.reason), (0, Reason::ForcedLocal));
@@ -651,8 +661,8 @@ mod tests {
         let none = router.decide(
             &ask("an easy arithmetic question"),
             Overrides {
-                force: None,
                 threshold: Some(1.0),
+                ..Overrides::default()
             },
         );
         assert_eq!((none.backend, none.reason), (2, Reason::RouterCloud));

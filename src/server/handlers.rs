@@ -18,6 +18,7 @@ use crate::config::Role;
 use crate::error::ApiError;
 use crate::gateway::{Answer, AnswerBody, Inbound};
 use crate::limits::Client;
+use crate::config::GuardMode;
 use crate::router::Overrides;
 
 /// How much of an oversized body is read and discarded before answering 413, so that ordinary
@@ -113,7 +114,22 @@ fn overrides(headers: &HeaderMap) -> Result<Overrides, ApiError> {
             }
         },
     };
-    Ok(Overrides { force, threshold })
+    let guard = match text(&GUARD)?.as_deref() {
+        None => None,
+        Some("off") => Some(GuardMode::Off),
+        Some("check") => Some(GuardMode::Check),
+        Some(other) => {
+            return Err(bad_header(
+                &GUARD,
+                &format!("must be `off` or `check`, got `{other}`"),
+            ))
+        }
+    };
+    Ok(Overrides {
+        force,
+        threshold,
+        guard,
+    })
 }
 
 fn bad_header(name: &HeaderName, what: &str) -> ApiError {
@@ -156,6 +172,8 @@ static THRESHOLD: HeaderName = HeaderName::from_static("x-wattgate-threshold");
 static P_LOCAL: HeaderName = HeaderName::from_static("x-wattgate-p-local");
 static EXPERIMENT: HeaderName = HeaderName::from_static("x-wattgate-experiment");
 static ARM: HeaderName = HeaderName::from_static("x-wattgate-arm");
+static GUARD: HeaderName = HeaderName::from_static("x-wattgate-guard");
+static CONFIDENCE: HeaderName = HeaderName::from_static("x-wattgate-confidence");
 
 fn answer_response(answer: Answer) -> Response {
     let mut response = match answer.body {
@@ -213,6 +231,14 @@ fn answer_response(answer: Answer) -> Response {
     }
     if let Some(Ok(v)) = route.fallback_from.as_deref().map(HeaderValue::from_str) {
         headers.insert(FALLBACK_FROM.clone(), v);
+    }
+    if let Some(guard) = &route.guard {
+        headers.insert(GUARD.clone(), HeaderValue::from_static(guard.decision));
+        if let Some(c) = guard.confidence {
+            if let Ok(v) = HeaderValue::from_str(&format!("{c:.4}")) {
+                headers.insert(CONFIDENCE.clone(), v);
+            }
+        }
     }
     let overhead_ms = format!("{:.3}", answer.overhead.as_secs_f64() * 1000.0);
     if let Ok(v) = HeaderValue::from_str(&overhead_ms) {

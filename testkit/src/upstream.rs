@@ -49,9 +49,29 @@ pub enum Behavior {
     },
     /// Answer 200 with a body that is not JSON.
     Garbage,
+    /// Like `Reply`, but when the request asks for `logprobs: true` (as llama.cpp's server and
+    /// vLLM do, and only then) every word is a token with this ln P; streamed chunks are `gap`
+    /// apart.
+    Confident {
+        /// The assistant text.
+        content: String,
+        /// ln P of every token.
+        logprob: f32,
+        /// Time between streamed chunks.
+        gap: Duration,
+    },
 }
 
 impl Behavior {
+    /// A reply whose tokens all have ln P = `logprob`, sent at once.
+    pub fn confident(content: &str, logprob: f32) -> Self {
+        Behavior::Confident {
+            content: content.to_owned(),
+            logprob,
+            gap: Duration::ZERO,
+        }
+    }
+
     /// A 500 with an OpenAI-shaped error body.
     pub fn server_error(message: &str) -> Self {
         Behavior::Status {
@@ -300,6 +320,41 @@ async fn respond(model: &str, request: &Value, behavior: Behavior) -> Response {
             response
         }
         Behavior::Garbage => (StatusCode::OK, "<html>not json</html>").into_response(),
+        Behavior::Confident {
+            content,
+            logprob,
+            gap,
+        } => {
+            let asked = request.get("logprobs").and_then(Value::as_bool) == Some(true);
+            let lp = asked.then_some(logprob);
+            if stream {
+                let frames = logprob_frames(model, &content, prompt_tokens, include_usage, lp);
+                let stream = futures::stream::iter(frames.into_iter().enumerate()).then(
+                    move |(i, f)| async move {
+                        if i > 0 && !gap.is_zero() {
+                            tokio::time::sleep(gap).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Bytes::from(f))
+                    },
+                );
+                return Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from_stream(stream))
+                    .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+            }
+            let words = pieces(&content);
+            let completion_tokens = words.len() as u64;
+            let logprobs = lp.map(|l| json!({"content": words.iter().map(|w| token(w, l)).collect::<Vec<_>>(), "refusal": null}));
+            axum::Json(json!({
+                "id": "chatcmpl-testkit",
+                "object": "chat.completion",
+                "created": 1_700_000_000u64,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", "logprobs": logprobs}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+            }))
+            .into_response()
+        }
         Behavior::Delay(..) => unreachable!("delays are unwrapped above"),
     }
 }
@@ -364,6 +419,55 @@ pub fn stream_frames(
             "data: {{\"id\":\"chatcmpl-testkit\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":{},\"choices\":[],\"usage\":{{\"prompt_tokens\":{prompt_tokens},\"completion_tokens\":{completion},\"total_tokens\":{}}}}}\n\n",
             json!(model),
             prompt_tokens + completion
+        ));
+    }
+    frames.push("data: [DONE]\n\n".to_owned());
+    frames
+}
+
+/// The words of `content` as streamed pieces ("a", " b", " c").
+fn pieces(content: &str) -> Vec<String> {
+    content
+        .split_whitespace()
+        .enumerate()
+        .map(|(i, w)| if i == 0 { w.to_owned() } else { format!(" {w}") })
+        .collect()
+}
+
+/// One `logprobs.content[]` entry.
+fn token(text: &str, logprob: f32) -> Value {
+    json!({"token": text, "logprob": logprob, "bytes": text.as_bytes(), "top_logprobs": []})
+}
+
+/// The SSE frames of a reply whose chunks carry `logprobs` when `logprob` is set.
+fn logprob_frames(
+    model: &str,
+    content: &str,
+    prompt_tokens: u64,
+    include_usage: bool,
+    logprob: Option<f32>,
+) -> Vec<String> {
+    let chunk = |delta: Value, logprobs: Value, finish: Value| {
+        let mut c = json!({"id": "chatcmpl-testkit", "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]});
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        format!("data: {c}\n\n")
+    };
+    let words = pieces(content);
+    let mut frames = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null, Value::Null)];
+    for w in &words {
+        let lp = logprob.map_or(Value::Null, |l| json!({"content": [token(w, l)], "refusal": null}));
+        frames.push(chunk(json!({"content": w}), lp, Value::Null));
+    }
+    frames.push(chunk(json!({}), Value::Null, json!("stop")));
+    if include_usage {
+        let completion = words.len() as u64;
+        frames.push(format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-testkit", "object": "chat.completion.chunk", "created": 1_700_000_000u64, "model": model, "choices": [],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}})
         ));
     }
     frames.push("data: [DONE]\n\n".to_owned());

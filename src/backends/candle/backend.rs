@@ -22,13 +22,16 @@ use super::decoder::{Decoder, DecoderCache, Family};
 use super::gemma3::{Cache, Gemma3, ModelError};
 use super::gguf::Metadata;
 use super::prompt::{text_messages, PromptFormat};
-use super::sampling::{FinishReason, Sampler, SamplingParams, StopFilter};
+use super::sampling::{FinishReason, Sampler, SamplingParams, StopFilter, TokenLogprob};
 use super::tokenizer::GgufTokenizer;
 use crate::backends::{
     Backend, BackendError, BackendInfo, Chunk, Completion, OpenedStream, Reply, TimeoutPhase,
 };
 use crate::config::{secs, BackendConfig, ModelsConfig};
 use crate::wire::{ChatRequest, Usage};
+
+/// OpenAI's ceiling on `top_logprobs` (also enforced by the request parser).
+const MAX_TOP_LOGPROBS: u64 = 20;
 
 /// A loaded model of any supported architecture.
 pub enum Model {
@@ -126,7 +129,12 @@ impl Engine {
     }
 
     /// Loads a GGUF file.
-    pub fn load(path: &Path, max_context: usize, device: &Device) -> Result<Self, String> {
+    pub fn load(
+        path: &Path,
+        max_context: usize,
+        plain: bool,
+        device: &Device,
+    ) -> Result<Self, String> {
         let describe = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
         let mut file = std::fs::File::open(path).map_err(|e| describe(&e))?;
         let content = candle_core::quantized::gguf_file::Content::read(&mut file)
@@ -137,6 +145,9 @@ impl Engine {
             .string("general.architecture")
             .map_err(|e| describe(&e))?;
         let format = match meta.string("tokenizer.chat_template") {
+            _ if plain => PromptFormat::Plain {
+                bos: tokenizer.token(tokenizer.bos).unwrap_or_default(),
+            },
             Ok(source) => PromptFormat::Template {
                 source: source.to_owned(),
                 bos_token: tokenizer.token(tokenizer.bos).unwrap_or_default(),
@@ -200,25 +211,39 @@ impl Engine {
         let send = |e: Event| job.events.send(e).is_ok();
         let mut cache = self.model.new_cache();
         let mut sampler = Sampler::new(job.sampling.clone());
+        let scored = job.logprobs.is_some() || job.signals;
+        let top_n = job.logprobs.unwrap_or(0);
         let logits = self.model.forward(&job.prompt, &mut cache)?;
         let mut next = sampler.sample(&logits);
+        let mut scored_next = scored.then(|| sampler.logprob(&logits, next, top_n));
         let mut generated: Vec<u32> = Vec::new();
-        let mut released = 0usize; // bytes of decoded text already passed to the stop filter
+        let mut decoded = 0usize; // bytes of decoded text already passed to the stop filter
         let mut filter = StopFilter::new(job.stops.clone());
+        let mut trail = Trail::default();
         let finish = loop {
             if self.stop_ids.contains(&next) {
                 break FinishReason::Stop;
             }
             generated.push(next);
             let text = self.tokenizer.decode(&generated).unwrap_or_default();
-            // A multi-byte character split across tokens decodes as U+FFFD until complete.
-            if !text.ends_with('\u{FFFD}')
-                && text.len() >= released
-                && text.is_char_boundary(released)
+            // A multi-byte character split across tokens decodes as U+FFFD until complete; its
+            // text then belongs to the token that completes it.
+            let mut delta = "";
+            if !text.ends_with('\u{FFFD}') && text.len() >= decoded && text.is_char_boundary(decoded)
             {
-                let (out, hit) = filter.push(&text[released..]);
-                released = text.len();
-                if !out.is_empty() && !send(Event::Text(out)) {
+                delta = &text[decoded..];
+                decoded = text.len();
+            }
+            if let Some(lp) = scored_next.take() {
+                trail.push(delta, lp, |id| self.tokenizer.decode(&[id]).unwrap_or_default());
+            }
+            if !delta.is_empty() {
+                let (out, hit) = filter.push(delta);
+                let mut entries = trail.release(out.len());
+                if hit {
+                    entries.extend(trail.cut());
+                }
+                if !out.is_empty() && !send(Event::Text(out, entries)) {
                     return Ok(()); // client gone
                 }
                 if hit {
@@ -233,11 +258,13 @@ impl Engine {
             }
             let logits = self.model.forward(&[next], &mut cache)?;
             next = sampler.sample(&logits);
+            scored_next = scored.then(|| sampler.logprob(&logits, next, top_n));
         };
+        // Text held back for a stop string that never came is the client's.
         let rest = filter.finish();
-        if finish == FinishReason::Length || !rest.is_empty() {
-            // Text held back for a stop string that never came is the client's.
-            if !rest.is_empty() && !send(Event::Text(rest)) {
+        if !rest.is_empty() {
+            let entries = trail.release(rest.len());
+            if !send(Event::Text(rest, entries)) {
                 return Ok(());
             }
         }
@@ -253,11 +280,86 @@ impl Engine {
     }
 }
 
+/// One generated token as OpenAI's `logprobs.content[]` describes it.
+#[derive(Debug, Clone)]
+struct TokenEntry {
+    /// The text this token added to the answer (empty for the first bytes of a character split
+    /// across tokens: the token completing it carries the whole character), so the entries'
+    /// texts concatenate to exactly the answer.
+    text: String,
+    logprob: f32,
+    top: Vec<(String, f32)>,
+}
+
+impl TokenEntry {
+    fn to_json(&self) -> Value {
+        let finite = |lp: f32| if lp.is_finite() { f64::from(lp) } else { -9999.0 };
+        json!({
+            "token": self.text,
+            "logprob": finite(self.logprob),
+            "bytes": self.text.as_bytes(),
+            "top_logprobs": self.top.iter().map(|(t, lp)| json!({
+                "token": t, "logprob": finite(*lp), "bytes": t.as_bytes(),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Token entries waiting for their text to be released past the stop filter, so each event
+/// carries the entries of exactly the text it carries.
+#[derive(Default)]
+struct Trail {
+    waiting: std::collections::VecDeque<TokenEntry>,
+    /// Released bytes not yet matched to a whole entry.
+    unmatched: usize,
+}
+
+impl Trail {
+    fn push(&mut self, text: &str, lp: TokenLogprob, name: impl Fn(u32) -> String) {
+        self.waiting.push_back(TokenEntry {
+            text: text.to_owned(),
+            logprob: lp.logprob,
+            top: lp.top.into_iter().map(|(id, l)| (name(id), l)).collect(),
+        });
+    }
+
+    /// The entries whose text lies wholly inside the `bytes` just released.
+    fn release(&mut self, bytes: usize) -> Vec<TokenEntry> {
+        self.unmatched += bytes;
+        let mut out = Vec::new();
+        while let Some(front) = self.waiting.front() {
+            if front.text.len() > self.unmatched {
+                break;
+            }
+            self.unmatched -= front.text.len();
+            out.extend(self.waiting.pop_front());
+        }
+        out
+    }
+
+    /// After a stop string: the entry the cut fell inside, trimmed to the released part.
+    fn cut(&mut self) -> Option<TokenEntry> {
+        let keep = std::mem::take(&mut self.unmatched);
+        let mut entry = self.waiting.pop_front().filter(|_| keep > 0)?;
+        self.waiting.clear();
+        let at = (0..=keep.min(entry.text.len()))
+            .rev()
+            .find(|&i| entry.text.is_char_boundary(i))
+            .unwrap_or(0);
+        entry.text.truncate(at);
+        Some(entry)
+    }
+}
+
 struct Job {
     prompt: Vec<u32>,
     max_tokens: usize,
     sampling: SamplingParams,
     stops: Vec<String>,
+    /// The client asked for `logprobs`: with this many `top_logprobs`.
+    logprobs: Option<usize>,
+    /// The gateway wants the sampled tokens' log-probabilities (quality guard).
+    signals: bool,
     enqueued: Instant,
     queue_timeout: Duration,
     /// Told when a worker takes the job; dropped by a requester that stopped waiting.
@@ -266,7 +368,7 @@ struct Job {
 }
 
 enum Event {
-    Text(String),
+    Text(String, Vec<TokenEntry>),
     Done { finish: FinishReason, usage: Usage },
     Failed(BackendError),
 }
@@ -293,7 +395,12 @@ impl EmbeddedBackend {
         let started = Instant::now();
         let device = device()?;
         let engine =
-            Arc::new(Engine::load(&path, c.max_context, &device).map_err(anyhow::Error::msg)?);
+            Arc::new(Engine::load(
+                &path,
+                c.max_context,
+                c.prompt_format == crate::config::PromptStyle::Plain,
+                &device,
+            ).map_err(anyhow::Error::msg)?);
         tracing::info!(
             backend = %c.name,
             "loaded {} in {:.2}s ({} positions, {} worker(s), queue {})",
@@ -341,7 +448,7 @@ impl EmbeddedBackend {
         if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
             return unsupported("n > 1");
         }
-        for field in ["tools", "functions", "logprobs", "audio"] {
+        for field in ["tools", "functions", "audio"] {
             match body.get(field) {
                 None | Some(Value::Null) | Some(Value::Bool(false)) => {}
                 Some(Value::Array(a)) if a.is_empty() => {}
@@ -392,11 +499,19 @@ impl EmbeddedBackend {
                 .collect(),
             _ => Vec::new(),
         };
+        // Validated by the request parser: a boolean, and top_logprobs 0..=20.
+        let logprobs = (body.get("logprobs").and_then(Value::as_bool) == Some(true)).then(|| {
+            body.get("top_logprobs")
+                .and_then(Value::as_u64)
+                .map_or(0, |n| n.min(MAX_TOP_LOGPROBS) as usize)
+        });
         Ok(Job {
             prompt,
             max_tokens,
             sampling,
             stops,
+            logprobs,
+            signals: request.wants_signals(),
             enqueued: Instant::now(),
             queue_timeout: secs(self.queue_timeout_s),
             started: Some(started),
@@ -511,12 +626,29 @@ fn chunk_json(id: &str, created: u64, model: &str, delta: Value, finish: Option<
         "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     });
-    Chunk {
-        data: Bytes::from(data.to_string()),
-        usage: None,
-        usage_only: false,
-        is_error: false,
-    }
+    Chunk::new(Bytes::from(data.to_string()))
+}
+
+/// A text chunk, with its tokens' `logprobs` when the client asked, and their sampled
+/// log-probabilities on the side when any were computed.
+fn text_chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    text: String,
+    entries: &[TokenEntry],
+    client_logprobs: bool,
+) -> Chunk {
+    let logprobs = client_logprobs.then(|| {
+        json!({"content": entries.iter().map(TokenEntry::to_json).collect::<Vec<_>>(), "refusal": null})
+    });
+    let data = json!({
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null}],
+    });
+    let mut chunk = Chunk::new(Bytes::from(data.to_string()));
+    chunk.logprobs = Some(entries.iter().map(|e| e.logprob).collect());
+    chunk
 }
 
 #[async_trait::async_trait]
@@ -600,22 +732,32 @@ impl Backend for EmbeddedBackend {
         .await?;
         let (id, created, model) = (completion_id(), unix_now(), self.info.model.clone());
 
+        let client_logprobs = request.body().get("logprobs").and_then(Value::as_bool) == Some(true);
+        let scored = client_logprobs || request.wants_signals();
         if !request.stream {
             let mut text = String::new();
+            let mut tokens: Vec<TokenEntry> = Vec::new();
             let mut event = first;
             loop {
                 match event {
-                    Event::Text(t) => text.push_str(&t),
+                    Event::Text(t, entries) => {
+                        text.push_str(&t);
+                        tokens.extend(entries);
+                    }
                     Event::Failed(e) => return Err(e),
                     Event::Done { finish, usage } => {
+                        let logprobs = client_logprobs.then(|| {
+                            json!({"content": tokens.iter().map(TokenEntry::to_json).collect::<Vec<_>>(), "refusal": null})
+                        });
                         let body = json!({
                             "id": id, "object": "chat.completion", "created": created, "model": model,
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.as_str(), "logprobs": null}],
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.as_str(), "logprobs": logprobs}],
                             "usage": usage,
                         });
                         return Ok(Reply::Complete(Completion {
                             body: Bytes::from(body.to_string()),
                             usage: Some(usage),
+                            logprobs: scored.then(|| tokens.iter().map(|t| t.logprob).collect()),
                         }));
                     }
                 }
@@ -641,6 +783,7 @@ impl Backend for EmbeddedBackend {
             total_timeout_s: self.total_timeout_s,
             queued: Vec::new(),
             done: false,
+            client_logprobs,
         };
         Ok(Reply::Stream(OpenedStream {
             first: opening,
@@ -681,6 +824,7 @@ struct StreamState {
     total_timeout_s: f64,
     queued: Vec<Chunk>,
     done: bool,
+    client_logprobs: bool,
 }
 
 impl StreamState {
@@ -711,13 +855,14 @@ impl StreamState {
             }
         };
         match event {
-            Event::Text(t) => {
-                let chunk = chunk_json(
+            Event::Text(t, entries) => {
+                let chunk = text_chunk(
                     &self.id,
                     self.created,
                     &self.model,
-                    json!({"content": t}),
-                    None,
+                    t,
+                    &entries,
+                    self.client_logprobs,
                 );
                 Some((Ok(chunk), self))
             }
@@ -732,12 +877,10 @@ impl StreamState {
                     "choices": [], "usage": usage,
                 });
                 // Popped from the end: the usage chunk goes out after the finish chunk.
-                self.queued.push(Chunk {
-                    data: Bytes::from(data.to_string()),
-                    usage: Some(usage),
-                    usage_only: true,
-                    is_error: false,
-                });
+                let mut usage_chunk = Chunk::new(Bytes::from(data.to_string()));
+                usage_chunk.usage = Some(usage);
+                usage_chunk.usage_only = true;
+                self.queued.push(usage_chunk);
                 let finish = chunk_json(
                     &self.id,
                     self.created,

@@ -87,6 +87,12 @@ pub enum PromptFormat {
     },
     /// Gemma's turn format.
     Gemma,
+    /// No turn markup: the messages' texts one after another (system first), for base models,
+    /// which continue text rather than answer turns; `bos` is the BOS token text.
+    Plain {
+        /// `<bos>` or the model's equivalent.
+        bos: String,
+    },
 }
 
 impl PromptFormat {
@@ -95,6 +101,7 @@ impl PromptFormat {
     pub fn render(&self, messages: &[TextMessage]) -> Result<String, PromptError> {
         match self {
             PromptFormat::Gemma => Ok(render_gemma(messages)),
+            PromptFormat::Plain { bos } => Ok(render_plain(messages, bos)),
             PromptFormat::Template {
                 source,
                 bos_token,
@@ -102,6 +109,17 @@ impl PromptFormat {
             } => render_template(source, messages, bos_token, eos_token),
         }
     }
+}
+
+fn render_plain(messages: &[TextMessage], bos: &str) -> String {
+    let system = messages
+        .iter()
+        .filter(|m| matches!(m.role.as_str(), "system" | "developer"));
+    let rest = messages
+        .iter()
+        .filter(|m| !matches!(m.role.as_str(), "system" | "developer"));
+    let texts: Vec<&str> = system.chain(rest).map(|m| m.content.trim()).collect();
+    format!("{bos}{}", texts.join("\n\n"))
 }
 
 fn render_gemma(messages: &[TextMessage]) -> String {
