@@ -158,7 +158,10 @@ fn guard_check(c: &mut Criterion) {
         "[routing]\nrouter_dir = \"{}\"\n[[backends]]\nname = \"local\"\nkind = \"openai\"\nrole = \"local\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\nparameters = 1e9\nrouter = \"local\"\n[[backends]]\nname = \"cloud\"\nkind = \"openai\"\nrole = \"cloud\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"c\"\nparameters = 1e9\n",
         dir.path().display()
     );
-    let Ok(guard) = Config::parse(&toml).map_err(|e| e.to_string()).and_then(|c| Guard::new(&c)) else {
+    let Ok(guard) = Config::parse(&toml)
+        .map_err(|e| e.to_string())
+        .and_then(|c| Guard::new(&c))
+    else {
         eprintln!("cannot build the guard; skipping guard_check");
         return;
     };
@@ -183,7 +186,13 @@ fn guard_check(c: &mut Criterion) {
     group.bench_function("embedded_128_tokens", |b| {
         b.iter(|| {
             let finish = wattgate::wire::answer_peek(&embedded_body).finish_reason;
-            std::hint::black_box(guard.judge(0, &plan, Some(&logprobs), finish.as_deref(), Some(0.6)))
+            std::hint::black_box(guard.judge(
+                0,
+                &plan,
+                Some(&logprobs),
+                finish.as_deref(),
+                Some(0.6),
+            ))
         })
     });
     group.bench_function("openai_json_128_tokens", |b| {

@@ -13,7 +13,9 @@ use serde::Deserialize;
 use url::Url;
 
 mod guard;
-pub use guard::{GuardConfig, GuardMode, GuardStream, DEFAULT_MAX_QUALITY_LOSS, DEFAULT_RULE_THRESHOLD};
+pub use guard::{
+    GuardConfig, GuardMode, GuardStream, DEFAULT_MAX_QUALITY_LOSS, DEFAULT_RULE_THRESHOLD,
+};
 
 /// The whole daemon configuration, as read from TOML.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

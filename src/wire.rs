@@ -377,6 +377,8 @@ pub struct AnswerPeek {
     pub logprobs: Option<Vec<f32>>,
     /// `choices[0].finish_reason`, when set.
     pub finish_reason: Option<String>,
+    /// `choices[0]` carries text (`message.content` or `delta.content` not empty).
+    pub has_content: bool,
 }
 
 /// Reads `logprobs` and `finish_reason` of the first choice, skipping everything else; a body
@@ -392,11 +394,20 @@ pub fn answer_peek(json: &[u8]) -> AnswerPeek {
         content: Option<Vec<Token>>,
     }
     #[derive(Deserialize)]
+    struct Text {
+        #[serde(default)]
+        content: Option<Value>,
+    }
+    #[derive(Deserialize)]
     struct Choice {
         #[serde(default)]
         logprobs: Option<Logprobs>,
         #[serde(default)]
         finish_reason: Option<String>,
+        #[serde(default)]
+        message: Option<Text>,
+        #[serde(default)]
+        delta: Option<Text>,
     }
     #[derive(Deserialize)]
     struct Body {
@@ -409,12 +420,18 @@ pub fn answer_peek(json: &[u8]) -> AnswerPeek {
     let Some(choice) = body.choices.into_iter().next() else {
         return AnswerPeek::default();
     };
+    let has_content = choice
+        .message
+        .or(choice.delta)
+        .and_then(|t| t.content)
+        .is_some_and(|c| text_parts(&c).any(|p| !p.is_empty()));
     AnswerPeek {
         logprobs: choice
             .logprobs
             .and_then(|l| l.content)
             .map(|c| c.into_iter().map(|t| t.logprob).collect()),
         finish_reason: choice.finish_reason,
+        has_content,
     }
 }
 

@@ -97,7 +97,11 @@ async fn streaming_without_include_usage_hides_the_metering_chunk_but_counts_tok
     assert_eq!(header(&response, "content-type"), "text/event-stream");
     assert_eq!(header(&response, "x-wattgate-route"), "local");
     let text = response.text().await.expect("stream body");
-    let frames: Vec<&str> = text.split("\n\n").filter(|f| !f.is_empty()).collect();
+    // SSE comments (the quality guard's verdict line) are not frames.
+    let frames: Vec<&str> = text
+        .split("\n\n")
+        .filter(|f| !f.is_empty() && !f.starts_with(':'))
+        .collect();
     assert_eq!(frames.last(), Some(&"data: [DONE]"));
     assert!(
         !text.contains("usage"),
@@ -250,6 +254,9 @@ async fn tools_response_format_and_unknown_fields_pass_through_untouched() {
 
     let mut expected = sent;
     expected["model"] = json!("local-upstream");
+    // The one field the gateway adds: the quality guard asks the local server for logprobs
+    // (and removes them from the reply the client gets).
+    expected["logprobs"] = json!(true);
     assert_eq!(
         local.requests()[0].body,
         expected,

@@ -389,11 +389,14 @@ impl Backend for PanickingBackend {
     }
 }
 
-async fn panicking_local(mid_stream: bool) -> (ScriptedUpstream, ScriptedUpstream, Gateway) {
+async fn panicking_local(
+    mid_stream: bool,
+    guard: &str,
+) -> (ScriptedUpstream, ScriptedUpstream, Gateway) {
     let local = upstream(vec![Behavior::Reply("local words here".into())]).await;
     let cloud = upstream(vec![Behavior::Reply("cloud words here".into())]).await;
     let toml = format!(
-        "{FAST_RETRIES}\n{}{}",
+        "{FAST_RETRIES}\n[guard]\n{guard}\n{}{}",
         backend("local", "local", &local.base_url(), ""),
         backend("cloud", "cloud", &cloud.base_url(), "")
     );
@@ -413,7 +416,7 @@ async fn panicking_local(mid_stream: bool) -> (ScriptedUpstream, ScriptedUpstrea
 
 #[tokio::test]
 async fn a_local_backend_that_panics_falls_back_to_the_cloud() {
-    let (_local, cloud, gw) = panicking_local(false).await;
+    let (_local, cloud, gw) = panicking_local(false, "").await;
     let seen = drive(&gw, 10, Duration::from_secs(5)).await;
     for s in &seen {
         assert!(s.complete, "{s:?}");
@@ -450,7 +453,8 @@ async fn a_local_backend_that_panics_falls_back_to_the_cloud() {
 
 #[tokio::test]
 async fn a_local_backend_that_panics_mid_stream_ends_the_stream_with_an_error_frame() {
-    let (_local, _cloud, gw) = panicking_local(true).await;
+    // Unguarded, the stream is relayed as it comes: the failure reaches the client.
+    let (_local, _cloud, gw) = panicking_local(true, "mode = \"off\"").await;
     let seen = drive(&gw, 10, Duration::from_secs(5)).await;
     for (i, s) in seen.iter().enumerate() {
         if i % 2 == 1 {
@@ -461,6 +465,36 @@ async fn a_local_backend_that_panics_mid_stream_ends_the_stream_with_an_error_fr
             assert_eq!(s.reason, "fallback_local_error");
         }
     }
+    reconcile(gw, &seen).await;
+}
+
+#[tokio::test]
+async fn a_held_stream_that_breaks_before_the_client_saw_it_is_answered_by_the_cloud() {
+    // Under the guard's hold nothing of the local stream has reached the client when it
+    // breaks, so the cloud answers the whole request.
+    let (_local, cloud, gw) = panicking_local(true, "stream = \"hold\"").await;
+    let seen = drive(&gw, 10, Duration::from_secs(5)).await;
+    for (i, s) in seen.iter().enumerate() {
+        assert!(s.complete, "{s:?}");
+        // A held stream's headers leave before the verdict, with the route as decided.
+        let header_reason = if i % 2 == 1 {
+            "prefer_local"
+        } else {
+            "fallback_local_error"
+        };
+        assert_eq!(s.reason, header_reason, "{s:?}");
+    }
+    assert_eq!(cloud.hits(), 10);
+    let m = gw.metrics().await;
+    let served = [
+        ("route", "cloud"),
+        ("backend", "cloud"),
+        ("reason", "fallback_local_error"),
+        ("outcome", "ok"),
+        ("experiment", "none"),
+        ("arm", "none"),
+    ];
+    assert_eq!(sample(&m, "wattgate_chat_requests_total", &served), 10.0);
     reconcile(gw, &seen).await;
 }
 

@@ -31,7 +31,11 @@ async fn pair(logprob: f32, gap: Duration) -> (ScriptedUpstream, ScriptedUpstrea
         }],
     )
     .await;
-    let cloud = upstream("cloud-upstream", vec![Behavior::Reply(CLOUD_TEXT.to_owned())]).await;
+    let cloud = upstream(
+        "cloud-upstream",
+        vec![Behavior::Reply(CLOUD_TEXT.to_owned())],
+    )
+    .await;
     (local, cloud)
 }
 
@@ -86,14 +90,18 @@ async fn a_doubtful_local_answer_is_replaced_by_the_clouds() {
     // exp(-3) = 0.05 < 0.5.
     let (local, cloud) = pair(-3.0, Duration::ZERO).await;
     let gw = gateway(&local, &cloud, "").await;
-    let r = gw.post_chat(&chat_body("auto", "what is the capital of Peru?")).await;
+    let r = gw
+        .post_chat(&chat_body("auto", "what is the capital of Peru?"))
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-wattgate-route"), "cloud");
     assert_eq!(header(&r, "x-wattgate-backend"), "cloud");
     assert_eq!(header(&r, "x-wattgate-reason"), "escalated_low_confidence");
     assert_eq!(header(&r, "x-wattgate-fallback-from"), "local");
     assert_eq!(header(&r, "x-wattgate-guard"), "escalated");
-    let confidence: f64 = header(&r, "x-wattgate-confidence").parse().expect("confidence");
+    let confidence: f64 = header(&r, "x-wattgate-confidence")
+        .parse()
+        .expect("confidence");
     assert!((confidence - (-3.0f64).exp()).abs() < 1e-3, "{confidence}");
     let v: Value = r.json().await.expect("json");
     assert_eq!(content(&v), CLOUD_TEXT);
@@ -107,7 +115,11 @@ async fn a_doubtful_local_answer_is_replaced_by_the_clouds() {
     let labels = [("backend", "local"), ("decision", "escalated")];
     assert_eq!(sample(&m, "wattgate_guard_decisions_total", &labels), 1.0);
     assert_eq!(
-        sample(&m, "wattgate_guard_confidence_count", &[("backend", "local")]),
+        sample(
+            &m,
+            "wattgate_guard_confidence_count",
+            &[("backend", "local")]
+        ),
         1.0
     );
 
@@ -125,7 +137,10 @@ async fn a_doubtful_local_answer_is_replaced_by_the_clouds() {
     let g = row.guard.as_ref().expect("guard part of the row");
     assert_eq!(g.decision, "escalated");
     assert_eq!(g.local_backend, "local");
-    assert_eq!(g.local_output_tokens, 5, "the discarded local answer's tokens");
+    assert_eq!(
+        g.local_output_tokens, 5,
+        "the discarded local answer's tokens"
+    );
     assert!(g.local_input_tokens > 0);
     let signals = g.signals.expect("signals");
     assert_eq!(signals.tokens, 5);
@@ -180,7 +195,10 @@ async fn a_sure_local_answer_passes_byte_for_byte() {
         .bytes()
         .await
         .expect("direct body");
-    assert_eq!(through_gateway, direct, "the same bytes as an answer without logprobs");
+    assert_eq!(
+        through_gateway, direct,
+        "the same bytes as an answer without logprobs"
+    );
     let v: Value = serde_json::from_slice(&through_gateway).expect("json");
     assert_eq!(v["choices"][0]["logprobs"], Value::Null);
     assert_eq!(v["usage"]["completion_tokens"], 5, "usage unchanged");
@@ -231,7 +249,10 @@ async fn a_held_doubtful_stream_delivers_only_the_clouds_chunks() {
     assert_eq!(rows[0].route, "cloud");
     assert_eq!(rows[0].outcome, "ok");
     let g = rows[0].guard.as_ref().expect("guard");
-    assert_eq!((g.decision.as_str(), g.local_output_tokens), ("escalated", 5));
+    assert_eq!(
+        (g.decision.as_str(), g.local_output_tokens),
+        ("escalated", 5)
+    );
 }
 
 #[tokio::test]
@@ -244,9 +265,9 @@ async fn a_held_sure_stream_is_released_unchanged() {
     let (data, comments, done) = frames(&text);
     assert!(done);
     assert_eq!(streamed_text(&data), LOCAL_TEXT);
-    assert!(data.iter().all(|f| f["choices"]
-        .get(0)
-        .is_none_or(|c| c["logprobs"].is_null())));
+    assert!(data
+        .iter()
+        .all(|f| f["choices"].get(0).is_none_or(|c| c["logprobs"].is_null())));
     assert!(comments
         .iter()
         .any(|c| c.starts_with("wattgate-guard decision=pass")));
@@ -296,8 +317,16 @@ async fn the_guard_header_off_skips_the_check_and_pass_streams_are_counted() {
 
 #[tokio::test]
 async fn a_server_without_logprobs_is_served_as_no_signal() {
-    let local = upstream("local-upstream", vec![Behavior::Reply(LOCAL_TEXT.to_owned())]).await;
-    let cloud = upstream("cloud-upstream", vec![Behavior::Reply(CLOUD_TEXT.to_owned())]).await;
+    let local = upstream(
+        "local-upstream",
+        vec![Behavior::Reply(LOCAL_TEXT.to_owned())],
+    )
+    .await;
+    let cloud = upstream(
+        "cloud-upstream",
+        vec![Behavior::Reply(CLOUD_TEXT.to_owned())],
+    )
+    .await;
     let gw = gateway(&local, &cloud, "").await;
     for stream in [false, true] {
         let mut body = chat_body("auto", "hi");
@@ -335,8 +364,16 @@ async fn a_server_without_logprobs_is_served_as_no_signal() {
 
 #[tokio::test]
 async fn a_failed_escalation_serves_the_held_local_answer() {
-    let local = upstream("local-upstream", vec![Behavior::confident(LOCAL_TEXT, -3.0)]).await;
-    let cloud = upstream("cloud-upstream", vec![Behavior::server_error("cloud is down")]).await;
+    let local = upstream(
+        "local-upstream",
+        vec![Behavior::confident(LOCAL_TEXT, -3.0)],
+    )
+    .await;
+    let cloud = upstream(
+        "cloud-upstream",
+        vec![Behavior::server_error("cloud is down")],
+    )
+    .await;
     let gw = gateway(&local, &cloud, "").await;
     let r = gw.post_chat(&chat_body("auto", "hi")).await;
     assert_eq!(r.status(), 200);
@@ -365,7 +402,10 @@ async fn a_failed_escalation_serves_the_held_local_answer() {
         .expect("rows");
     assert_eq!(rows.len(), 2);
     for row in rows {
-        assert_eq!((row.route.as_str(), row.reason.as_str()), ("local", "escalation_failed"));
+        assert_eq!(
+            (row.route.as_str(), row.reason.as_str()),
+            ("local", "escalation_failed")
+        );
         assert_eq!(row.outcome, "ok");
         assert_eq!(row.bill.cloud_usd, 0.0);
     }

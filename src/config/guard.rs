@@ -120,7 +120,10 @@ impl GuardConfig {
         if !(self.keepalive_s.is_finite() && self.keepalive_s > 0.0) {
             return Err((
                 "guard.keepalive_s".to_owned(),
-                format!("must be a positive number of seconds, got {}", self.keepalive_s),
+                format!(
+                    "must be a positive number of seconds, got {}",
+                    self.keepalive_s
+                ),
             ));
         }
         Ok(())

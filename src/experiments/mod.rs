@@ -145,10 +145,7 @@ impl Experiments {
     }
 
     /// The quality-guard settings of an enrollment's arm: (mode, threshold), each when set.
-    pub fn guard(
-        &self,
-        at: Enrollment,
-    ) -> Option<(Option<crate::config::GuardMode>, Option<f64>)> {
+    pub fn guard(&self, at: Enrollment) -> Option<(Option<crate::config::GuardMode>, Option<f64>)> {
         let arm = self.list.get(at.experiment)?.arms.get(at.arm)?;
         Some((arm.guard, arm.guard_threshold))
     }

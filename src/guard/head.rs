@@ -311,7 +311,10 @@ pub fn train(examples: &[Example], local_model: &str, l2: f64) -> Result<GuardHe
             .collect();
         crate::router::evaluation::auc(&rows)
     };
-    let rule: Vec<f64> = examples.iter().map(|e| rule_confidence(&e.signals)).collect();
+    let rule: Vec<f64> = examples
+        .iter()
+        .map(|e| rule_confidence(&e.signals))
+        .collect();
     let router: Option<Vec<f64>> = examples.iter().map(|e| e.p_local).collect();
     head.validation = Validation {
         n: examples.len(),
@@ -454,7 +457,10 @@ mod tests {
     fn curve_points_by_hand() {
         // Confidences 0.1 (wrong), 0.5 (right), 0.9 (right); cloud right on all.
         let c = curve(&[0.5, 0.1, 0.9], &[1.0, 0.0, 1.0], &[1.0, 1.0, 1.0]);
-        let q: Vec<(f64, f64, f64)> = c.iter().map(|p| (p.threshold, p.escalated, p.quality)).collect();
+        let q: Vec<(f64, f64, f64)> = c
+            .iter()
+            .map(|p| (p.threshold, p.escalated, p.quality))
+            .collect();
         assert_eq!(q[0], (0.0, 0.0, 2.0 / 3.0));
         assert_eq!(q[1], (0.5, 1.0 / 3.0, 1.0));
         assert_eq!(q[2], (0.9, 2.0 / 3.0, 1.0));
@@ -468,7 +474,13 @@ mod tests {
             weights: vec![0.0; 7],
             bias: 0.0,
             curve: c,
-            validation: Validation { n: 3, sources: 1, auc: None, rule_auc: None, router_auc: None },
+            validation: Validation {
+                n: 3,
+                sources: 1,
+                auc: None,
+                rule_auc: None,
+                router_auc: None,
+            },
         };
         assert_eq!(head.threshold_for_quality_loss(0.0), 0.5);
         assert_eq!(head.threshold_for_quality_loss(0.5), 0.0);
@@ -502,10 +514,15 @@ mod tests {
         assert_eq!(GuardHead::load(dir.path()).unwrap(), Some(head));
         assert_eq!(GuardHead::load(&dir.path().join("none")).unwrap(), None);
         std::fs::write(dir.path().join(GUARD_FILE), "{\"format\": 2}").unwrap();
-        assert!(GuardHead::load(dir.path()).unwrap_err().contains("guard.json"));
+        assert!(GuardHead::load(dir.path())
+            .unwrap_err()
+            .contains("guard.json"));
         let same: Vec<Example> = examples
             .iter()
-            .map(|e| Example { local: 1.0, ..e.clone() })
+            .map(|e| Example {
+                local: 1.0,
+                ..e.clone()
+            })
             .collect();
         assert!(train(&same, "m", 1.0).unwrap_err().contains("same grade"));
     }

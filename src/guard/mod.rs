@@ -189,7 +189,11 @@ impl Guard {
 }
 
 /// A local backend's head (next to its router) and threshold.
-fn judge(g: &GuardConfig, b: &BackendConfig, router_dir: &std::path::Path) -> Result<Judge, String> {
+fn judge(
+    g: &GuardConfig,
+    b: &BackendConfig,
+    router_dir: &std::path::Path,
+) -> Result<Judge, String> {
     let head = match b.router_name() {
         Some(name) => match crate::router::model::resolve(&name, router_dir) {
             Ok(dir) => GuardHead::load(&dir)?.map(Arc::new),
@@ -229,13 +233,29 @@ mod tests {
         assert!(guard.plan(None, None).check);
         assert!(!guard.plan(Some(GuardMode::Off), None).check);
         assert!(!guard.plan(None, Some((Some(GuardMode::Off), None))).check);
-        assert!(guard.plan(Some(GuardMode::Check), Some((Some(GuardMode::Off), None))).check);
+        assert!(
+            guard
+                .plan(Some(GuardMode::Check), Some((Some(GuardMode::Off), None)))
+                .check
+        );
         let plan = guard.plan(None, Some((None, Some(0.9))));
         // exp(-0.05) = 0.95: sure; exp(-2) = 0.14: doubtful.
-        let sure = guard.judge(0, &guard.plan(None, None), Some(&[-0.05; 4]), Some("stop"), None);
+        let sure = guard.judge(
+            0,
+            &guard.plan(None, None),
+            Some(&[-0.05; 4]),
+            Some("stop"),
+            None,
+        );
         assert!(!sure.escalate);
         assert!((sure.confidence.unwrap() - (-0.05f64).exp()).abs() < 1e-6);
-        let unsure = guard.judge(0, &guard.plan(None, None), Some(&[-2.0; 4]), Some("stop"), None);
+        let unsure = guard.judge(
+            0,
+            &guard.plan(None, None),
+            Some(&[-2.0; 4]),
+            Some("stop"),
+            None,
+        );
         assert!(unsure.escalate);
         assert_eq!(unsure.threshold, DEFAULT_RULE_THRESHOLD);
         // The arm's threshold replaces the configured one.

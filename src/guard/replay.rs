@@ -82,10 +82,19 @@ pub fn curves(rows: &[Row], shares: &[f64]) -> Vec<Point> {
         .iter()
         .map(|&s| {
             let k = ((s.clamp(0.0, 1.0) * n as f64).round() as usize).min(n);
-            let router_spent: f64 = by_router[..k].iter().map(|&i| rows[i].local_joules).sum::<f64>()
-                + by_router[k..].iter().map(|&i| rows[i].cloud_joules).sum::<f64>();
-            let guarded_spent =
-                all_local + by_guard[k..].iter().map(|&i| rows[i].cloud_joules).sum::<f64>();
+            let router_spent: f64 = by_router[..k]
+                .iter()
+                .map(|&i| rows[i].local_joules)
+                .sum::<f64>()
+                + by_router[k..]
+                    .iter()
+                    .map(|&i| rows[i].cloud_joules)
+                    .sum::<f64>();
+            let guarded_spent = all_local
+                + by_guard[k..]
+                    .iter()
+                    .map(|&i| rows[i].cloud_joules)
+                    .sum::<f64>();
             Point {
                 local_share: k as f64 / n as f64,
                 router_quality: quality_at(rows, &by_router, k),

@@ -57,10 +57,7 @@ impl Signals {
         let tenth = n.div_ceil(10);
         let (low, pivot, _) = sorted.select_nth_unstable_by(tenth - 1, f64::total_cmp);
         let low_decile = (low.iter().sum::<f64>() + *pivot) / tenth as f64;
-        let min = low
-            .iter()
-            .copied()
-            .fold(*pivot, f64::min);
+        let min = low.iter().copied().fold(*pivot, f64::min);
         Some(Self {
             tokens: n,
             mean,
@@ -78,7 +75,9 @@ mod tests {
 
     #[test]
     fn hand_computed_signals() {
-        let lp = [-0.1f32, -0.2, -3.0, -0.1, -0.1, -0.1, -0.1, -0.1, -0.1, -0.1, -0.5, -0.2];
+        let lp = [
+            -0.1f32, -0.2, -3.0, -0.1, -0.1, -0.1, -0.1, -0.1, -0.1, -0.1, -0.5, -0.2,
+        ];
         let s = Signals::from_logprobs(&lp, Some("stop")).unwrap();
         assert_eq!(s.tokens, 12);
         let sum: f64 = lp.iter().map(|&l| f64::from(l)).sum();
@@ -94,6 +93,9 @@ mod tests {
         assert_eq!(one.low_decile, LOGPROB_FLOOR);
         assert!(one.truncated);
         assert!(Signals::from_logprobs(&[], None).is_none());
-        assert!(Signals::from_logprobs(&[f32::NAN], None).unwrap().mean.is_finite());
+        assert!(Signals::from_logprobs(&[f32::NAN], None)
+            .unwrap()
+            .mean
+            .is_finite());
     }
 }

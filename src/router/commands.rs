@@ -244,7 +244,11 @@ pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
     let mut local_model = String::new();
     for f in o.files {
         let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let r: crate::profile::QueryRecord = serde_json::from_str(line)
                 .map_err(|e| format!("{}:{}: {e}", f.display(), i + 1))?;
             let Some(signals) = r.profile.signals else {
@@ -316,14 +320,16 @@ pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
         .iter()
         .zip(&held_out)
         .zip(&joules)
-        .map(|((e, &confidence), &(local_joules, cloud_joules))| replay::Row {
-            p_local: e.p_local.unwrap_or(0.5),
-            confidence,
-            local: e.local,
-            cloud: e.cloud,
-            local_joules,
-            cloud_joules,
-        })
+        .map(
+            |((e, &confidence), &(local_joules, cloud_joules))| replay::Row {
+                p_local: e.p_local.unwrap_or(0.5),
+                confidence,
+                local: e.local,
+                cloud: e.cloud,
+                local_joules,
+                cloud_joules,
+            },
+        )
         .collect();
     let shares: Vec<f64> = (0..=10).map(|i| f64::from(i) / 10.0).collect();
     let points = replay::curves(&rows, &shares);
@@ -335,7 +341,8 @@ pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
     let svg_path = o
         .svg
         .map_or_else(|| o.out.join("guard_curve.svg"), Path::to_path_buf);
-    let title = format!("{local_model}: quality vs local share, router only vs router + guard (held out)");
+    let title =
+        format!("{local_model}: quality vs local share, router only vs router + guard (held out)");
     std::fs::write(&svg_path, replay::svg(&points, &title))
         .map_err(|e| format!("{}: {e}", svg_path.display()))?;
     println!("chart: {}", svg_path.display());

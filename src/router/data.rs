@@ -106,8 +106,9 @@ mod tests {
         };
         for entry in entries.flatten() {
             let rows = read_examples(&entry.path()).unwrap_or_else(|e| panic!("{e}"));
+            // The chat files are the smallest (78 and 300 labeled prompts).
             assert!(
-                rows.len() > 1000,
+                rows.len() >= 50,
                 "{}: {} rows",
                 entry.path().display(),
                 rows.len()

@@ -14,11 +14,11 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{AppState, RequestContext};
+use crate::config::GuardMode;
 use crate::config::Role;
 use crate::error::ApiError;
 use crate::gateway::{Answer, AnswerBody, Inbound};
 use crate::limits::Client;
-use crate::config::GuardMode;
 use crate::router::Overrides;
 
 /// How much of an oversized body is read and discarded before answering 413, so that ordinary

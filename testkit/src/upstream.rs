@@ -430,7 +430,13 @@ fn pieces(content: &str) -> Vec<String> {
     content
         .split_whitespace()
         .enumerate()
-        .map(|(i, w)| if i == 0 { w.to_owned() } else { format!(" {w}") })
+        .map(|(i, w)| {
+            if i == 0 {
+                w.to_owned()
+            } else {
+                format!(" {w}")
+            }
+        })
         .collect()
 }
 
@@ -456,9 +462,16 @@ fn logprob_frames(
         format!("data: {c}\n\n")
     };
     let words = pieces(content);
-    let mut frames = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null, Value::Null)];
+    let mut frames = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+        Value::Null,
+    )];
     for w in &words {
-        let lp = logprob.map_or(Value::Null, |l| json!({"content": [token(w, l)], "refusal": null}));
+        let lp = logprob.map_or(
+            Value::Null,
+            |l| json!({"content": [token(w, l)], "refusal": null}),
+        );
         frames.push(chunk(json!({"content": w}), lp, Value::Null));
     }
     frames.push(chunk(json!({}), Value::Null, json!("stop")));

@@ -229,13 +229,17 @@ impl Engine {
             // A multi-byte character split across tokens decodes as U+FFFD until complete; its
             // text then belongs to the token that completes it.
             let mut delta = "";
-            if !text.ends_with('\u{FFFD}') && text.len() >= decoded && text.is_char_boundary(decoded)
+            if !text.ends_with('\u{FFFD}')
+                && text.len() >= decoded
+                && text.is_char_boundary(decoded)
             {
                 delta = &text[decoded..];
                 decoded = text.len();
             }
             if let Some(lp) = scored_next.take() {
-                trail.push(delta, lp, |id| self.tokenizer.decode(&[id]).unwrap_or_default());
+                trail.push(delta, lp, |id| {
+                    self.tokenizer.decode(&[id]).unwrap_or_default()
+                });
             }
             if !delta.is_empty() {
                 let (out, hit) = filter.push(delta);
@@ -293,7 +297,13 @@ struct TokenEntry {
 
 impl TokenEntry {
     fn to_json(&self) -> Value {
-        let finite = |lp: f32| if lp.is_finite() { f64::from(lp) } else { -9999.0 };
+        let finite = |lp: f32| {
+            if lp.is_finite() {
+                f64::from(lp)
+            } else {
+                -9999.0
+            }
+        };
         json!({
             "token": self.text,
             "logprob": finite(self.logprob),
@@ -394,13 +404,15 @@ impl EmbeddedBackend {
         let path = resolve_model(c, models)?;
         let started = Instant::now();
         let device = device()?;
-        let engine =
-            Arc::new(Engine::load(
+        let engine = Arc::new(
+            Engine::load(
                 &path,
                 c.max_context,
                 c.prompt_format == crate::config::PromptStyle::Plain,
                 &device,
-            ).map_err(anyhow::Error::msg)?);
+            )
+            .map_err(anyhow::Error::msg)?,
+        );
         tracing::info!(
             backend = %c.name,
             "loaded {} in {:.2}s ({} positions, {} worker(s), queue {})",
