@@ -493,6 +493,8 @@ fn main() -> ExitCode {
                 warmup,
                 judge,
                 reference_model,
+                router: None,
+                guard_head: None,
             };
             profile(&config, &options, format)
         }
@@ -524,6 +526,26 @@ fn profile(
         Ok(c) => c,
         Err(code) => return code,
     };
+    // The measured backend's router and guard head, so each row records what the gateway's
+    // router and guard would say of it.
+    let mut options = options.clone();
+    let router_dir = config
+        .backends
+        .iter()
+        .find(|b| b.name == options.model)
+        .and_then(|b| b.router_name())
+        .and_then(|name| wattgate::router::model::resolve(&name, &config.routing.router_dir).ok());
+    if let Some(dir) = router_dir {
+        match wattgate::router::model::RouterModel::load(&dir) {
+            Ok(m) => options.router = Some(std::sync::Arc::new(m)),
+            Err(e) => eprintln!("note: router not loaded, rows carry no p_local: {e}"),
+        }
+        match wattgate::guard::GuardHead::load(&dir) {
+            Ok(head) => options.guard_head = head.map(std::sync::Arc::new),
+            Err(e) => return usage_error(e),
+        }
+    }
+    let options = &options;
     let keys = AnswerKeySource::Cache {
         dir: wattgate::profile::references::AnswerKeys::dir(cache.dir()),
         pip: wattgate::models::pull::PipOptions::from_config(&config.models),

@@ -125,7 +125,62 @@ fn options(data: &Path, out: &Path) -> Options {
         warmup: 1,
         judge: None,
         reference_model: None,
+        router: None,
+        guard_head: None,
     }
+}
+
+#[tokio::test]
+async fn rows_carry_the_signals_and_confidence_the_guard_reads() {
+    // A local server that returns logprobs when asked (every token ln P = -0.5).
+    let local = wattgate_testkit::ScriptedUpstream::start(
+        "local",
+        vec![wattgate_testkit::Behavior::confident(
+            "The answer is B.",
+            -0.5,
+        )],
+    )
+    .await
+    .expect("upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data.jsonl");
+    let mc = "What is 2+2?\nA. 3\nB. 4\nAnswer:";
+    write_lines(
+        &data,
+        &[
+            json!({"id": "a", "source": "s1", "prompt": mc, "answer": "B"}),
+            json!({"id": "b", "source": "s1", "prompt": format!("{mc} "), "answer": "A"}),
+        ],
+    );
+    let config = Config::parse(&support::backend("local", "local", &local.base_url(), ""))
+        .expect("test config");
+    let out = dir.path().join("out");
+    let opts = options(&data, &out);
+    let metering = Metering::new(&config).expect("metering");
+    let backends = profile::build_backends(&config, &opts).expect("backends");
+    let (summary, failed) = run_quietly(&opts, &backends, &metering)
+        .await
+        .expect("profile runs");
+    assert_eq!(failed, 0);
+    let rows = records(&out.join(profile::QUERIES_FILE));
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let s = r.profile.signals.expect("signals recorded");
+        assert_eq!(s.tokens, 4);
+        assert!((s.mean + 0.5).abs() < 1e-6);
+        // No guard head given: the rule, exp(mean ln P).
+        let c = r.profile.confidence.expect("confidence");
+        assert!((c - (-0.5f64).exp()).abs() < 1e-6);
+        assert!(local
+            .requests()
+            .iter()
+            .all(|q| q.body["logprobs"] == json!(true)));
+    }
+    let g = summary.guard.expect("guard ranking in the summary");
+    assert_eq!(g.n, 2);
+    // One right, one wrong, equal confidence: a tie ranks at 0.5.
+    assert_eq!(g.confidence_auc, Some(0.5));
+    assert_eq!(g.router_auc, None, "no router, no p_local");
 }
 
 #[tokio::test]

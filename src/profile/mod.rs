@@ -69,6 +69,12 @@ pub struct Options {
     pub judge: Option<String>,
     /// A configured backend whose answer is the reference when a row has none (for the judge).
     pub reference_model: Option<String>,
+    /// The measured backend's router, when it has one: each row records its p_local, and the
+    /// summary compares its AUC with the guard's.
+    pub router: Option<Arc<crate::router::model::RouterModel>>,
+    /// The measured backend's guard head (`guard.json` next to its router); without one, the
+    /// guard's rule scores the answers.
+    pub guard_head: Option<Arc<crate::guard::GuardHead>>,
 }
 
 /// One line of `queries.jsonl`: the input row in the shared routing schema (with this
@@ -132,6 +138,13 @@ pub struct Measurement {
     /// what the quality guard reads, and what `wattgate router guard` trains on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signals: Option<crate::guard::Signals>,
+    /// The backend's router's p_local for the prompt, when it has a router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p_local: Option<f64>,
+    /// The quality guard's confidence in this answer (its head, else its rule), when the
+    /// answer had signals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -415,6 +428,8 @@ pub async fn run(
         max_tokens: options.max_tokens,
         source,
         model: &model,
+        router: options.router.as_deref(),
+        guard_head: options.guard_head.as_deref(),
     };
     let mut results = futures::stream::iter(plans)
         .map(|(q, grader, reference)| runner.profile_one(q, grader, reference))
@@ -479,6 +494,8 @@ struct Runner<'a> {
     max_tokens: Option<u32>,
     source: EnergySource,
     model: &'a str,
+    router: Option<&'a crate::router::model::RouterModel>,
+    guard_head: Option<&'a crate::guard::GuardHead>,
 }
 
 impl Runner<'_> {
@@ -569,6 +586,13 @@ impl Runner<'_> {
         } else {
             self.grade(&q, grader, reference.as_ref(), &output).await?
         };
+        let p_local = self
+            .router
+            .map(|r| r.score(&crate::router::features::Query::from_prompt(&q.prompt)));
+        let confidence = signals.map(|s| match self.guard_head {
+            Some(h) => h.confidence(&s, p_local),
+            None => crate::guard::head::rule_confidence(&s),
+        });
         let mut scores = q.scores;
         scores.insert(self.model.to_owned(), grade.score);
         let seconds = latency.as_secs_f64();
@@ -600,6 +624,8 @@ impl Runner<'_> {
                 measured: self.source.is_measured(),
                 error,
                 signals,
+                p_local,
+                confidence,
             },
         })
     }

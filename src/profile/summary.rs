@@ -105,6 +105,51 @@ pub struct Summary {
     pub by_source: BTreeMap<String, Stats>,
     /// By `category` (rows without one are left out).
     pub by_category: BTreeMap<String, Stats>,
+    /// How well the guard's confidence and the router's p_local rank right answers above wrong
+    /// ones, on the same rows (those with signals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardRanking>,
+}
+
+/// The guard against the router on one profile's rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuardRanking {
+    /// Rows with a confidence.
+    pub n: usize,
+    /// ROC AUC of the guard's confidence for "answered right".
+    pub confidence_auc: Option<f64>,
+    /// ROC AUC of the router's p_local on the same rows (when the rows carry it).
+    pub router_auc: Option<f64>,
+}
+
+impl GuardRanking {
+    fn of(records: &[QueryRecord]) -> Option<Self> {
+        let rows: Vec<(&QueryRecord, f64)> = records
+            .iter()
+            .filter_map(|r| Some((r, r.profile.confidence?)))
+            .collect();
+        if rows.is_empty() {
+            return None;
+        }
+        let auc = |score: &dyn Fn(&QueryRecord, f64) -> Option<f64>| {
+            let outcomes: Option<Vec<crate::router::evaluation::Outcome>> = rows
+                .iter()
+                .map(|(r, c)| {
+                    Some(crate::router::evaluation::Outcome {
+                        p_local: score(r, *c)?,
+                        local: r.profile.score,
+                        cloud: 1.0,
+                    })
+                })
+                .collect();
+            outcomes.and_then(|o| crate::router::evaluation::auc(&o))
+        };
+        Some(Self {
+            n: rows.len(),
+            confidence_auc: auc(&|_, c| Some(c)),
+            router_auc: auc(&|r, _| r.profile.p_local),
+        })
+    }
 }
 
 impl Summary {
@@ -146,6 +191,7 @@ impl Summary {
                 .into_iter()
                 .map(|(k, v)| (k, Stats::of(v)))
                 .collect(),
+            guard: GuardRanking::of(records),
         }
     }
 
@@ -186,6 +232,16 @@ impl Summary {
         }
         for (name, s) in &self.by_category {
             row(&format!("  {name}"), s);
+        }
+        if let Some(g) = &self.guard {
+            let opt = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.3}"));
+            let _ = writeln!(
+                out,
+                "AUC for \"answered right\" on {} answers with signals: guard confidence {}, router p_local {}",
+                g.n,
+                opt(g.confidence_auc),
+                opt(g.router_auc)
+            );
         }
         if self.skipped_no_reference > 0 {
             let _ = writeln!(
@@ -379,6 +435,8 @@ mod tests {
                 measured: false,
                 error: None,
                 signals: None,
+                p_local: None,
+                confidence: None,
             },
         }
     }
