@@ -38,8 +38,8 @@ pub enum GuardStream {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
-    /// `off` or `check`. Unset: `check` when a cloud backend is configured (there is somewhere
-    /// to escalate to), else `off`.
+    /// `off` or `check`. Unset: `check` when a cloud backend is usable (configured, and its
+    /// `api_key_env` set when it names one: there is somewhere to escalate to), else `off`.
     pub mode: Option<GuardMode>,
     /// Escalate answers whose confidence (P(acceptable), 0..1) is below this. Unset: derived
     /// from `max_quality_loss` or `max_escalation_share` on the head's validation curve, else

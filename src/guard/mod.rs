@@ -98,12 +98,20 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// Resolves the mode and each local backend's head and threshold. A head file that exists
+    /// Resolves the mode (unset: `check` when a cloud backend is usable, i.e. has no key
+    /// variable or has it set) and each local backend's head and threshold. A head file that exists
     /// but cannot be read is an error naming it (a silently missing head would change every
     /// decision).
     pub fn new(config: &Config) -> Result<Self, String> {
         let g = &config.guard;
-        let has_cloud = config.backends.iter().any(|b| b.role == Role::Cloud);
+        // A cloud backend whose key variable is unset cannot take an escalation: without a
+        // usable cloud the guard is off by default (local only, as without a guard).
+        let has_cloud = config.backends.iter().any(|b| {
+            b.role == Role::Cloud
+                && b.api_key_env
+                    .as_ref()
+                    .is_none_or(|v| std::env::var(v).is_ok_and(|k| !k.trim().is_empty()))
+        });
         let mode = g.mode.unwrap_or(if has_cloud {
             GuardMode::Check
         } else {
@@ -228,8 +236,12 @@ mod tests {
     fn modes_thresholds_and_precedence() {
         let mut config = Config::default();
         config.routing.router_dir = std::path::PathBuf::from("/nonexistent");
+        // The default cloud reads OPENAI_API_KEY: unset (as in CI), the guard is off by
+        // default; a cloud backend without a key variable makes it check.
+        config.backends[1].api_key_env = Some("WATTGATE_TEST_UNSET_KEY".to_owned());
+        assert!(!Guard::new(&config).unwrap().plan(None, None).check);
+        config.backends[1].api_key_env = None;
         let guard = Guard::new(&config).unwrap();
-        // A cloud backend exists in the defaults: check by default.
         assert!(guard.plan(None, None).check);
         assert!(!guard.plan(Some(GuardMode::Off), None).check);
         assert!(!guard.plan(None, Some((Some(GuardMode::Off), None))).check);
