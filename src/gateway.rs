@@ -278,14 +278,7 @@ impl Gateway {
                 AnswerBody::Json(body)
             }
             Ok(Reply::Complete(completion)) => {
-                meter.first_byte();
-                if completion.usage.is_none() {
-                    meter.keep_output(&completion.body);
-                }
-                if let Some(answer) = &mut meter.answer {
-                    generated_text(&completion.body, answer);
-                }
-                meter.finish(Outcome::Ok, completion.usage, 200);
+                meter.delivered_whole(&completion);
                 AnswerBody::Json(completion.body)
             }
             Ok(Reply::Stream(opened)) if guarded && plan.stream == GuardStream::Hold => {
@@ -689,6 +682,19 @@ impl RequestMeter {
             self.output_bytes += data.len();
             self.output.push(data.clone());
         }
+    }
+
+    /// A whole completion is what the client gets: its first byte, its usage (or its text to
+    /// count), and its text for a shadow check when sampled.
+    fn delivered_whole(&mut self, completion: &crate::backends::Completion) {
+        self.first_byte();
+        if completion.usage.is_none() {
+            self.keep_output(&completion.body);
+        }
+        if let Some(answer) = &mut self.answer {
+            generated_text(&completion.body, answer);
+        }
+        self.finish(Outcome::Ok, completion.usage, 200);
     }
 
     fn finish(&mut self, outcome: Outcome, usage: Option<Usage>, status: u16) {

@@ -52,6 +52,22 @@ async fn gateway(local: &ScriptedUpstream, cloud: &ScriptedUpstream, guard: &str
     .await
 }
 
+/// A streamed request.
+fn streamed(text: &str) -> Value {
+    let mut body = chat_body("auto", text);
+    body["stream"] = json!(true);
+    body
+}
+
+/// Stops the gateway and reads its ledger.
+async fn ledger_rows(gw: Gateway) -> Vec<wattgate::ledger::LedgerRow> {
+    let dir = gw.stop().await;
+    Ledger::open(&dir.path().join("ledger.redb"))
+        .expect("ledger")
+        .rows_since(0)
+        .expect("rows")
+}
+
 fn content(v: &Value) -> &str {
     v["choices"][0]["message"]["content"]
         .as_str()
@@ -124,11 +140,7 @@ async fn a_doubtful_local_answer_is_replaced_by_the_clouds() {
     );
 
     // The ledger row carries both legs.
-    let dir = gw.stop().await;
-    let rows = Ledger::open(&dir.path().join("ledger.redb"))
-        .expect("ledger")
-        .rows_since(0)
-        .expect("rows");
+    let rows = ledger_rows(gw).await;
     assert_eq!(rows.len(), 1);
     let row = &rows[0];
     assert_eq!(row.route, "cloud");
@@ -213,9 +225,7 @@ async fn a_held_doubtful_stream_delivers_only_the_clouds_chunks() {
     // Local chunks 150 ms apart, keep-alives every 50 ms while held.
     let (local, cloud) = pair(-3.0, Duration::from_millis(150)).await;
     let gw = gateway(&local, &cloud, "keepalive_s = 0.05").await;
-    let mut body = chat_body("auto", "tell me");
-    body["stream"] = json!(true);
-    let r = gw.post_chat(&body).await;
+    let r = gw.post_chat(&streamed("tell me")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-wattgate-guard"), "hold");
     let text = r.text().await.expect("body");
@@ -239,11 +249,7 @@ async fn a_held_doubtful_stream_delivers_only_the_clouds_chunks() {
     let m = gw.metrics().await;
     let labels = [("backend", "local"), ("decision", "escalated")];
     assert_eq!(sample(&m, "wattgate_guard_decisions_total", &labels), 1.0);
-    let dir = gw.stop().await;
-    let rows = Ledger::open(&dir.path().join("ledger.redb"))
-        .expect("ledger")
-        .rows_since(0)
-        .expect("rows");
+    let rows = ledger_rows(gw).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].reason, "escalated_low_confidence");
     assert_eq!(rows[0].route, "cloud");
@@ -259,9 +265,12 @@ async fn a_held_doubtful_stream_delivers_only_the_clouds_chunks() {
 async fn a_held_sure_stream_is_released_unchanged() {
     let (local, cloud) = pair(-0.01, Duration::ZERO).await;
     let gw = gateway(&local, &cloud, "").await;
-    let mut body = chat_body("auto", "tell me");
-    body["stream"] = json!(true);
-    let text = gw.post_chat(&body).await.text().await.expect("body");
+    let text = gw
+        .post_chat(&streamed("tell me"))
+        .await
+        .text()
+        .await
+        .expect("body");
     let (data, comments, done) = frames(&text);
     assert!(done);
     assert_eq!(streamed_text(&data), LOCAL_TEXT);
@@ -303,9 +312,7 @@ async fn the_guard_header_off_skips_the_check_and_pass_streams_are_counted() {
     assert_eq!(e["param"], "x-wattgate-guard");
 
     // stream = "pass": streamed unchecked, counted.
-    let mut body = chat_body("auto", "tell me");
-    body["stream"] = json!(true);
-    let r = gw.post_chat(&body).await;
+    let r = gw.post_chat(&streamed("tell me")).await;
     assert_eq!(header(&r, "x-wattgate-guard"), "unchecked");
     let (data, _, _) = frames(&r.text().await.expect("body"));
     assert_eq!(streamed_text(&data), LOCAL_TEXT);
@@ -382,9 +389,12 @@ async fn a_failed_escalation_serves_the_held_local_answer() {
     assert_eq!(header(&r, "x-wattgate-guard"), "escalation_failed");
     assert_eq!(content(&r.json::<Value>().await.expect("json")), LOCAL_TEXT);
 
-    let mut body = chat_body("auto", "hi");
-    body["stream"] = json!(true);
-    let text = gw.post_chat(&body).await.text().await.expect("body");
+    let text = gw
+        .post_chat(&streamed("hi"))
+        .await
+        .text()
+        .await
+        .expect("body");
     let (data, comments, done) = frames(&text);
     assert!(done, "{text}");
     assert_eq!(streamed_text(&data), LOCAL_TEXT, "{text}");
@@ -395,11 +405,7 @@ async fn a_failed_escalation_serves_the_held_local_answer() {
     let m = gw.metrics().await;
     let labels = [("backend", "local"), ("decision", "escalation_failed")];
     assert_eq!(sample(&m, "wattgate_guard_decisions_total", &labels), 2.0);
-    let dir = gw.stop().await;
-    let rows = Ledger::open(&dir.path().join("ledger.redb"))
-        .expect("ledger")
-        .rows_since(0)
-        .expect("rows");
+    let rows = ledger_rows(gw).await;
     assert_eq!(rows.len(), 2);
     for row in rows {
         assert_eq!(

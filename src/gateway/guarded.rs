@@ -17,7 +17,7 @@ use crate::backends::{BackendError, Chunk, ChunkStream, Reply};
 use crate::guard::{Decision as GuardDecision, Plan, Verdict};
 use crate::metering::Tokens;
 use crate::router::{Decision, Reason};
-use crate::wire::{generated_text, ChatRequest};
+use crate::wire::ChatRequest;
 
 impl Accounts {
     /// The guard's check of a whole local answer: returned as it is, or replaced by the cloud's
@@ -61,12 +61,9 @@ impl Accounts {
             match self.escalate(request, route, &verdict).await {
                 Ok(Reply::Complete(cloud)) => {
                     let served = self.cloud.unwrap_or(decision.backend);
+                    // A cloud answer needs no shadow check.
                     meter.answer = None;
-                    meter.first_byte();
-                    if cloud.usage.is_none() {
-                        meter.keep_output(&cloud.body);
-                    }
-                    meter.finish(Outcome::Ok, cloud.usage, 200);
+                    meter.delivered_whole(&cloud);
                     meter.guard = Some(GuardLeg {
                         decision: outcome,
                         verdict: Some(verdict),
@@ -82,14 +79,7 @@ impl Accounts {
             decision: outcome.as_str(),
             confidence: verdict.confidence,
         });
-        meter.first_byte();
-        if completion.usage.is_none() {
-            meter.keep_output(&completion.body);
-        }
-        if let Some(answer) = &mut meter.answer {
-            generated_text(&completion.body, answer);
-        }
-        meter.finish(Outcome::Ok, completion.usage, 200);
+        meter.delivered_whole(&completion);
         meter.guard = Some(GuardLeg {
             decision: outcome,
             verdict: Some(verdict),
