@@ -197,8 +197,7 @@ fn guard_check(c: &mut Criterion) {
     });
     group.bench_function("openai_json_128_tokens", |b| {
         b.iter(|| {
-            let peek = wattgate::wire::answer_peek(&body);
-            let stripped = wattgate::wire::without_logprobs(&body);
+            let (peek, stripped) = wattgate::wire::read_answer(&body, true);
             let verdict = guard.judge(
                 0,
                 &plan,

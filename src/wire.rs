@@ -384,6 +384,20 @@ pub struct AnswerPeek {
 /// Reads `logprobs` and `finish_reason` of the first choice, skipping everything else; a body
 /// that is not a completion reads as empty.
 pub fn answer_peek(json: &[u8]) -> AnswerPeek {
+    read_answer(json, false).0
+}
+
+/// The body with every choice's `logprobs` set to `null`, as OpenAI answers a client that did
+/// not ask for them; `None` when nothing needed changing (or the body is not JSON).
+pub fn without_logprobs(json: &[u8]) -> Option<Vec<u8>> {
+    read_answer(json, true).1
+}
+
+/// One pass over a completion body or stream chunk for the quality guard: what
+/// [`answer_peek`] reads and, with `strip`, the body with each choice's `logprobs` value
+/// replaced by `null` in place (the rest of the bytes untouched, so nothing is re-encoded).
+pub fn read_answer(json: &[u8], strip: bool) -> (AnswerPeek, Option<Vec<u8>>) {
+    use serde_json::value::RawValue;
     #[derive(Deserialize)]
     struct Token {
         logprob: f32,
@@ -394,65 +408,78 @@ pub fn answer_peek(json: &[u8]) -> AnswerPeek {
         content: Option<Vec<Token>>,
     }
     #[derive(Deserialize)]
-    struct Text {
-        #[serde(default)]
-        content: Option<Value>,
+    struct Text<'a> {
+        #[serde(default, borrow)]
+        content: Option<&'a RawValue>,
     }
     #[derive(Deserialize)]
-    struct Choice {
-        #[serde(default)]
-        logprobs: Option<Logprobs>,
+    struct Choice<'a> {
+        #[serde(default, borrow)]
+        logprobs: Option<&'a RawValue>,
         #[serde(default)]
         finish_reason: Option<String>,
-        #[serde(default)]
-        message: Option<Text>,
-        #[serde(default)]
-        delta: Option<Text>,
+        #[serde(default, borrow)]
+        message: Option<Text<'a>>,
+        #[serde(default, borrow)]
+        delta: Option<Text<'a>>,
     }
     #[derive(Deserialize)]
-    struct Body {
-        #[serde(default)]
-        choices: Vec<Choice>,
+    struct Body<'a> {
+        #[serde(default, borrow)]
+        choices: Vec<Choice<'a>>,
     }
-    let Ok(body) = serde_json::from_slice::<Body>(json) else {
-        return AnswerPeek::default();
+    let Ok(body) = serde_json::from_slice::<Body<'_>>(json) else {
+        return (AnswerPeek::default(), None);
     };
+    let stripped = strip.then(|| {
+        // Spans of the logprobs values, as offsets into `json` (they borrow from it).
+        let base = json.as_ptr() as usize;
+        let spans: Vec<(usize, usize)> = body
+            .choices
+            .iter()
+            .filter_map(|c| c.logprobs)
+            .map(|raw| {
+                let start = raw.get().as_ptr() as usize - base;
+                (start, start + raw.get().len())
+            })
+            .filter(|&(start, end)| end <= json.len() && start < end)
+            .collect();
+        if spans.is_empty() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(json.len());
+        let mut at = 0;
+        for (start, end) in spans {
+            out.extend_from_slice(&json[at..start]);
+            out.extend_from_slice(b"null");
+            at = end;
+        }
+        out.extend_from_slice(&json[at..]);
+        Some(out)
+    });
     let Some(choice) = body.choices.into_iter().next() else {
-        return AnswerPeek::default();
+        return (AnswerPeek::default(), stripped.flatten());
     };
     let has_content = choice
         .message
         .or(choice.delta)
         .and_then(|t| t.content)
-        .is_some_and(|c| text_parts(&c).any(|p| !p.is_empty()));
-    AnswerPeek {
-        logprobs: choice
-            .logprobs
+        .is_some_and(|c| {
+            let c = c.get();
+            (c.starts_with('"') && c.len() > 2) || c.starts_with('[')
+        });
+    let logprobs = choice.logprobs.and_then(|raw| {
+        serde_json::from_str::<Logprobs>(raw.get())
+            .ok()
             .and_then(|l| l.content)
-            .map(|c| c.into_iter().map(|t| t.logprob).collect()),
+            .map(|c| c.into_iter().map(|t| t.logprob).collect())
+    });
+    let peek = AnswerPeek {
+        logprobs,
         finish_reason: choice.finish_reason,
         has_content,
-    }
-}
-
-/// The body with every choice's `logprobs` set to `null`, as OpenAI answers a client that did
-/// not ask for them; `None` when nothing needed changing (or the body is not JSON).
-pub fn without_logprobs(json: &[u8]) -> Option<Vec<u8>> {
-    if !json.windows(10).any(|w| w == b"\"logprobs\"") {
-        return None;
-    }
-    let mut body: Map<String, Value> = serde_json::from_slice(json).ok()?;
-    let choices = body.get_mut("choices")?.as_array_mut()?;
-    let mut changed = false;
-    for choice in choices.iter_mut().filter_map(Value::as_object_mut) {
-        if let Some(l) = choice.get_mut("logprobs") {
-            if !l.is_null() {
-                *l = Value::Null;
-                changed = true;
-            }
-        }
-    }
-    changed.then(|| serde_json::to_vec(&body).unwrap_or_default())
+    };
+    (peek, stripped.flatten())
 }
 
 /// The text of a message `content`: the string itself, or the `text` of each array part

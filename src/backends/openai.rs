@@ -14,9 +14,7 @@ use super::{
     Backend, BackendError, BackendInfo, Chunk, Completion, OpenedStream, Reply, TimeoutPhase,
 };
 use crate::config::{secs, BackendConfig};
-use crate::wire::{
-    answer_peek, upstream_error_message, without_logprobs, ChatRequest, ChunkPeek, Usage,
-};
+use crate::wire::{read_answer, upstream_error_message, AnswerPeek, ChatRequest, ChunkPeek, Usage};
 
 /// How long a readiness probe may take before the backend counts as not ready.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -166,11 +164,13 @@ impl Backend for OpenAiBackend {
                 Ok(Ok(b)) => b,
             };
             let usage = completion_usage(&body)?;
-            let logprobs = reads.then(|| answer_peek(&body).logprobs).flatten();
-            let body = match forced_logprobs.then(|| without_logprobs(&body)).flatten() {
-                Some(stripped) => Bytes::from(stripped),
-                None => body,
+            let (peek, stripped) = if reads {
+                read_answer(&body, forced_logprobs)
+            } else {
+                (AnswerPeek::default(), None)
             };
+            let logprobs = peek.logprobs;
+            let body = stripped.map_or(body, Bytes::from);
             return Ok(Reply::Complete(Completion {
                 body,
                 usage,
@@ -351,16 +351,13 @@ where
             ))
         })?;
         let usage_only = peek.usage.is_some() && peek.choices.as_ref().is_some_and(Vec::is_empty);
-        let logprobs = read_logprobs
-            .then(|| answer_peek(data.as_bytes()).logprobs)
-            .flatten();
-        let data = match strip_logprobs
-            .then(|| without_logprobs(data.as_bytes()))
-            .flatten()
-        {
-            Some(stripped) => Bytes::from(stripped),
-            None => Bytes::copy_from_slice(data.as_bytes()),
+        let (answer, stripped) = if read_logprobs {
+            read_answer(data.as_bytes(), strip_logprobs)
+        } else {
+            (AnswerPeek::default(), None)
         };
+        let logprobs = answer.logprobs;
+        let data = stripped.map_or_else(|| Bytes::copy_from_slice(data.as_bytes()), Bytes::from);
         return Ok(Next::Chunk(Chunk {
             data,
             usage: peek.usage,
