@@ -241,6 +241,10 @@ enum RouterCommand {
         /// Ridge penalty on the standardised weights.
         #[arg(long, default_value_t = 1.0)]
         l2: f64,
+        /// Replay with the raw rule, exp(mean ln P), instead of the head's held-out confidence
+        /// (what the guard uses where no head is shipped).
+        #[arg(long)]
+        replay_rule: bool,
         #[command(flatten)]
         dir: RouterDirArg,
     },
@@ -647,6 +651,7 @@ fn router(command: RouterCommand) -> ExitCode {
             out,
             svg,
             l2,
+            replay_rule,
             dir,
         } => commands::guard(&commands::GuardOptions {
             files: &data,
@@ -656,6 +661,7 @@ fn router(command: RouterCommand) -> ExitCode {
             out: &out,
             svg: svg.as_deref(),
             l2,
+            replay_rule,
         }),
     };
     match result {

@@ -226,6 +226,9 @@ pub struct GuardOptions<'a> {
     pub svg: Option<&'a Path>,
     /// Ridge penalty on the standardised weights.
     pub l2: f64,
+    /// Replay with the rule (exp mean ln P) instead of the fitted head's held-out confidence:
+    /// what the guard uses where no head is shipped.
+    pub replay_rule: bool,
 }
 
 /// `router guard`: fits the quality guard's head on profiled answers that carry their
@@ -242,6 +245,8 @@ pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
     let mut joules = Vec::new();
     let (mut no_signals, mut no_cloud) = (0usize, 0usize);
     let mut local_model = String::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut duplicates = 0usize;
     for f in o.files {
         let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
         for (i, line) in text
@@ -251,6 +256,11 @@ pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
         {
             let r: crate::profile::QueryRecord = serde_json::from_str(line)
                 .map_err(|e| format!("{}:{}: {e}", f.display(), i + 1))?;
+            // A query profiled twice (overlapping samples) counts once: the first row.
+            if !seen.insert(r.id.clone()) {
+                duplicates += 1;
+                continue;
+            }
             let Some(signals) = r.profile.signals else {
                 no_signals += 1;
                 continue;
@@ -277,6 +287,9 @@ pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
                 source: r.source,
             });
         }
+    }
+    if duplicates > 0 {
+        eprintln!("skipped {duplicates} rows whose id an earlier row already had");
     }
     if no_signals + no_cloud > 0 {
         eprintln!(
@@ -321,9 +334,13 @@ pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
         .zip(&held_out)
         .zip(&joules)
         .map(
-            |((e, &confidence), &(local_joules, cloud_joules))| replay::Row {
+            |((e, &held), &(local_joules, cloud_joules))| replay::Row {
                 p_local: e.p_local.unwrap_or(0.5),
-                confidence,
+                confidence: if o.replay_rule {
+                    head::rule_confidence(&e.signals)
+                } else {
+                    held
+                },
                 local: e.local,
                 cloud: e.cloud,
                 local_joules,
@@ -334,7 +351,8 @@ pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
     let shares: Vec<f64> = (0..=10).map(|i| f64::from(i) / 10.0).collect();
     let points = replay::curves(&rows, &shares);
     println!(
-        "replayed on the same rows (no new generation; local joules as profiled, cloud joules estimated at {} J/input and {} J/output token x PUE {}):",
+        "replayed on the same rows with the {} (no new generation; local joules as profiled, cloud joules estimated at {} J/input and {} J/output token x PUE {}):",
+        if o.replay_rule { "rule exp(mean ln P)" } else { "head's held-out confidence" },
         metering.cloud_joules_per_input_token, metering.cloud_joules_per_output_token, metering.cloud_pue
     );
     print!("{}", replay::table(&points));
