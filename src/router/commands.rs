@@ -333,20 +333,18 @@ pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
         .iter()
         .zip(&held_out)
         .zip(&joules)
-        .map(
-            |((e, &held), &(local_joules, cloud_joules))| replay::Row {
-                p_local: e.p_local.unwrap_or(0.5),
-                confidence: if o.replay_rule {
-                    head::rule_confidence(&e.signals)
-                } else {
-                    held
-                },
-                local: e.local,
-                cloud: e.cloud,
-                local_joules,
-                cloud_joules,
+        .map(|((e, &held), &(local_joules, cloud_joules))| replay::Row {
+            p_local: e.p_local.unwrap_or(0.5),
+            confidence: if o.replay_rule {
+                head::rule_confidence(&e.signals)
+            } else {
+                held
             },
-        )
+            local: e.local,
+            cloud: e.cloud,
+            local_joules,
+            cloud_joules,
+        })
         .collect();
     let shares: Vec<f64> = (0..=10).map(|i| f64::from(i) / 10.0).collect();
     let points = replay::curves(&rows, &shares);
