@@ -157,8 +157,8 @@ impl Gateway {
             ledger.clone(),
         )
         .map(Arc::new);
+        let router = Router::new(&config.routing, &config.backends)?;
         Ok(Self {
-            router: Router::new(&config.routing, &config.backends)?,
             experiments: Experiments::new(config)?,
             alias: config.routing.alias.clone(),
             fallback_to_cloud: config.routing.fallback_to_cloud,
@@ -177,8 +177,9 @@ impl Gateway {
                 shadow,
                 retry: RetryPolicy::new(&config.resilience),
                 guard: Guard::new(config)?,
-                cloud: config.backends.iter().position(|b| b.role == Role::Cloud),
+                cloud: router.cloud(),
             }),
+            router,
             backends,
         })
     }
@@ -218,10 +219,18 @@ impl Gateway {
             overrides.guard,
             enrollment.and_then(|e| self.experiments.guard(e)),
         );
-        request.set_wants_signals(routed && plan.check && self.accounts.cloud.is_some());
-        let request = Arc::new(request);
         let decision = self.route(&request, overrides, enrollment)?;
         let decision = self.avoid_unhealthy(&request, decision);
+        // Only what the router sent local on its own judgement is checked (not pinned or
+        // forced routes, nor `local_only`), and only when there is a cloud to escalate to; only
+        // then does the local backend collect log-probabilities.
+        request.set_wants_signals(
+            routed
+                && plan.check
+                && self.accounts.cloud.is_some()
+                && matches!(decision.reason, Reason::RouterLocal | Reason::PreferLocal),
+        );
+        let request = Arc::new(request);
 
         // 3. Serve, with fallback to the cloud before the first byte.
         let mut meter = RequestMeter::start(
@@ -256,11 +265,8 @@ impl Gateway {
         if shadowed {
             meter.answer = Some(String::new());
         }
-        // The guard checks what the router sent local on its own judgement, when there is a
-        // cloud to escalate to: not pinned or forced routes, nor `local_only`.
-        let guarded = request.wants_signals()
-            && route.role == Role::Local
-            && matches!(route.reason, Reason::RouterLocal | Reason::PreferLocal);
+        // A local answer to a request planned for the guard (not a cloud fallback of it).
+        let guarded = request.wants_signals() && route.role == Role::Local;
 
         // 4. Relay and meter; a checked local answer is held until the guard has judged it.
         let mut upstream_wait = upstream_wait;
