@@ -14,6 +14,9 @@ run_bg target/release/wattgate-upstream --listen "127.0.0.1:$CLOUD_PORT" --model
 cat >"$work/guard.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
+# Every request local (the measurement is of the local path), not routed by the default policy.
+[routing]
+policy = "prefer_local"
 [ledger]
 enabled = false
 [guard]

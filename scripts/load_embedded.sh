@@ -21,6 +21,9 @@ run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$CLOUD_PORT" --model cloud-m
 cat >"$work/wattgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
+# Every request local (the measurement is of the local path), not routed by the default policy.
+[routing]
+policy = "prefer_local"
 [ledger]
 path = "$work/ledger.redb"
 

@@ -522,6 +522,12 @@ pub struct RoutingConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RoutingPolicy {
+    /// The default: `router` when a cloud backend is usable (its key variable, if it names one,
+    /// is set) and every local backend has a router; otherwise `prefer_local`. A new user
+    /// without a cloud key gets local answers, and one with a key gets the product's job:
+    /// routed by the router, with the threshold from the router's own validation curve.
+    /// Resolved once, at start ([`RoutingConfig::resolved`]), and logged.
+    Auto,
     /// Serve locally when a local backend exists and the prompt fits; otherwise the cloud.
     PreferLocal,
     /// Always the cloud backend (the cloud-only baseline).
@@ -532,6 +538,53 @@ pub enum RoutingPolicy {
     /// The learned router: each local backend's router scores the request; the first (cheapest)
     /// local backend whose p_local clears its threshold serves, else the cloud.
     Router,
+}
+
+impl RoutingConfig {
+    /// This routing with `policy = "auto"` replaced by what it means for `backends` now,
+    /// and, when it was `auto`, a sentence saying why (for the startup log and `config check`). `auto` becomes
+    /// `router` when a cloud backend is usable and every local backend has a router; a router
+    /// chosen this way with no threshold set takes the largest local share its validation curve
+    /// keeps within [`crate::config::DEFAULT_MAX_QUALITY_LOSS`] of cloud-only (derived from the
+    /// profile the router was trained on) rather than a fixed 0.5.
+    pub fn resolved(&self, backends: &[BackendConfig]) -> (RoutingConfig, Option<&'static str>) {
+        let mut routing = self.clone();
+        if routing.policy != RoutingPolicy::Auto {
+            return (routing, None);
+        }
+        let locals_routed = backends
+            .iter()
+            .filter(|b| b.role == Role::Local)
+            .all(|b| b.router_name().is_some());
+        let why = if !cloud_usable(backends) {
+            routing.policy = RoutingPolicy::PreferLocal;
+            "auto: no usable cloud backend (its api_key_env is unset), so local answers"
+        } else if !locals_routed {
+            routing.policy = RoutingPolicy::PreferLocal;
+            "auto: a local backend has no router, so local first with cloud fallback"
+        } else {
+            routing.policy = RoutingPolicy::Router;
+            if routing.threshold.is_none()
+                && routing.target_local_share.is_none()
+                && routing.max_quality_loss.is_none()
+            {
+                routing.max_quality_loss = Some(DEFAULT_MAX_QUALITY_LOSS);
+            }
+            "auto: a usable cloud backend and a router for every local backend"
+        };
+        (routing, Some(why))
+    }
+}
+
+/// Whether some cloud backend can take traffic: configured, and its key variable set when it
+/// names one. Without one, escalating or routing to the cloud would only fail.
+pub fn cloud_usable(backends: &[BackendConfig]) -> bool {
+    backends.iter().any(|b| {
+        b.role == Role::Cloud
+            && b.api_key_env
+                .as_ref()
+                .is_none_or(|v| std::env::var(v).is_ok_and(|k| !k.trim().is_empty()))
+    })
 }
 
 /// Where a backend runs, which decides how the router and the metering treat it.
@@ -748,7 +801,7 @@ impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
             alias: "auto".to_owned(),
-            policy: RoutingPolicy::PreferLocal,
+            policy: RoutingPolicy::Auto,
             // ~8k tokens at ~4 characters per token: beyond that small local models degrade.
             max_local_prompt_chars: 32_000,
             fallback_to_cloud: true,
@@ -1571,6 +1624,7 @@ pub fn secs(v: f64) -> Duration {
 impl fmt::Display for RoutingPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            RoutingPolicy::Auto => "auto",
             RoutingPolicy::PreferLocal => "prefer_local",
             RoutingPolicy::CloudOnly => "cloud_only",
             RoutingPolicy::LocalOnly => "local_only",
@@ -1633,6 +1687,46 @@ parameters = 1e9
         let mut explicit = c.backends[0].clone();
         explicit.router = Some("8b-class".to_owned());
         assert_eq!(explicit.router_name().as_deref(), Some("8b-class"));
+    }
+
+    #[test]
+    fn auto_policy_routes_only_with_a_usable_cloud_and_a_router_for_every_local() {
+        let c = Config::default();
+        assert_eq!(c.routing.policy, RoutingPolicy::Auto);
+        let mut backends = c.backends.clone();
+        // A key variable nobody sets: the cloud is not usable, so local answers.
+        backends[1].api_key_env = Some("WATTGATE_TEST_KEY_THAT_IS_NEVER_SET".to_owned());
+        let (r, why) = c.routing.resolved(&backends);
+        assert_eq!(r.policy, RoutingPolicy::PreferLocal);
+        assert!(
+            why.is_some_and(|w| w.contains("no usable cloud")),
+            "{why:?}"
+        );
+        // A cloud without a key variable is usable: the embedded model's own router decides,
+        // at the threshold its validation curve gives for one point of quality loss.
+        backends[1].api_key_env = None;
+        let (r, _) = c.routing.resolved(&backends);
+        assert_eq!(r.policy, RoutingPolicy::Router);
+        assert_eq!(r.max_quality_loss, Some(DEFAULT_MAX_QUALITY_LOSS));
+        assert_eq!(r.threshold, None);
+        // A threshold the operator set is kept.
+        let mut set = c.routing.clone();
+        set.threshold = Some(0.3);
+        let (r, _) = set.resolved(&backends);
+        assert_eq!(
+            (r.policy, r.threshold, r.max_quality_loss),
+            (RoutingPolicy::Router, Some(0.3), None)
+        );
+        // A local server without a router: local first, as before.
+        let mut other = backends.clone();
+        other[0].gguf = Some(PathBuf::from("/models/other.gguf"));
+        let (r, why) = c.routing.resolved(&other);
+        assert_eq!(r.policy, RoutingPolicy::PreferLocal);
+        assert!(why.is_some_and(|w| w.contains("no router")), "{why:?}");
+        // An explicit policy is never changed.
+        let mut explicit = c.routing.clone();
+        explicit.policy = RoutingPolicy::PreferLocal;
+        assert_eq!(explicit.resolved(&backends), (explicit.clone(), None));
     }
 
     #[test]

@@ -775,9 +775,13 @@ fn check(arg: &ConfigArg) -> ExitCode {
                 Source::File(p) => println!("{}: valid", p.display()),
                 Source::Defaults => println!("no config file: built-in defaults are valid"),
             }
+            let (routing, why) = config.routing.resolved(&config.backends);
             println!(
-                "listen {}  alias {:?}  policy {}",
-                config.server.listen, config.routing.alias, config.routing.policy
+                "listen {}  alias {:?}  policy {}{}",
+                config.server.listen,
+                config.routing.alias,
+                routing.policy,
+                why.map_or_else(String::new, |w| format!(" ({w})"))
             );
             for b in &config.backends {
                 let url = b.base_url.as_ref().map_or_else(

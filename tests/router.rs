@@ -532,3 +532,66 @@ fn the_embedded_default_routes_with_its_own_shipped_router() {
         "{err}"
     );
 }
+
+/// With no `policy` set, a usable cloud (no key variable to miss) makes the gateway route with
+/// the local backend's router at the threshold its validation curve gives for one point of
+/// quality loss; a cloud whose key variable is unset leaves it local first, unrouted.
+#[tokio::test]
+async fn the_default_policy_routes_when_the_cloud_is_usable_and_stays_local_when_not() {
+    let local = ScriptedUpstream::start("local-upstream", vec![Behavior::Reply("local".into())])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cloud = ScriptedUpstream::start("cloud-upstream", vec![Behavior::Reply("cloud".into())])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = format!(
+        "[routing]\nrouter_dir = \"{}\"\n",
+        repo().join("router-models").display()
+    );
+    let local_backend =
+        support::backend("local", "local", &local.base_url(), "router = \"8b-class\"");
+    let model = RouterModel::load(&shipped("8b-class")).unwrap_or_else(|e| panic!("{e}"));
+    let threshold = model.threshold_for_quality_loss(0.01);
+
+    let usable = format!(
+        "{head}{local_backend}{}",
+        support::backend("cloud", "cloud", &cloud.base_url(), "")
+    );
+    let gw = Gateway::start(&usable).await;
+    for text in [MATH, CHAT] {
+        let p = model.score(&Query::from_prompt(text));
+        let response = gw.post_chat(&chat_body("auto", text)).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "x-wattgate-p-local").parse::<f64>().ok(),
+            Some(p)
+        );
+        let reason = if p >= threshold {
+            "router_local"
+        } else {
+            "router_cloud"
+        };
+        assert_eq!(
+            header(&response, "x-wattgate-reason"),
+            reason,
+            "{text}: p = {p}, threshold {threshold}"
+        );
+    }
+
+    let keyless = format!(
+        "{head}{local_backend}{}",
+        support::backend(
+            "cloud",
+            "cloud",
+            &cloud.base_url(),
+            "api_key_env = \"WATTGATE_TEST_KEY_THAT_IS_NEVER_SET\""
+        )
+    );
+    let gw = Gateway::start(&keyless).await;
+    let before = local.hits();
+    let response = gw.post_chat(&chat_body("auto", MATH)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-wattgate-reason"), "prefer_local");
+    assert_eq!(header(&response, "x-wattgate-p-local"), "");
+    assert_eq!(local.hits(), before + 1);
+}

@@ -106,12 +106,7 @@ impl Guard {
         let g = &config.guard;
         // A cloud backend whose key variable is unset cannot take an escalation: without a
         // usable cloud the guard is off by default (local only, as without a guard).
-        let has_cloud = config.backends.iter().any(|b| {
-            b.role == Role::Cloud
-                && b.api_key_env
-                    .as_ref()
-                    .is_none_or(|v| std::env::var(v).is_ok_and(|k| !k.trim().is_empty()))
-        });
+        let has_cloud = crate::config::cloud_usable(&config.backends);
         let mode = g.mode.unwrap_or(if has_cloud {
             GuardMode::Check
         } else {

@@ -254,6 +254,11 @@ impl Router {
     /// Builds the routing for `backends` (config order). Loads each local backend's router
     /// under `policy = "router"`; a missing or broken router file is an error naming it.
     pub fn new(config: &RoutingConfig, backends: &[BackendConfig]) -> Result<Self, String> {
+        let (config, why) = config.resolved(backends);
+        let config = &config;
+        if let Some(why) = why {
+            tracing::info!(policy = %config.policy, why, "routing policy");
+        }
         let mut locals = Vec::new();
         for (i, b) in backends.iter().enumerate() {
             if b.role != Role::Local {
