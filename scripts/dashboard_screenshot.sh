@@ -26,7 +26,7 @@ replay_load "$LOAD_S" 20 5 >/dev/null
 sleep 1
 
 URL="http://127.0.0.1:$GW_PORT/dashboard?since=2m&step=5s"
-flags=(--headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,900
+flags=(--headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,1300
        --virtual-time-budget=8000 --user-data-dir="$work/chromium")
 "$CHROMIUM" "${flags[@]}" --dump-dom "$URL" 2>/dev/null >"$work/dom.html"
 ready=$(grep -o 'data-ready="[a-z]*"' "$work/dom.html" | head -1)

@@ -68,6 +68,10 @@ pub struct Totals {
     /// Rows without a baseline (no cloud backend was configured): in every actual figure, and
     /// the reason `saved` is null.
     pub rows_without_baseline: u64,
+    /// Local answers the quality guard judged, by decision (`pass`, `escalated`, `no_signal`,
+    /// `escalation_failed`, `unchecked`): what the savings above cost in cloud re-asks.
+    #[serde(default)]
+    pub guard_decisions: BTreeMap<String, u64>,
 }
 
 impl Totals {
@@ -80,6 +84,9 @@ impl Totals {
         }
         if row.fallback_from.is_some() {
             self.escalated_requests += 1;
+        }
+        if let Some(g) = &row.guard {
+            *self.guard_decisions.entry(g.decision.clone()).or_default() += 1;
         }
         self.local_share = self.local_requests as f64 / self.requests as f64;
         self.input_tokens += row.input_tokens;
@@ -248,6 +255,9 @@ pub struct Bucket {
     pub counterfactual_usd: f64,
     /// Requests by routing reason.
     pub reasons: BTreeMap<String, u64>,
+    /// Local answers the quality guard judged, by decision.
+    #[serde(default)]
+    pub guard: BTreeMap<String, u64>,
 }
 
 /// Rows grouped into consecutive `step_us` buckets from `since_us` (empty buckets included),
@@ -288,6 +298,9 @@ pub fn series<'a>(
             b.counterfactual_usd += cf.usd;
         }
         *b.reasons.entry(row.reason.clone()).or_default() += 1;
+        if let Some(g) = &row.guard {
+            *b.guard.entry(g.decision.clone()).or_default() += 1;
+        }
     }
     buckets
 }

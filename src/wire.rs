@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
+mod answer;
+pub use answer::{answer_peek, read_answer, without_logprobs, AnswerPeek};
+
 /// A validated chat-completions request.
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
@@ -368,118 +371,6 @@ pub fn generated_text(json: &[u8], out: &mut String) {
             }
         }
     }
-}
-
-/// What the quality guard reads of a completion body or stream chunk (first choice).
-#[derive(Debug, Default, PartialEq)]
-pub struct AnswerPeek {
-    /// `choices[0].logprobs.content[].logprob`, when the body carries them.
-    pub logprobs: Option<Vec<f32>>,
-    /// `choices[0].finish_reason`, when set.
-    pub finish_reason: Option<String>,
-    /// `choices[0]` carries text (`message.content` or `delta.content` not empty).
-    pub has_content: bool,
-}
-
-/// Reads `logprobs` and `finish_reason` of the first choice, skipping everything else; a body
-/// that is not a completion reads as empty.
-pub fn answer_peek(json: &[u8]) -> AnswerPeek {
-    read_answer(json, false).0
-}
-
-/// The body with every choice's `logprobs` set to `null`, as OpenAI answers a client that did
-/// not ask for them; `None` when nothing needed changing (or the body is not JSON).
-pub fn without_logprobs(json: &[u8]) -> Option<Vec<u8>> {
-    read_answer(json, true).1
-}
-
-/// One pass over a completion body or stream chunk for the quality guard: what
-/// [`answer_peek`] reads and, with `strip`, the body with each choice's `logprobs` value
-/// replaced by `null` in place (the rest of the bytes untouched, so nothing is re-encoded).
-pub fn read_answer(json: &[u8], strip: bool) -> (AnswerPeek, Option<Vec<u8>>) {
-    use serde_json::value::RawValue;
-    #[derive(Deserialize)]
-    struct Token {
-        logprob: f32,
-    }
-    #[derive(Deserialize)]
-    struct Logprobs {
-        #[serde(default)]
-        content: Option<Vec<Token>>,
-    }
-    #[derive(Deserialize)]
-    struct Text<'a> {
-        #[serde(default, borrow)]
-        content: Option<&'a RawValue>,
-    }
-    #[derive(Deserialize)]
-    struct Choice<'a> {
-        #[serde(default, borrow)]
-        logprobs: Option<&'a RawValue>,
-        #[serde(default)]
-        finish_reason: Option<String>,
-        #[serde(default, borrow)]
-        message: Option<Text<'a>>,
-        #[serde(default, borrow)]
-        delta: Option<Text<'a>>,
-    }
-    #[derive(Deserialize)]
-    struct Body<'a> {
-        #[serde(default, borrow)]
-        choices: Vec<Choice<'a>>,
-    }
-    let Ok(body) = serde_json::from_slice::<Body<'_>>(json) else {
-        return (AnswerPeek::default(), None);
-    };
-    let stripped = strip.then(|| {
-        // Spans of the logprobs values, as offsets into `json` (they borrow from it).
-        let base = json.as_ptr() as usize;
-        let spans: Vec<(usize, usize)> = body
-            .choices
-            .iter()
-            .filter_map(|c| c.logprobs)
-            .map(|raw| {
-                let start = raw.get().as_ptr() as usize - base;
-                (start, start + raw.get().len())
-            })
-            .filter(|&(start, end)| end <= json.len() && start < end)
-            .collect();
-        if spans.is_empty() {
-            return None;
-        }
-        let mut out = Vec::with_capacity(json.len());
-        let mut at = 0;
-        for (start, end) in spans {
-            out.extend_from_slice(&json[at..start]);
-            out.extend_from_slice(b"null");
-            at = end;
-        }
-        out.extend_from_slice(&json[at..]);
-        Some(out)
-    });
-    let Some(choice) = body.choices.into_iter().next() else {
-        return (AnswerPeek::default(), stripped.flatten());
-    };
-    let has_content = choice
-        .message
-        .or(choice.delta)
-        .and_then(|t| t.content)
-        .is_some_and(|c| {
-            let c = c.get();
-            (c.starts_with('"') && c.len() > 2) || c.starts_with('[')
-        });
-    let logprobs = choice.logprobs.and_then(|raw| {
-        serde_json::from_str::<Logprobs>(raw.get())
-            .ok()
-            .and_then(|l| l.content)
-            .map(|c| c.into_iter().map(|t| t.logprob).collect())
-    });
-    let peek = AnswerPeek {
-        logprobs,
-        finish_reason: choice.finish_reason,
-        has_content,
-    };
-    (peek, stripped.flatten())
 }
 
 /// The text of a message `content`: the string itself, or the `text` of each array part

@@ -139,6 +139,39 @@ async fn a_doubtful_local_answer_is_replaced_by_the_clouds() {
         1.0
     );
 
+    // The savings API the dashboard draws from counts the decision, in totals and per bucket
+    // (polled: the ledger is written in batches).
+    let mut seen = (Value::Null, Value::Null);
+    for _ in 0..100 {
+        let get = |path: &str| {
+            let url = gw.url(path);
+            async move {
+                let r = reqwest::get(url).await.expect("savings");
+                r.json::<Value>().await.expect("json")
+            }
+        };
+        seen = (
+            get("/v1/savings?since=1h").await,
+            get("/v1/savings/series?since=10m&step=1m").await,
+        );
+        if seen.0["savings"]["total"]["requests"] == json!(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen.0["savings"]["total"]["guard_decisions"],
+        json!({"escalated": 1}),
+        "{}",
+        seen.0
+    );
+    let buckets = seen.1["buckets"].as_array().cloned().unwrap_or_default();
+    let escalated: u64 = buckets
+        .iter()
+        .filter_map(|b| b["guard"]["escalated"].as_u64())
+        .sum();
+    assert_eq!(escalated, 1, "{}", seen.1);
+
     // The ledger row carries both legs.
     let rows = ledger_rows(gw).await;
     assert_eq!(rows.len(), 1);
