@@ -461,6 +461,10 @@ mod tests {
             json!({"choices": [{"message": {"content": [{"type": "text", "text": "x"}]}, "logprobs": {"content": null}}]}),
             // A token without a number: no signal rather than a shorter list.
             json!({"choices": [{"message": {"content": "x"}, "logprobs": {"content": [{"token": "x", "logprob": null}]}}]}),
+            // Long texts full of structural bytes and escapes.
+            json!({"choices": [{"message": {"content": "[{\"a\": 1}, ] \\ ,".repeat(30)},
+                "logprobs": {"content": (0..40).map(|i| token(&"}\"\\[,".repeat(i % 7), -(i as f64) / 8.0)).collect::<Vec<_>>()},
+                "finish_reason": "stop"}]}),
             json!({"choices": []}),
             json!({"object": "list"}),
         ];
