@@ -374,31 +374,36 @@ async fn routed_gateway(routing: &str) -> (Gateway, ScriptedUpstream, ScriptedUp
     (Gateway::start(&toml).await, local, cloud)
 }
 
+/// Posts `text` and checks its route against the router's own score: `x-wattgate-p-local` is the
+/// score, and the request went local (`router_local`) exactly when it cleared `threshold`.
+/// Returns whether it did.
+async fn expect_routed(gw: &Gateway, model: &RouterModel, text: &str, threshold: f64) -> bool {
+    let p = model.score(&Query::from_prompt(text));
+    let response = gw.post_chat(&chat_body("auto", text)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-wattgate-p-local").parse::<f64>().ok(),
+        Some(p)
+    );
+    let local = p >= threshold;
+    let (route, reason) = if local {
+        ("local", "router_local")
+    } else {
+        ("cloud", "router_cloud")
+    };
+    let context = format!("{text}: p = {p}, threshold {threshold}");
+    assert_eq!(header(&response, "x-wattgate-route"), route, "{context}");
+    assert_eq!(header(&response, "x-wattgate-reason"), reason, "{context}");
+    local
+}
+
 #[tokio::test]
 async fn the_p_local_header_equals_router_score_and_decides_the_route() {
     let (gw, local, cloud) = routed_gateway("threshold = 0.5").await;
     let model = RouterModel::load(&shipped("8b-class")).unwrap_or_else(|e| panic!("{e}"));
     let mut seen_local = 0;
     for text in [MATH, CHAT] {
-        let p = model.score(&Query::from_prompt(text));
-        let response = gw.post_chat(&chat_body("auto", text)).await;
-        assert_eq!(response.status(), 200);
-        assert_eq!(
-            header(&response, "x-wattgate-p-local").parse::<f64>().ok(),
-            Some(p)
-        );
-        let (route, reason) = if p >= 0.5 {
-            ("local", "router_local")
-        } else {
-            ("cloud", "router_cloud")
-        };
-        assert_eq!(
-            header(&response, "x-wattgate-route"),
-            route,
-            "{text}: p = {p}"
-        );
-        assert_eq!(header(&response, "x-wattgate-reason"), reason);
-        seen_local += usize::from(p >= 0.5);
+        seen_local += usize::from(expect_routed(&gw, &model, text, 0.5).await);
     }
     assert_eq!(local.hits(), seen_local);
     assert_eq!(cloud.hits(), 2 - seen_local);
@@ -559,23 +564,7 @@ async fn the_default_policy_routes_when_the_cloud_is_usable_and_stays_local_when
     );
     let gw = Gateway::start(&usable).await;
     for text in [MATH, CHAT] {
-        let p = model.score(&Query::from_prompt(text));
-        let response = gw.post_chat(&chat_body("auto", text)).await;
-        assert_eq!(response.status(), 200);
-        assert_eq!(
-            header(&response, "x-wattgate-p-local").parse::<f64>().ok(),
-            Some(p)
-        );
-        let reason = if p >= threshold {
-            "router_local"
-        } else {
-            "router_cloud"
-        };
-        assert_eq!(
-            header(&response, "x-wattgate-reason"),
-            reason,
-            "{text}: p = {p}, threshold {threshold}"
-        );
+        expect_routed(&gw, &model, text, threshold).await;
     }
 
     let keyless = format!(
