@@ -377,13 +377,14 @@ fn completion_usage(body: &[u8]) -> Result<Option<Usage>, BackendError> {
         #[serde(default)]
         usage: Option<Usage>,
     }
-    let text = String::from_utf8_lossy(body);
+    // The body as text only for an error message: a good answer is not scanned twice.
+    let text = || String::from_utf8_lossy(body);
     let peek: Peek = serde_json::from_slice(body).map_err(|e| BackendError::Protocol {
-        detail: format!("response is not JSON ({e}): {}", truncate(&text, 200)),
+        detail: format!("response is not JSON ({e}): {}", truncate(&text(), 200)),
     })?;
     if peek.choices.is_none() {
         return Err(BackendError::Protocol {
-            detail: format!("response has no `choices`: {}", truncate(&text, 200)),
+            detail: format!("response has no `choices`: {}", truncate(&text(), 200)),
         });
     }
     Ok(peek.usage)
