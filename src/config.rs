@@ -479,6 +479,17 @@ pub struct ServerConfig {
     pub readiness_cache_s: f64,
     /// Log prompt and answer text at debug level. Off: logs never contain message text.
     pub log_prompts: bool,
+    /// Seconds a connection has for a request's headers, counted from when the server starts
+    /// reading them; a partial head then gets 408 and the connection closes. It is also how
+    /// long an idle keep-alive connection is kept (closed silently then).
+    pub header_timeout_s: f64,
+    /// Seconds a request has for its whole body, counted from when its headers arrived; past
+    /// it, 408. A total deadline, not a per-read one: a client trickling a byte a second must
+    /// not hold a connection for ever.
+    pub body_timeout_s: f64,
+    /// Open connections one client IP may hold; more are refused with 503 and counted in
+    /// `wattgate_connections_refused_total{reason="per_ip"}`. 0: no cap.
+    pub max_connections_per_ip: usize,
 }
 
 /// Log line format.
@@ -793,6 +804,15 @@ impl Default for ServerConfig {
             log_format: LogFormat::Text,
             readiness_cache_s: 5.0,
             log_prompts: false,
+            // nginx's client_header_timeout and client_body_timeout default to 60 s
+            // (nginx.org/en/docs/http/ngx_http_core_module.html); an API whose clients write a
+            // small JSON body at once can be stricter: 10 s for headers, 30 s for a body.
+            header_timeout_s: 10.0,
+            body_timeout_s: 30.0,
+            // nginx's limit_conn has no default; 256 is four times the connections an HTTP
+            // client pool opens by default (httpx: 100 max, reqwest/hyper: unbounded but idle
+            // ones are reused), so one client's pool fits and a flood from one address does not.
+            max_connections_per_ip: 256,
         }
     }
 }
@@ -997,6 +1017,12 @@ impl Config {
             self.server.readiness_cache_s,
             true,
         )?;
+        check_seconds(
+            "server.header_timeout_s",
+            self.server.header_timeout_s,
+            false,
+        )?;
+        check_seconds("server.body_timeout_s", self.server.body_timeout_s, false)?;
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be greater than 0"));
         }

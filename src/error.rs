@@ -23,6 +23,9 @@ pub struct ApiError {
     pub code: Option<String>,
     /// Seconds the client should wait before retrying (sent as `Retry-After`).
     pub retry_after: Option<String>,
+    /// Ends the connection after this reply (`Connection: close`): the request's body was not
+    /// read to its end, so the next bytes on the wire are not a request.
+    pub close: bool,
 }
 
 #[derive(Serialize)]
@@ -48,6 +51,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after: None,
+            close: false,
         }
     }
 
@@ -105,6 +109,28 @@ impl ApiError {
             format!("Request body is larger than the gateway's limit of {limit} bytes (server.max_body_bytes)."),
         )
         .with_code("request_too_large")
+    }
+
+    /// 408: the request's body did not arrive within `server.body_timeout_s`.
+    pub fn body_timeout(seconds: f64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("The request body did not arrive within {seconds} s of its headers (server.body_timeout_s)."),
+        )
+        .with_code("request_timeout")
+    }
+
+    /// 408: the request's headers did not arrive within `server.header_timeout_s`.
+    pub fn header_timeout(seconds: f64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "The request headers did not arrive within {seconds} s (server.header_timeout_s)."
+            ),
+        )
+        .with_code("request_timeout")
     }
 
     /// 429: a per-client rate limit refused the request (`Retry-After` set by the caller).
@@ -169,6 +195,12 @@ impl ApiError {
         Self::new(status, kind, message)
     }
 
+    /// Closes the connection after this reply.
+    pub fn closing(mut self) -> Self {
+        self.close = true;
+        self
+    }
+
     /// Names the request field at fault.
     pub fn with_param(mut self, param: &str) -> Self {
         self.param = Some(param.to_owned());
@@ -210,6 +242,9 @@ impl IntoResponse for ApiError {
             .and_then(|s| HeaderValue::from_str(s).ok())
         {
             headers.insert(header::RETRY_AFTER, v);
+        }
+        if self.close {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

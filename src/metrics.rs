@@ -110,6 +110,11 @@ pub struct Metrics {
     /// Requests refused before reaching a backend, by reason (unauthorized, forbidden,
     /// rate_limited_requests, rate_limited_tokens, too_many_concurrent).
     pub rejected: IntCounterVec,
+    /// Connections refused or cut at the door, by reason (per_ip: over
+    /// `server.max_connections_per_ip`; header_timeout, body_timeout: answered 408).
+    pub connections_refused: IntCounterVec,
+    /// Connections open now.
+    pub connections_open: IntGauge,
 }
 
 impl Metrics {
@@ -336,6 +341,19 @@ impl Metrics {
                 "Requests refused before any backend, by reason (unauthorized|forbidden|rate_limited_requests|rate_limited_tokens|too_many_concurrent).",
                 &["reason"],
             )?,
+            connections_refused: counter(
+                "wattgate_connections_refused_total",
+                "Connections refused or closed at the door, by reason (per_ip|header_timeout|body_timeout).",
+                &["reason"],
+            )?,
+            connections_open: {
+                let g = IntGauge::new(
+                    "wattgate_connections_open",
+                    "Client connections open now.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             in_flight,
             registry,
         })

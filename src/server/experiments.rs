@@ -19,7 +19,13 @@ const MAX_FEEDBACK_BYTES: usize = 64 * 1024;
 /// replaced (posting again is safe: one outcome per request id); 404 for an id the ledger does
 /// not have; 400 naming a bad field; 503 when the ledger is off.
 pub async fn post_feedback(State(state): State<AppState>, request: Request) -> Response {
-    let body = match read_body(request.into_body(), MAX_FEEDBACK_BYTES).await {
+    let body = match read_body(
+        request.into_body(),
+        MAX_FEEDBACK_BYTES,
+        state.inner.body_timeout,
+    )
+    .await
+    {
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };

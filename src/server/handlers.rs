@@ -32,6 +32,17 @@ pub async fn chat_completions(
     Extension(client): Extension<Client>,
     request: Request,
 ) -> Response {
+    let (parts, body) = request.into_parts();
+    let overrides = match overrides(&parts.headers) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    let body = match read_body(body, state.inner.max_body_bytes, state.inner.body_timeout).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
+    // Only now, with the whole body in: a slot taken before would be held by a client that
+    // trickles its body, and enough of those lock every other client out.
     let slot = match state.inner.access.slot() {
         Ok(slot) => slot,
         Err(e) => {
@@ -43,16 +54,6 @@ pub async fn chat_completions(
                 .inc();
             return e.into_response();
         }
-    };
-    let (parts, body) = request.into_parts();
-    let overrides = match overrides(&parts.headers) {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
-    let limit = state.inner.max_body_bytes;
-    let body = match read_body(body, limit).await {
-        Ok(body) => body,
-        Err(e) => return e.into_response(),
     };
     let inbound = Inbound {
         overrides,
@@ -138,14 +139,24 @@ fn bad_header(name: &HeaderName, what: &str) -> ApiError {
         .with_code("invalid_header")
 }
 
-/// Reads the body up to `limit` bytes; past it, drains a bounded amount and reports 413.
-pub(super) async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// Reads the body up to `limit` bytes; past it, drains a bounded amount and reports 413. A body
+/// past its deadline ([`super::layers::BodyDeadlineLayer`], `timeout`) is a 408 that closes the
+/// connection.
+pub(super) async fn read_body(
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, ApiError> {
     let mut body = body.into_data_stream();
     let mut buf = Vec::new();
     let mut seen = 0usize;
     while let Some(frame) = body.next().await {
         let frame = frame.map_err(|e| {
-            ApiError::invalid_request(format!("Could not read the request body: {e}."))
+            if super::layers::BodyTimedOut::is(&e) {
+                ApiError::body_timeout(timeout.as_secs_f64()).closing()
+            } else {
+                ApiError::invalid_request(format!("Could not read the request body: {e}."))
+            }
         })?;
         seen = seen.saturating_add(frame.len());
         if seen > limit {

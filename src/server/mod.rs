@@ -7,6 +7,8 @@
 mod access;
 mod experiments;
 mod handlers;
+mod layers;
+mod listen;
 mod observe;
 
 use std::future::Future;
@@ -15,7 +17,6 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -40,6 +41,8 @@ struct Shared {
     gateway: Gateway,
     metrics: Arc<Metrics>,
     max_body_bytes: usize,
+    body_timeout: Duration,
+    doors: listen::DoorPolicy,
     readiness: handlers::ReadinessCache,
     ledger: Option<Ledger>,
     ledger_writer: Option<LedgerSender>,
@@ -86,6 +89,11 @@ impl AppState {
                 gateway,
                 metrics,
                 max_body_bytes: config.server.max_body_bytes,
+                body_timeout: secs(config.server.body_timeout_s),
+                doors: listen::DoorPolicy {
+                    header_timeout: secs(config.server.header_timeout_s),
+                    max_connections_per_ip: config.server.max_connections_per_ip,
+                },
                 readiness: handlers::ReadinessCache::new(secs(config.server.readiness_cache_s)),
                 baseline_backend: metering.baseline_name(config).map(str::to_owned),
                 ledger,
@@ -147,8 +155,48 @@ fn open_ledger(config: &LedgerConfig) -> anyhow::Result<OpenLedger> {
     Ok((Some(ledger), Some(sender), Some(thread)))
 }
 
-/// The axum application: every route, the 404/405 fallbacks, and the middleware stack.
+/// The axum application: every route, the 404/405 fallbacks, and the layers every request
+/// passes, composed here and nowhere else. Outermost first:
+///
+/// 1. panic catch: a bug in any layer below answers 500 in the API's shape, not a reset;
+/// 2. trace: a span per request (method, path) that every log line below carries;
+/// 3. observe: the request id (the client's when sane), arrival time, per-endpoint metrics;
+/// 4. body deadline: the whole body within `server.body_timeout_s`, else 408;
+/// 5. auth: the key an endpoint needs, and who the request is charged to.
+///
+/// The body size cap and the concurrency slot are taken in the handlers, after the body is in:
+/// a layer would take the slot before the body is read, and a client trickling its body would
+/// hold it (that is how 1,100 slow connections used to lock everyone out). Connection-level
+/// limits (header deadline, per-IP cap) are in [`listen`].
 pub fn app(state: AppState) -> Router {
+    let stack = tower::ServiceBuilder::new()
+        .layer(CatchPanicLayer::custom(|_| {
+            axum::response::IntoResponse::into_response(ApiError::internal(
+                "The gateway hit an internal error (a bug: please report it with the x-request-id).",
+            ))
+        }))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .on_request(())
+                .on_response(())
+                .on_failure(()),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
+        .layer(layers::BodyDeadlineLayer::new(
+            state.inner.body_timeout,
+            state
+                .inner
+                .metrics
+                .connections_refused
+                .with_label_values(&["body_timeout"]),
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::authenticate,
+        ));
     Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/models", get(handlers::list_models))
@@ -164,21 +212,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/experiments/{name}", get(experiments::get_experiment))
         .fallback(handlers::unknown_endpoint)
         .method_not_allowed_fallback(handlers::method_not_allowed)
-        // The chat handler enforces its own configured limit; this covers the other extractors.
+        // The handlers read bodies with their own limits (`read_body`).
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            access::authenticate,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            observe::observe,
-        ))
-        .layer(CatchPanicLayer::custom(|_| {
-            axum::response::IntoResponse::into_response(ApiError::internal(
-                "The gateway hit an internal error (a bug: please report it with the x-request-id).",
-            ))
-        }))
+        .layer(stack)
         .with_state(state)
 }
 
@@ -206,14 +242,11 @@ pub async fn serve_app(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let listener = listener.tap_io(|tcp| {
-        // Small SSE frames and JSON replies must not wait for Nagle's algorithm.
-        let _ = tcp.set_nodelay(true);
-    });
     let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
     let kept = state.clone();
-    let service = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
+    let doors = state.inner.doors.clone();
+    let metrics = state.inner.metrics.clone();
+    let server = listen::serve_connections(listener, app(state), doors, metrics, async move {
         shutdown.await;
         tracing::info!(
             "shutdown requested: no longer accepting; waiting up to {:.1}s for in-flight requests",
@@ -228,10 +261,7 @@ pub async fn serve_app(
         }
     };
     tokio::select! {
-        result = server => {
-            result?;
-            tracing::info!("all connections closed; exiting");
-        }
+        () = server => tracing::info!("all connections closed; exiting"),
         () = deadline => {
             tracing::warn!("shutdown grace period expired; closing the remaining connections");
         }

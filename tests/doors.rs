@@ -1,0 +1,281 @@
+//! The doors and the bounds: slow clients cannot lock anyone out (header and body deadlines,
+//! the per-IP connection cap, the concurrency slot taken only once a body is in), and nothing a
+//! client or an upstream sends can grow without bound (upstream bodies, SSE lines, roles).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{backend, chat_body, expect_error, Gateway};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use wattgate_testkit::{Behavior, ScriptedUpstream};
+
+/// How a slow connection misbehaves.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Slow {
+    /// Complete headers, then a body one byte every 500 ms.
+    Body,
+    /// Headers one byte every 500 ms, never complete.
+    Headers,
+}
+
+/// What a slow connection was told before it closed.
+#[derive(Debug, PartialEq, Eq)]
+enum Told {
+    /// This status line's code.
+    Status(u16),
+    /// Nothing: closed or reset without a reply.
+    Nothing,
+}
+
+async fn connect_from(local: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((local, 0)))?;
+    socket.connect(to).await
+}
+
+/// Opens one slow connection from `local` and trickles until the server closes it; returns what
+/// the server answered (read concurrently with the trickle).
+async fn slow_client(local: [u8; 4], to: SocketAddr, kind: Slow) -> Told {
+    let Ok(stream) = connect_from(local, to).await else {
+        return Told::Nothing;
+    };
+    let (mut read, mut write) = stream.into_split();
+    let body = r#"{"model":"cloud","messages":[{"role":"user","content":"slow"}]}"#;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let (first, rest): (Vec<u8>, Vec<u8>) = match kind {
+        Slow::Body => (head.into_bytes(), body.as_bytes().to_vec()),
+        Slow::Headers => {
+            let bytes = head.into_bytes();
+            (bytes[..10].to_vec(), bytes[10..bytes.len() - 4].to_vec())
+        }
+    };
+    let trickle = tokio::spawn(async move {
+        if write.write_all(&first).await.is_err() {
+            return;
+        }
+        for byte in rest {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if write.write_all(&[byte]).await.is_err() {
+                return;
+            }
+        }
+        // Never finishes: hold the connection open as a slow client would.
+        std::future::pending::<()>().await;
+    });
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(60), read.read_to_end(&mut reply)).await;
+    trickle.abort();
+    let text = String::from_utf8_lossy(&reply);
+    match text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|c| c.parse().ok())
+    {
+        Some(code) => Told::Status(code),
+        None => Told::Nothing,
+    }
+}
+
+/// The Prometheus value of `wattgate_connections_refused_total{reason}`.
+fn refused(metrics: &str, reason: &str) -> u64 {
+    let prefix = format!("wattgate_connections_refused_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_connections_from_one_address_never_lock_out_a_client_on_another() {
+    let cloud = ScriptedUpstream::start_cycling(
+        "127.0.0.1:0".parse().expect("addr"),
+        "cloud-upstream",
+        vec![Behavior::Reply("fine".to_owned())],
+    )
+    .await
+    .expect("upstream");
+    // Fewer concurrency slots than slow connections the per-IP cap admits: were a slot taken
+    // before the body is read, the body-tricklers alone would hold them all.
+    let config = format!(
+        "[server]\nheader_timeout_s = 2.0\nbody_timeout_s = 3.0\n[limits]\nmax_concurrent_requests = 64\n{}",
+        backend("cloud", "cloud", &cloud.base_url(), "")
+    );
+    let gw = Gateway::start(&config).await;
+    let addr = gw.addr;
+
+    // The normal client, on 127.0.0.1: one request every 100 ms, each timed, until told to stop.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let url = gw.url("/v1/chat/completions");
+    let normal = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let mut served = Vec::new();
+        while !*stop_rx.borrow() {
+            let started = Instant::now();
+            let response = tokio::time::timeout(
+                Duration::from_secs(5),
+                http.post(&url).json(&chat_body("cloud", "hi")).send(),
+            )
+            .await;
+            let status = match response {
+                Ok(Ok(r)) => r.status().as_u16(),
+                Ok(Err(e)) => panic!("the normal client's request failed: {e}"),
+                Err(_) => 0,
+            };
+            served.push((status, started.elapsed()));
+            let _ = tokio::time::timeout(Duration::from_millis(100), stop_rx.changed()).await;
+        }
+        served
+    });
+
+    // 1,100 of each kind from 127.0.0.3, interleaved, opened 100 at a time.
+    let mut slow = Vec::new();
+    for i in 0..2200 {
+        let kind = if i % 2 == 0 {
+            Slow::Body
+        } else {
+            Slow::Headers
+        };
+        slow.push((kind, tokio::spawn(slow_client([127, 0, 0, 3], addr, kind))));
+        if i % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut told = Vec::new();
+    for (kind, task) in slow {
+        told.push((kind, task.await.expect("slow client task")));
+    }
+    // A second past the last deadline, the normal client is still being served.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = stop_tx.send(true);
+    let served = normal.await.expect("normal client task");
+
+    assert!(served.len() >= 20, "only {} normal requests", served.len());
+    for (i, (status, took)) in served.iter().enumerate() {
+        assert_eq!(
+            *status, 200,
+            "normal request {i} got {status} after {took:?}"
+        );
+        assert!(
+            *took < Duration::from_secs(1),
+            "normal request {i} took {took:?}"
+        );
+    }
+    let count = |kind: Slow, what: Told| {
+        told.iter()
+            .filter(|(k, t)| *k == kind && *t == what)
+            .count()
+    };
+    let (body_408, head_408) = (
+        count(Slow::Body, Told::Status(408)),
+        count(Slow::Headers, Told::Status(408)),
+    );
+    let refused_503 =
+        count(Slow::Body, Told::Status(503)) + count(Slow::Headers, Told::Status(503));
+    let other: Vec<_> = told
+        .iter()
+        .filter(|(_, t)| !matches!(t, Told::Status(408 | 503)))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "{} slow connections got neither 408 nor 503, e.g. {:?}",
+        other.len(),
+        other.first()
+    );
+    assert!(
+        body_408 > 0 && head_408 > 0,
+        "408s: {body_408} body, {head_408} header"
+    );
+    assert!(refused_503 > 0, "the per-IP cap refused nobody");
+    let slowest = served.iter().map(|(_, t)| *t).max().unwrap_or_default();
+    eprintln!(
+        "slow connections: {body_408} body and {head_408} header 408s, {refused_503} refused 503 (per-IP cap); normal client: {} requests, all 200, slowest {slowest:?}",
+        served.len()
+    );
+    // Counted in Prometheus, exactly as the clients saw them.
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        refused(&metrics, "per_ip") as usize,
+        refused_503,
+        "{metrics}"
+    );
+    assert_eq!(refused(&metrics, "header_timeout") as usize, head_408);
+    assert_eq!(refused(&metrics, "body_timeout") as usize, body_408);
+    assert_eq!(
+        cloud.hits(),
+        served.len(),
+        "no slow request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_body_in_time_is_served_and_an_idle_keep_alive_connection_closes_silently() {
+    let cloud = ScriptedUpstream::start_cycling(
+        "127.0.0.1:0".parse().expect("addr"),
+        "cloud-upstream",
+        vec![Behavior::Reply("fine".to_owned())],
+    )
+    .await
+    .expect("upstream");
+    let config = format!(
+        "[server]\nheader_timeout_s = 1.0\nbody_timeout_s = 5.0\n{}",
+        backend("cloud", "cloud", &cloud.base_url(), "")
+    );
+    let gw = Gateway::start(&config).await;
+    let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let body = r#"{"model":"cloud","messages":[{"role":"user","content":"hi"}]}"#;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("head");
+    // The body in two parts, 1.5 s apart: past the header deadline, within the body deadline.
+    let (a, b) = body.split_at(10);
+    stream.write_all(a.as_bytes()).await.expect("part 1");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stream.write_all(b.as_bytes()).await.expect("part 2");
+    let mut reply = vec![0u8; 64 * 1024];
+    let n = stream.read(&mut reply).await.expect("reply");
+    let text = String::from_utf8_lossy(&reply[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // Then idle: closed after the header deadline, with no unsolicited 408.
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+        .await
+        .expect("closed within the deadline")
+        .expect("read");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        refused(&metrics, "header_timeout"),
+        0,
+        "an idle close is not a refusal"
+    );
+    // A body past its deadline is a 408 in the API's shape.
+    let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("head");
+    stream.write_all(a.as_bytes()).await.expect("part 1");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply))
+        .await
+        .expect("answered within the body deadline")
+        .expect("read");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("server.body_timeout_s"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    let _ = expect_error;
+    let _ = json!({});
+}
