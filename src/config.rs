@@ -411,6 +411,9 @@ pub struct LedgerConfig {
     pub retention_days: f64,
     /// At most this many rows are kept (oldest deleted first); 0 means no limit.
     pub max_rows: u64,
+    /// Rows that may wait for the writer thread; past it rows are dropped and counted in
+    /// `wattgate_ledger_rows_dropped_total` (see [`crate::ledger::LedgerSender`]).
+    pub queue_rows: usize,
 }
 
 impl Default for LedgerConfig {
@@ -422,6 +425,10 @@ impl Default for LedgerConfig {
             retention_days: 90.0,
             // About 1 KB per row: ~5 GB at most.
             max_rows: 5_000_000,
+            // The writer flushes every second; 100,000 rows is about four seconds of the
+            // gateway's measured peak (21,600-26,700 requests/s, README "Overhead") and, at
+            // about 1 KB a row, 100 MB at most.
+            queue_rows: 100_000,
         }
     }
 }
@@ -679,6 +686,11 @@ pub struct BackendConfig {
     /// Seconds for the whole upstream exchange, stream included.
     #[serde(default = "default_total_timeout_s")]
     pub total_timeout_s: f64,
+    /// `openai`: the largest non-streaming answer read from the upstream, in bytes; a larger
+    /// one is a 502 naming this cap (and a local one falls back), so a broken or hostile
+    /// upstream cannot fill the gateway's memory.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: u64,
     /// Ask streaming upstreams for a usage chunk (`stream_options.include_usage`) even when the
     /// client did not, so every stream is metered; the extra chunk is removed before the client.
     #[serde(default = "default_true")]
@@ -774,6 +786,11 @@ fn default_first_byte_timeout_s() -> f64 {
 }
 fn default_total_timeout_s() -> f64 {
     600.0
+}
+fn default_max_response_bytes() -> u64 {
+    // 64 MiB: 16 times a 128k-token answer with per-token logprobs (about 4 MB as JSON),
+    // far from any real answer and still small next to the host's memory.
+    64 * 1024 * 1024
 }
 fn default_true() -> bool {
     true
@@ -883,6 +900,7 @@ fn default_backends() -> Vec<BackendConfig> {
             connect_timeout_s: default_connect_timeout_s(),
             first_byte_timeout_s: default_first_byte_timeout_s(),
             total_timeout_s: default_total_timeout_s(),
+            max_response_bytes: default_max_response_bytes(),
             stream_usage: true,
             router: None,
             supports_tools: false,
@@ -916,6 +934,7 @@ fn default_backends() -> Vec<BackendConfig> {
             connect_timeout_s: default_connect_timeout_s(),
             first_byte_timeout_s: default_first_byte_timeout_s(),
             total_timeout_s: default_total_timeout_s(),
+            max_response_bytes: default_max_response_bytes(),
             stream_usage: true,
             router: None,
             supports_tools: false,
@@ -1211,6 +1230,9 @@ impl Config {
             check_seconds(&key("connect_timeout_s"), b.connect_timeout_s, false)?;
             check_seconds(&key("first_byte_timeout_s"), b.first_byte_timeout_s, false)?;
             check_seconds(&key("total_timeout_s"), b.total_timeout_s, false)?;
+            if b.max_response_bytes == 0 {
+                return Err(invalid(key("max_response_bytes"), "must be greater than 0"));
+            }
             if b.first_byte_timeout_s > b.total_timeout_s {
                 return Err(invalid(
                     key("first_byte_timeout_s"),
@@ -1566,6 +1588,9 @@ impl Config {
             self.ledger.flush_interval_s,
             false,
         )?;
+        if self.ledger.queue_rows == 0 {
+            return Err(invalid("ledger.queue_rows", "must be greater than 0"));
+        }
         if self
             .ledger
             .path

@@ -10,7 +10,9 @@
 //! so rows sort by time and a time range is a key range.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{
+    channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -469,17 +471,36 @@ enum Message {
 type OutcomeReply = tokio::sync::oneshot::Sender<Result<OutcomeReceipt, OutcomeError>>;
 
 /// The request path's handle: queues rows for the writer thread.
+///
+/// The queue holds at most `ledger.queue_rows` rows. Overflow policy: a row that finds it full
+/// is dropped, counted in `wattgate_ledger_rows_dropped_total` and logged, and the request is
+/// served as usual. The alternatives are worse: waiting would stall a request (and the async
+/// worker thread it runs on) behind a slow disk, and an unbounded queue turns a stuck disk into
+/// an out-of-memory kill that loses every queued row at once. The request is still in the
+/// Prometheus counters, which do not depend on the ledger.
 #[derive(Clone)]
 pub struct LedgerSender {
-    tx: Sender<Message>,
+    tx: SyncSender<Message>,
+    dropped: prometheus::IntCounter,
 }
 
 impl LedgerSender {
-    /// Queues a row; never blocks. A row is lost only if the writer thread has died, which is
-    /// logged when it happens.
+    /// Queues a row; never blocks. A row is lost when the queue is full (counted) or the writer
+    /// thread has died (logged).
     pub fn record(&self, row: LedgerRow) {
-        if self.tx.send(Message::Row(Box::new(row))).is_err() {
-            tracing::error!("ledger writer has stopped; a row was not recorded");
+        match self.tx.try_send(Message::Row(Box::new(row))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.inc();
+                // Once per power of two, so a stuck disk does not also flood the log.
+                let n = self.dropped.get();
+                if n.is_power_of_two() {
+                    tracing::error!(dropped = n, "ledger queue full (ledger.queue_rows): rows are being dropped; is the disk stuck?");
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!("ledger writer has stopped; a row was not recorded");
+            }
         }
     }
 
@@ -491,8 +512,15 @@ impl LedgerSender {
     ) -> Result<OutcomeReceipt, OutcomeError> {
         let (reply, receipt) = tokio::sync::oneshot::channel();
         self.tx
-            .send(Message::Outcome(Box::new(outcome), Some(reply)))
-            .map_err(|_| OutcomeError::Storage("the ledger writer has stopped".to_owned()))?;
+            .try_send(Message::Outcome(Box::new(outcome), Some(reply)))
+            .map_err(|e| match e {
+                TrySendError::Full(_) => OutcomeError::Storage(
+                    "the ledger's queue is full (ledger.queue_rows); retry shortly".to_owned(),
+                ),
+                TrySendError::Disconnected(_) => {
+                    OutcomeError::Storage("the ledger writer has stopped".to_owned())
+                }
+            })?;
         receipt
             .await
             .map_err(|_| OutcomeError::Storage("the ledger writer has stopped".to_owned()))?
@@ -518,12 +546,14 @@ impl LedgerSender {
 }
 
 /// Starts the writer thread. It flushes every `flush_interval_s` and once more when every
-/// [`LedgerSender`] is gone (graceful shutdown); the returned handle joins it.
+/// [`LedgerSender`] is gone (graceful shutdown); the returned handle joins it. `dropped` counts
+/// rows refused by a full queue.
 pub fn spawn_writer(
     ledger: Ledger,
     config: &LedgerConfig,
+    dropped: prometheus::IntCounter,
 ) -> std::io::Result<(LedgerSender, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = channel();
+    let (tx, rx) = sync_channel(config.queue_rows);
     let interval = crate::config::secs(config.flush_interval_s);
     let max_age = (config.retention_days > 0.0)
         .then(|| crate::config::secs(config.retention_days * 86_400.0));
@@ -531,7 +561,7 @@ pub fn spawn_writer(
     let handle = std::thread::Builder::new()
         .name("wattgate-ledger".to_owned())
         .spawn(move || writer(&ledger, &rx, interval, max_age, max_rows))?;
-    Ok((LedgerSender { tx }, handle))
+    Ok((LedgerSender { tx, dropped }, handle))
 }
 
 fn writer(
@@ -777,10 +807,34 @@ mod tests {
             retention_days: 0.0,
             ..LedgerConfig::default()
         };
-        let (tx, handle) = spawn_writer(ledger.clone(), &config).expect("spawn");
+        let (tx, handle) = spawn_writer(ledger.clone(), &config, dropped()).expect("spawn");
         tx.record(row(now_us(), "x"));
         drop(tx);
         handle.join().expect("writer exits");
         assert_eq!(ledger.len().expect("len"), 1);
+    }
+
+    fn dropped() -> prometheus::IntCounter {
+        prometheus::IntCounter::new("dropped", "dropped").expect("counter")
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_rows_without_blocking() {
+        let (tx, rx) = sync_channel(2);
+        let sender = LedgerSender {
+            tx,
+            dropped: dropped(),
+        };
+        for i in 0..5 {
+            sender.record(row(now_us(), &format!("r{i}")));
+        }
+        assert_eq!(sender.dropped.get(), 3);
+        assert_eq!(rx.try_iter().count(), 2, "the first two were queued");
+        sender.record(row(now_us(), "again"));
+        assert_eq!(
+            sender.dropped.get(),
+            3,
+            "room again once the writer drained it"
+        );
     }
 }

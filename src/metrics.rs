@@ -115,6 +115,8 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     /// Connections open now.
     pub connections_open: IntGauge,
+    /// Ledger rows dropped because the writer's queue was full.
+    pub ledger_rows_dropped: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -353,6 +355,14 @@ impl Metrics {
                 )?;
                 registry.register(Box::new(g.clone()))?;
                 g
+            },
+            ledger_rows_dropped: {
+                let c = prometheus::IntCounter::new(
+                    "wattgate_ledger_rows_dropped_total",
+                    "Ledger rows dropped because the writer's queue (ledger.queue_rows) was full.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
             },
             in_flight,
             registry,

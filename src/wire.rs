@@ -12,6 +12,17 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
+/// The message roles OpenAI's Chat Completions API accepts (its API reference, `messages`);
+/// anything else it answers 400, and so does the gateway, rather than pass it to a model.
+pub const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
 mod answer;
 pub use answer::{answer_peek, read_answer, without_logprobs, AnswerPeek};
 
@@ -97,7 +108,17 @@ impl ChatRequest {
                 return Err(wrong_type(&format!("messages[{i}]"), "an object", message));
             };
             match message.get("role") {
-                Some(Value::String(_)) => {}
+                Some(Value::String(role)) if ROLES.contains(&role.as_str()) => {}
+                Some(Value::String(role)) => {
+                    // Echo at most 40 characters: the value is client input.
+                    let shown: String = role.chars().take(40).collect();
+                    return Err(ApiError::invalid_request(format!(
+                        "Invalid value for 'messages[{i}].role': `{shown}`. Supported values are: {}.",
+                        ROLES.join(", ")
+                    ))
+                    .with_param(&format!("messages[{i}].role"))
+                    .with_code("invalid_value"));
+                }
                 Some(other) => {
                     return Err(wrong_type(
                         &format!("messages[{i}].role"),
@@ -577,6 +598,14 @@ mod tests {
             ),
             (
                 serde_json::json!({"model":"m","messages":[{"content":"x"}]}),
+                Some("messages[0].role"),
+            ),
+            (
+                serde_json::json!({"model":"m","messages":[{"role":"user","content":"x"},{"role":"wizard","content":"x"}]}),
+                Some("messages[1].role"),
+            ),
+            (
+                serde_json::json!({"model":"m","messages":[{"role":"User","content":"x"}]}),
                 Some("messages[0].role"),
             ),
             (

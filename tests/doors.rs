@@ -279,3 +279,146 @@ async fn a_body_in_time_is_served_and_an_idle_keep_alive_connection_closes_silen
     let _ = expect_error;
     let _ = json!({});
 }
+
+/// The daemon binary on a free loopback port with this config (after `listen`), until dropped.
+struct Daemon {
+    child: std::process::Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    async fn start(config: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("wattgate.toml");
+        std::fs::write(
+            &path,
+            format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{config}"),
+        )
+        .expect("config");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_wattgate"))
+            .env("XDG_DATA_HOME", dir.path())
+            .env_remove("WATTGATE_LOG")
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn the daemon");
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::get(format!("{base}/healthz")).await.is_err() {
+            assert!(Instant::now() < deadline, "the daemon did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            child,
+            base,
+            _dir: dir,
+        }
+    }
+
+    /// Peak resident memory so far (`VmHWM`), in bytes.
+    fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM")
+            * 1024
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_100_mib_upstream_answer_is_a_502_naming_the_cap_and_the_daemon_stays_small() {
+    let cloud = ScriptedUpstream::start(
+        "cloud-upstream",
+        vec![Behavior::Oversize {
+            bytes: 100 * 1024 * 1024,
+        }],
+    )
+    .await
+    .expect("upstream");
+    let daemon = Daemon::start(&format!(
+        "[resilience]\nmax_retries = 0\n{}",
+        backend("cloud", "cloud", &cloud.base_url(), "")
+    ))
+    .await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", daemon.base))
+        .json(&chat_body("cloud", "say a lot"))
+        .send()
+        .await
+        .expect("the daemon answers");
+    let error = expect_error(response, 502).await;
+    let message = support::message(&error);
+    assert!(message.contains("max_response_bytes = 67108864"), "{error}");
+    let peak = daemon.peak_rss();
+    eprintln!(
+        "100 MiB upstream answer: 502 `{message}`; daemon peak RSS {:.1} MB",
+        peak as f64 / 1e6
+    );
+    assert!(peak < 200_000_000, "peak RSS {peak} bytes");
+}
+
+#[tokio::test]
+async fn a_10_mib_sse_line_ends_the_stream_with_an_error_frame() {
+    let cloud = ScriptedUpstream::start(
+        "cloud-upstream",
+        vec![Behavior::Oversize {
+            bytes: 10 * 1024 * 1024,
+        }],
+    )
+    .await
+    .expect("upstream");
+    let gw = Gateway::start(&format!(
+        "[resilience]\nmax_retries = 0\n{}",
+        backend("cloud", "cloud", &cloud.base_url(), "")
+    ))
+    .await;
+    let mut body = chat_body("cloud", "stream a lot");
+    body["stream"] = json!(true);
+    let response = gw.post_chat(&body).await;
+    assert_eq!(response.status().as_u16(), 200, "the stream opened");
+    let text = tokio::time::timeout(Duration::from_secs(30), response.text())
+        .await
+        .expect("the stream ends")
+        .expect("read the stream");
+    assert!(text.len() < 1024 * 1024, "{} bytes relayed", text.len());
+    let frames: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("each frame is JSON"))
+        .collect();
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["choices"][0]["delta"]["content"] == "one"),
+        "the good chunk is relayed: {text}"
+    );
+    let last = frames.last().expect("frames");
+    assert_eq!(last["error"]["code"], "upstream_protocol_error", "{last}");
+    let message = last["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("SSE line is longer than 1048576 bytes"),
+        "{message}"
+    );
+    assert!(
+        !text.contains("[DONE]"),
+        "a failed stream does not claim to be done"
+    );
+}

@@ -69,6 +69,10 @@ async fn missing_or_wrong_fields_are_400_naming_the_field() {
             "messages[0].role",
         ),
         (
+            json!({"model": "auto", "messages": [{"role": "wizard", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
             json!({"model": "auto", "messages": [{"role": "user", "content": "x"}], "stream": "true"}),
             "stream",
         ),

@@ -30,6 +30,7 @@ pub struct OpenAiBackend {
     connect_timeout_s: f64,
     first_byte_timeout_s: f64,
     total_timeout_s: f64,
+    max_response_bytes: u64,
     stream_usage: bool,
     /// Ask for `logprobs` when the guard will check the answer (`confidence = "logprobs"`).
     reads_logprobs: bool,
@@ -75,6 +76,7 @@ impl OpenAiBackend {
             connect_timeout_s: c.connect_timeout_s,
             first_byte_timeout_s: c.first_byte_timeout_s,
             total_timeout_s: c.total_timeout_s,
+            max_response_bytes: c.max_response_bytes,
             stream_usage: c.stream_usage,
             reads_logprobs: c.reads_logprobs(),
         })
@@ -149,8 +151,9 @@ impl Backend for OpenAiBackend {
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            // The error body is best effort: the status alone is the failure.
-            let body = match timeout_at(deadline, response.bytes()).await {
+            // The error body is best effort (and its first 64 KiB are plenty for a message):
+            // the status alone is the failure.
+            let body = match timeout_at(deadline, read_capped(response, 64 * 1024)).await {
                 Ok(Ok(b)) => b,
                 _ => Bytes::new(),
             };
@@ -158,9 +161,19 @@ impl Backend for OpenAiBackend {
         }
 
         if !request.stream {
-            let body = match timeout_at(deadline, response.bytes()).await {
+            let body = match timeout_at(deadline, read_capped(response, self.max_response_bytes))
+                .await
+            {
                 Err(_) => return Err(self.timeout(TimeoutPhase::Total)),
-                Ok(Err(e)) => return Err(self.transport_error(&self.chat_url, &e)),
+                Ok(Err(Capped::Transport(e))) => {
+                    return Err(self.transport_error(&self.chat_url, &e))
+                }
+                Ok(Err(Capped::Over)) => return Err(BackendError::Protocol {
+                    detail: format!(
+                        "the answer is larger than this backend's max_response_bytes = {} bytes",
+                        self.max_response_bytes
+                    ),
+                }),
                 Ok(Ok(b)) => b,
             };
             let usage = completion_usage(&body)?;
@@ -178,7 +191,7 @@ impl Backend for OpenAiBackend {
             }));
         }
 
-        let mut events = Box::pin(response.bytes_stream().eventsource());
+        let mut events = Box::pin(line_capped(response.bytes_stream()).eventsource());
         let first = match timeout_at(
             first_byte_deadline,
             next_chunk(&mut events, reads, forced_logprobs),
@@ -287,12 +300,90 @@ impl RestOfStream {
 
 /// An SSE event stream over the upstream body.
 trait EventSource:
-    Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>> + Send
+    Stream<Item = Result<eventsource_stream::Event, EventStreamError<BodyError>>> + Send
 {
 }
 impl<T> EventSource for T where
-    T: Stream<Item = Result<eventsource_stream::Event, EventStreamError<reqwest::Error>>> + Send
+    T: Stream<Item = Result<eventsource_stream::Event, EventStreamError<BodyError>>> + Send
 {
+}
+
+/// Longest SSE line read from an upstream, in bytes. An OpenAI chunk is one token's delta, a
+/// few hundred bytes, or a few KB with `top_logprobs`; 1 MiB is far past any real one. The SSE
+/// parser buffers a line until its end, so without a cap one endless line fills memory.
+pub const MAX_SSE_LINE_BYTES: usize = 1024 * 1024;
+
+/// Why an upstream body could not be read on.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("{}", error_chain(.0))]
+    Transport(reqwest::Error),
+    #[error("an SSE line is longer than {MAX_SSE_LINE_BYTES} bytes")]
+    LineTooLong,
+}
+
+/// The body's bytes, failing once a line runs past [`MAX_SSE_LINE_BYTES`] (then ending).
+fn line_capped<S, E>(body: S) -> impl Stream<Item = Result<Bytes, BodyError>> + Send
+where
+    S: Stream<Item = Result<Bytes, E>> + Send,
+    E: Into<BodyError>,
+{
+    // (body, bytes since the last line end, failed)
+    futures::stream::unfold(
+        (Box::pin(body), 0usize, false),
+        |(mut body, mut line, failed)| async move {
+            if failed {
+                return None;
+            }
+            match body.next().await? {
+                Err(e) => Some((Err(e.into()), (body, line, true))),
+                Ok(chunk) => {
+                    match chunk.iter().rposition(|&b| b == b'\n' || b == b'\r') {
+                        Some(end) => line = chunk.len() - end - 1,
+                        None => line = line.saturating_add(chunk.len()),
+                    }
+                    if line > MAX_SSE_LINE_BYTES {
+                        Some((Err(BodyError::LineTooLong), (body, line, true)))
+                    } else {
+                        Some((Ok(chunk), (body, line, false)))
+                    }
+                }
+            }
+        },
+    )
+}
+
+impl From<reqwest::Error> for BodyError {
+    fn from(e: reqwest::Error) -> Self {
+        BodyError::Transport(e)
+    }
+}
+
+/// Why a non-streaming body was not read whole.
+enum Capped {
+    Transport(reqwest::Error),
+    /// Past the cap (by its `Content-Length`, or as it arrived).
+    Over,
+}
+
+/// Reads a whole body of at most `cap` bytes, refusing early when `Content-Length` says it is
+/// larger and never holding more than `cap` bytes otherwise.
+async fn read_capped(mut response: reqwest::Response, cap: u64) -> Result<Bytes, Capped> {
+    if response.content_length().is_some_and(|n| n > cap) {
+        return Err(Capped::Over);
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(Capped::Transport)? {
+        if (body.len() + chunk.len()) as u64 > cap {
+            return Err(Capped::Over);
+        }
+        if body.is_empty() && response.content_length() == Some(chunk.len() as u64) {
+            // The usual case: the whole body in one chunk, kept without a copy.
+            return Ok(chunk);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 enum Next {
@@ -306,6 +397,15 @@ enum Next {
 enum StreamFailure {
     Transport(reqwest::Error),
     Protocol(String),
+}
+
+impl From<BodyError> for StreamFailure {
+    fn from(e: BodyError) -> Self {
+        match e {
+            BodyError::Transport(e) => StreamFailure::Transport(e),
+            BodyError::LineTooLong => StreamFailure::Protocol(BodyError::LineTooLong.to_string()),
+        }
+    }
 }
 
 impl StreamFailure {
@@ -333,7 +433,7 @@ where
     loop {
         let event = match events.next().await {
             None => return Ok(Next::Eof),
-            Some(Err(EventStreamError::Transport(e))) => return Err(StreamFailure::Transport(e)),
+            Some(Err(EventStreamError::Transport(e))) => return Err(e.into()),
             Some(Err(e)) => return Err(StreamFailure::Protocol(format!("invalid SSE: {e}"))),
             Some(Ok(event)) => event,
         };
@@ -449,7 +549,7 @@ mod tests {
                     .into_iter()
                     .map(|p| Ok::<Bytes, reqwest::Error>(Bytes::from(p))),
             );
-            let mut events = Box::pin(body.eventsource());
+            let mut events = Box::pin(line_capped(body).eventsource());
             let mut seen = Vec::new();
             // Bounded: every step consumes input or ends.
             for _ in 0..10_000 {

@@ -75,7 +75,8 @@ impl AppState {
         );
         let metrics = Arc::new(Metrics::new()?);
         let metering = Arc::new(Metering::new(config).map_err(anyhow::Error::msg)?);
-        let (ledger, ledger_writer, ledger_thread) = open_ledger(&config.ledger)?;
+        let (ledger, ledger_writer, ledger_thread) =
+            open_ledger(&config.ledger, metrics.ledger_rows_dropped.clone())?;
         let gateway = Gateway::new(
             config,
             backends,
@@ -139,7 +140,10 @@ type OpenLedger = (
     Option<std::thread::JoinHandle<()>>,
 );
 
-fn open_ledger(config: &LedgerConfig) -> anyhow::Result<OpenLedger> {
+fn open_ledger(
+    config: &LedgerConfig,
+    dropped: prometheus::IntCounter,
+) -> anyhow::Result<OpenLedger> {
     if !config.enabled {
         tracing::warn!("ledger disabled (ledger.enabled = false): /v1/savings and `wattgate report` have no data");
         return Ok((None, None, None));
@@ -150,7 +154,7 @@ fn open_ledger(config: &LedgerConfig) -> anyhow::Result<OpenLedger> {
         );
     };
     let ledger = Ledger::open(&path)?;
-    let (sender, thread) = spawn_writer(ledger.clone(), config)?;
+    let (sender, thread) = spawn_writer(ledger.clone(), config, dropped)?;
     tracing::info!(path = %path.display(), "ledger open");
     Ok((Some(ledger), Some(sender), Some(thread)))
 }

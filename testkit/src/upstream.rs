@@ -49,6 +49,13 @@ pub enum Behavior {
     },
     /// Answer 200 with a body that is not JSON.
     Garbage,
+    /// Answer 200 with a completion whose content is `bytes` long, sent chunked (no
+    /// `Content-Length`) and made as it is sent, so the upstream itself holds 64 KiB at a time.
+    /// A stream request gets one good chunk, then a `data:` line of `bytes` that never ends.
+    Oversize {
+        /// Bytes of content (or of the endless line).
+        bytes: usize,
+    },
     /// Like `Reply`, but when the request asks for `logprobs: true` (as llama.cpp's server and
     /// vLLM do, and only then) every word is a token with this ln P; streamed chunks are `gap`
     /// apart.
@@ -320,6 +327,35 @@ async fn respond(model: &str, request: &Value, behavior: Behavior) -> Response {
             response
         }
         Behavior::Garbage => (StatusCode::OK, "<html>not json</html>").into_response(),
+        Behavior::Oversize { bytes } => {
+            const PIECE: usize = 64 * 1024;
+            let (head, tail, content_type) = if stream {
+                let first = stream_frames(model, "one", prompt_tokens, false, false, 1).concat();
+                (
+                    format!("{first}data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\""),
+                    String::new(),
+                    "text/event-stream",
+                )
+            } else {
+                (
+                    format!("{{\"id\":\"chatcmpl-testkit\",\"object\":\"chat.completion\",\"created\":1700000000,\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\""),
+                    "\"},\"finish_reason\":\"stop\"}]}".to_owned(),
+                    "application/json",
+                )
+            };
+            let pieces = bytes.div_ceil(PIECE);
+            let body = futures::stream::iter(std::iter::once(Bytes::from(head)))
+                .chain(futures::stream::iter(0..pieces).map(move |i| {
+                    let n = PIECE.min(bytes - i * PIECE);
+                    Bytes::from(vec![b'a'; n])
+                }))
+                .chain(futures::stream::iter(std::iter::once(Bytes::from(tail))))
+                .map(Ok::<_, std::convert::Infallible>);
+            Response::builder()
+                .header("content-type", content_type)
+                .body(Body::from_stream(body))
+                .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        }
         Behavior::Confident {
             content,
             logprob,
