@@ -566,6 +566,10 @@ struct Row {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    wattgate_no_shared_data,
+    ignore = "needs ../shared/data/routing/routellm-mmlu.jsonl, absent beside this checkout"
+)]
 async fn a_replayed_experiment_recovers_each_arms_labels_within_its_intervals() {
     let data = repo().join("../shared/data/routing/routellm-mmlu.jsonl");
     let examples = wattgate::router::data::read_examples(&data).unwrap_or_else(|e| {

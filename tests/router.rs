@@ -274,12 +274,19 @@ fn training_is_reproducible_byte_for_byte() {
     assert!(a == b, "two trainings on the same data differ");
 }
 
-/// Rows for calibration: the shared data when present (real prompts), else a synthetic set.
-fn calibration_rows() -> Vec<Example> {
-    let shared = repo().join("../shared/data/routing/routellm-mmlu.jsonl");
-    if let Ok(rows) = wattgate::router::data::read_examples(&shared) {
-        return rows;
-    }
+/// The shared RouteLLM MMLU rows (real prompts, real labels).
+fn shared_rows() -> Vec<Example> {
+    let path = repo().join("../shared/data/routing/routellm-mmlu.jsonl");
+    wattgate::router::data::read_examples(&path).unwrap_or_else(|e| {
+        panic!(
+            "this test needs the shared routing data ({}): {e}",
+            path.display()
+        )
+    })
+}
+
+/// Rows with a pattern a hashed-feature model can learn: "prove" fails locally.
+fn synthetic_rows() -> Vec<Example> {
     let words = [
         "sum", "prove", "list", "capital", "integral", "poem", "code", "bug",
     ];
@@ -299,8 +306,21 @@ fn calibration_rows() -> Vec<Example> {
 }
 
 #[test]
-fn target_local_share_is_hit_within_two_points_on_held_out_rows() {
-    let rows = calibration_rows();
+#[cfg_attr(
+    wattgate_no_shared_data,
+    ignore = "needs ../shared/data/routing/routellm-mmlu.jsonl, absent beside this checkout"
+)]
+fn target_local_share_is_hit_within_two_points_on_held_out_real_rows() {
+    calibration_holds(shared_rows());
+}
+
+#[test]
+fn target_local_share_is_hit_within_two_points_on_held_out_synthetic_rows() {
+    calibration_holds(synthetic_rows());
+}
+
+/// Fits on the even rows; each target share is kept local within 2 points on the odd ones.
+fn calibration_holds(rows: Vec<Example>) {
     let local = rows[0]
         .scores
         .keys()
