@@ -161,21 +161,22 @@ impl Backend for OpenAiBackend {
         }
 
         if !request.stream {
-            let body = match timeout_at(deadline, read_capped(response, self.max_response_bytes))
-                .await
-            {
-                Err(_) => return Err(self.timeout(TimeoutPhase::Total)),
-                Ok(Err(Capped::Transport(e))) => {
-                    return Err(self.transport_error(&self.chat_url, &e))
-                }
-                Ok(Err(Capped::Over)) => return Err(BackendError::Protocol {
-                    detail: format!(
+            let body =
+                match timeout_at(deadline, read_capped(response, self.max_response_bytes)).await {
+                    Err(_) => return Err(self.timeout(TimeoutPhase::Total)),
+                    Ok(Err(Capped::Transport(e))) => {
+                        return Err(self.transport_error(&self.chat_url, &e))
+                    }
+                    Ok(Err(Capped::Over)) => {
+                        return Err(BackendError::Protocol {
+                            detail: format!(
                         "the answer is larger than this backend's max_response_bytes = {} bytes",
                         self.max_response_bytes
                     ),
-                }),
-                Ok(Ok(b)) => b,
-            };
+                        })
+                    }
+                    Ok(Ok(b)) => b,
+                };
             let usage = completion_usage(&body)?;
             let (peek, stripped) = if reads {
                 read_answer(&body, forced_logprobs)

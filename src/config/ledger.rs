@@ -1,0 +1,76 @@
+//! `[ledger]`: the per-request ledger on disk.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{check_non_negative, check_seconds, invalid, ConfigError};
+
+/// The per-request ledger (an embedded redb database).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Record every request; off means savings exist only in Prometheus.
+    pub enabled: bool,
+    /// Database file; unset means `$XDG_DATA_HOME/wattgate/ledger.redb` or
+    /// `~/.local/share/wattgate/ledger.redb`.
+    pub path: Option<PathBuf>,
+    /// Seconds between batch writes: a crash loses at most this much.
+    pub flush_interval_s: f64,
+    /// Rows older than this many days are deleted; 0 keeps them forever.
+    pub retention_days: f64,
+    /// At most this many rows are kept (oldest deleted first); 0 means no limit.
+    pub max_rows: u64,
+    /// Rows that may wait for the writer thread; past it rows are dropped and counted in
+    /// `wattgate_ledger_rows_dropped_total` (see [`crate::ledger::LedgerSender`]).
+    pub queue_rows: usize,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+            flush_interval_s: 1.0,
+            retention_days: 90.0,
+            // About 1 KB per row: ~5 GB at most.
+            max_rows: 5_000_000,
+            // The writer flushes every second; 100,000 rows is about four seconds of the
+            // gateway's measured peak (21,600-26,700 requests/s, README "Overhead") and, at
+            // about 1 KB a row, 100 MB at most.
+            queue_rows: 100_000,
+        }
+    }
+}
+
+impl LedgerConfig {
+    /// The database file this config names, or the per-user default.
+    pub fn resolved_path(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.path {
+            return Some(p.clone());
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))?;
+        Some(base.join("wattgate").join("ledger.redb"))
+    }
+}
+
+impl LedgerConfig {
+    /// Checks the `[ledger]` values.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        check_non_negative("ledger.retention_days", self.retention_days)?;
+        check_seconds("ledger.flush_interval_s", self.flush_interval_s, false)?;
+        if self.queue_rows == 0 {
+            return Err(invalid("ledger.queue_rows", "must be greater than 0"));
+        }
+        if self.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(invalid(
+                "ledger.path",
+                "must not be empty (set ledger.enabled = false to run without a ledger)",
+            ));
+        }
+        Ok(())
+    }
+}
