@@ -10,9 +10,8 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 
-use super::{
-    client_stream, sse_frame, Accounts, GuardLeg, Outcome, RequestMeter, Route, RouteGuard,
-};
+use super::stream::sse_frame;
+use super::{client_stream, Accounts, GuardLeg, Outcome, RequestMeter, Route, RouteGuard};
 use crate::backends::{BackendError, Chunk, ChunkStream, Reply};
 use crate::guard::{Decision as GuardDecision, Plan, Verdict};
 use crate::metering::Tokens;
