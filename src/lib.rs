@@ -17,6 +17,7 @@ pub mod metering;
 pub mod metrics;
 pub mod models;
 pub mod profile;
+pub mod progress;
 pub mod resilience;
 pub mod router;
 pub mod savings;

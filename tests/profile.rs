@@ -435,6 +435,13 @@ async fn a_killed_run_resumes_where_it_stopped() {
             && stderr.contains("unfinished last line"),
         "{stderr}"
     );
+    // Not a terminal: plain progress lines, ending with the whole run counted.
+    let remaining = 12 - finished;
+    assert!(
+        stderr.contains(&format!("profile: {remaining}/{remaining} (100%)")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\r'), "no redrawn bar in a log: {stderr}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("100.0%"), "{stdout}");
     let done = records(&queries);

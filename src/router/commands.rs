@@ -56,7 +56,18 @@ pub fn train(
     }
     options.centre_sources = !keep_source_levels;
     let started = std::time::Instant::now();
-    let trained = train::train(&examples, &options, &mut |s| eprintln!("train: {s}"))?;
+    let mut bar: Option<crate::progress::Progress> = None;
+    let trained = train::train(&examples, &options, &mut |step| {
+        let bar = bar.get_or_insert_with(|| {
+            crate::progress::Progress::new("train", step.total as u64, crate::progress::Unit::Items)
+        });
+        if step.done == step.total {
+            bar.set(step.done as u64, "");
+            bar.finish(&format!("{} fits", step.total));
+        } else {
+            bar.set(step.done as u64, step.what);
+        }
+    })?;
     trained.model.save(out)?;
     let meta = &trained.model.meta;
     println!("router {} -> {}", meta.name, out.display());

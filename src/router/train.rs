@@ -185,11 +185,23 @@ pub struct Trained {
     pub cloud: String,
 }
 
-/// Trains on `examples`. `progress` gets one line per stage.
+/// How far a training run is: `done` of `total` fits (one per held-out group, then the final
+/// fit on every row), and what is happening now.
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// Fits finished.
+    pub done: usize,
+    /// Fits in the whole run.
+    pub total: usize,
+    /// What is happening now.
+    pub what: &'a str,
+}
+
+/// Trains on `examples`. `progress` hears of each fit as it starts and once when all are done.
 pub fn train(
     examples: &[Example],
     options: &TrainOptions,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(Step<'_>),
 ) -> Result<Trained, String> {
     if !options.buckets.is_power_of_two() || options.buckets < 16 {
         return Err(format!(
@@ -253,13 +265,22 @@ pub fn train(
     let mut groups: Vec<&str> = group.iter().map(String::as_str).collect();
     groups.sort_unstable();
     groups.dedup();
+    let total = groups.len() + 1;
     if sources.len() == 1 {
-        progress("one source only: validating on 5 folds of its rows instead of held-out sources");
+        progress(Step {
+            done: 0,
+            total,
+            what: "one source only: validating on 5 folds of its rows instead of held-out sources",
+        });
     }
     let mut held_out: Vec<(usize, f64)> = Vec::new();
     let mut held_sources: Vec<&str> = Vec::new();
-    for held in &groups {
-        progress(&format!("holding out {held}"));
+    for (done, held) in groups.iter().enumerate() {
+        progress(Step {
+            done,
+            total,
+            what: &format!("holding out {held}"),
+        });
         let train: Vec<usize> = (0..rows.len()).filter(|&i| group[i] != *held).collect();
         let head = fit(&features, &y_fit, &train, options);
         for i in (0..rows.len()).filter(|&i| group[i] == *held) {
@@ -267,7 +288,11 @@ pub fn train(
         }
         held_sources.push(held);
     }
-    progress("final fit on all rows");
+    progress(Step {
+        done: groups.len(),
+        total,
+        what: "final fit on all rows",
+    });
     let all: Vec<usize> = (0..rows.len()).collect();
     let mut model = fit(&features, &y_fit, &all, options);
     let calibration = platt(&held_out.iter().map(|&(i, z)| (z, y[i])).collect::<Vec<_>>());
@@ -316,6 +341,11 @@ pub fn train(
             rows: *n,
         })
         .collect();
+    progress(Step {
+        done: total,
+        total,
+        what: "trained",
+    });
     Ok(Trained {
         model,
         cloud: labels.cloud_description(),
