@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod decoder;
+mod engine;
 pub mod gemma3;
 pub mod gguf;
 pub mod linear;
