@@ -17,7 +17,7 @@ use crate::metering::accounting::{BackendRates, LocalRates};
 use crate::metering::Tokens;
 use crate::router::data::{self, Example};
 use crate::router::features;
-use crate::router::model::{self, RouterModel};
+use crate::router::model;
 use crate::router::train::Labels;
 
 /// Local energy per token when none is given: the embedded Gemma 3 270M on this project's
@@ -60,7 +60,7 @@ pub fn command(config: &Config, req: &Request) -> Result<(Vec<PolicyResult>, Str
     }
     let labels = Labels::new(&examples, req.local, req.cloud);
     let router = match req.router {
-        Some(r) => Some(RouterModel::load(&model::resolve(r, req.router_dir)?)?),
+        Some(r) => Some(model::load_named(r, req.router_dir).map_err(|e| e.to_string())?),
         None => None,
     };
     let threshold = router.as_ref().map(|m| {

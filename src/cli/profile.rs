@@ -109,16 +109,27 @@ fn profile(
     // The measured backend's router and guard head, so each row records what the gateway's
     // router and guard would say of it.
     let mut options = options.clone();
-    let router_dir = config
+    use wattgate::router::model::{self, RouterError};
+    let router_name = config
         .backends
         .iter()
         .find(|b| b.name == options.model)
-        .and_then(|b| b.router_name())
-        .and_then(|name| wattgate::router::model::resolve(&name, &config.routing.router_dir).ok());
+        .and_then(|b| b.router_name());
+    // No router for this model is routine (its rows then carry no p_local); a router that is
+    // there but does not load is a broken installation, and stops the run.
+    let router_dir = match router_name.map(|n| model::resolve(&n, &config.routing.router_dir)) {
+        None => None,
+        Some(Ok(dir)) => Some(dir),
+        Some(Err(e @ RouterError::NotFound { .. })) => {
+            eprintln!("note: {e}; rows carry no p_local");
+            None
+        }
+        Some(Err(e)) => return usage_error(e),
+    };
     if let Some(dir) = router_dir {
-        match wattgate::router::model::RouterModel::load(&dir) {
+        match model::RouterModel::load(&dir) {
             Ok(m) => options.router = Some(std::sync::Arc::new(m)),
-            Err(e) => eprintln!("note: router not loaded, rows carry no p_local: {e}"),
+            Err(e) => return usage_error(e),
         }
         match wattgate::guard::GuardHead::load(&dir) {
             Ok(head) => options.guard_head = head.map(std::sync::Arc::new),

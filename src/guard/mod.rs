@@ -202,7 +202,8 @@ fn judge(
             Ok(dir) => GuardHead::load(&dir)?.map(Arc::new),
             // A router that cannot be found is the router's error to report (under policy =
             // "router"); the guard then runs on the rule.
-            Err(_) => None,
+            Err(crate::router::model::RouterError::NotFound { .. }) => None,
+            Err(e) => return Err(e.to_string()),
         },
         None => None,
     };

@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::data::{self, Example};
 use super::evaluation::{self, Outcome};
 use super::features::{Query, DENSE_NAMES};
-use super::model::{self, RouterModel};
+use super::model;
 use super::train::{self, Labels, TrainOptions};
 
 /// Reads and concatenates labeled files.
@@ -68,7 +68,7 @@ pub fn train(
             bar.set(step.done as u64, step.what);
         }
     })?;
-    trained.model.save(out)?;
+    trained.model.save(out).map_err(|e| e.to_string())?;
     let meta = &trained.model.meta;
     println!("router {} -> {}", meta.name, out.display());
     println!("local label: {}", meta.label);
@@ -113,7 +113,7 @@ pub fn train(
 
 /// `router score`: one `{"id", "p_local"}` line per input line, in order.
 pub fn score(router: &str, router_dir: &Path, input: &Path, output: &Path) -> Result<(), String> {
-    let model = RouterModel::load(&model::resolve(router, router_dir)?)?;
+    let model = model::load_named(router, router_dir).map_err(|e| e.to_string())?;
     let file = std::fs::File::open(input).map_err(|e| format!("{}: {e}", input.display()))?;
     let tmp = output.with_extension("partial");
     let out_file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -190,7 +190,7 @@ pub fn eval(
     local: &[String],
     cloud: &[String],
 ) -> Result<(), String> {
-    let model = RouterModel::load(&model::resolve(router, router_dir)?)?;
+    let model = model::load_named(router, router_dir).map_err(|e| e.to_string())?;
     let examples = data::read_examples(file)?;
     let labels = Labels::new(&examples, local, cloud);
     let outcomes: Vec<Outcome> = examples
@@ -249,8 +249,9 @@ pub fn guard(o: &GuardOptions<'_>) -> Result<(), String> {
     use crate::guard::replay;
     let router = o
         .router
-        .map(|r| RouterModel::load(&model::resolve(r, o.router_dir)?))
-        .transpose()?;
+        .map(|r| model::load_named(r, o.router_dir))
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let metering = crate::config::MeteringConfig::default();
     let mut examples = Vec::new();
     let mut joules = Vec::new();

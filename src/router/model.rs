@@ -168,28 +168,28 @@ impl RouterModel {
     }
 
     /// Writes `router.json` and `weights.bin` into `dir` (created if missing).
-    pub fn save(&self, dir: &Path) -> Result<(), String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let json = serde_json::to_string_pretty(&self.meta).map_err(|e| e.to_string())?;
+    pub fn save(&self, dir: &Path) -> Result<(), RouterError> {
+        std::fs::create_dir_all(dir).map_err(|e| RouterError::io(dir, e))?;
         let meta_path = dir.join("router.json");
-        std::fs::write(&meta_path, json + "\n")
-            .map_err(|e| format!("{}: {e}", meta_path.display()))?;
+        let json = serde_json::to_string_pretty(&self.meta)
+            .map_err(|e| RouterError::invalid(&meta_path, e))?;
+        std::fs::write(&meta_path, json + "\n").map_err(|e| RouterError::io(&meta_path, e))?;
         let mut bin = Vec::with_capacity(8 * self.idf.len());
         for v in self.idf.iter().chain(&self.weights) {
             bin.extend_from_slice(&v.to_le_bytes());
         }
         let bin_path = dir.join("weights.bin");
-        std::fs::write(&bin_path, bin).map_err(|e| format!("{}: {e}", bin_path.display()))
+        std::fs::write(&bin_path, bin).map_err(|e| RouterError::io(&bin_path, e))
     }
 
     /// Loads a router directory, checking everything a scorer relies on.
-    pub fn load(dir: &Path) -> Result<Self, String> {
+    pub fn load(dir: &Path) -> Result<Self, RouterError> {
         let meta_path = dir.join("router.json");
-        let text = std::fs::read_to_string(&meta_path)
-            .map_err(|e| format!("{}: {e}", meta_path.display()))?;
+        let text =
+            std::fs::read_to_string(&meta_path).map_err(|e| RouterError::io(&meta_path, e))?;
         let meta: RouterMeta =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", meta_path.display()))?;
-        let bad = |what: String| Err(format!("{}: {what}", meta_path.display()));
+            serde_json::from_str(&text).map_err(|e| RouterError::invalid(&meta_path, e))?;
+        let bad = |what: String| Err(RouterError::invalid(&meta_path, what));
         if meta.format != FORMAT {
             return bad(format!(
                 "format {} is not the {FORMAT} this build reads",
@@ -226,14 +226,12 @@ impl RouterModel {
             return bad("bias and calibration must be finite".to_owned());
         }
         let bin_path = dir.join("weights.bin");
-        let bin = std::fs::read(&bin_path).map_err(|e| format!("{}: {e}", bin_path.display()))?;
+        let bin = std::fs::read(&bin_path).map_err(|e| RouterError::io(&bin_path, e))?;
         let n = meta.buckets as usize;
         if bin.len() != 8 * n {
-            return Err(format!(
-                "{}: {} bytes, expected {} (2 x {n} f32)",
-                bin_path.display(),
-                bin.len(),
-                8 * n
+            return Err(RouterError::invalid(
+                &bin_path,
+                format!("{} bytes, expected {} (2 x {n} f32)", bin.len(), 8 * n),
             ));
         }
         let floats: Vec<f32> = bin
@@ -241,7 +239,7 @@ impl RouterModel {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         if floats.iter().any(|x| !x.is_finite()) {
-            return Err(format!("{}: a weight is not finite", bin_path.display()));
+            return Err(RouterError::invalid(&bin_path, "a weight is not finite"));
         }
         let (idf, weights) = floats.split_at(n);
         Ok(Self {
@@ -258,8 +256,62 @@ impl RouterModel {
     }
 }
 
+/// Why a router could not be found, read or used. Callers branch on it: a backend with no
+/// router is routine (the gateway or `profile` goes on without one), a router that exists but
+/// does not load is a broken installation and stops them.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// Neither the path nor the name under the router directory holds a router.
+    #[error("no router `{name}`: neither {} nor {} holds a router.json", .direct.display(), .named.display())]
+    NotFound {
+        /// What was asked for.
+        name: String,
+        /// The path tried as a directory.
+        direct: PathBuf,
+        /// The path tried under the router directory.
+        named: PathBuf,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file is there but is not a router this build can use.
+    #[error("{}: {detail}", .path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+impl RouterError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        RouterError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    fn invalid(path: &Path, detail: impl std::fmt::Display) -> Self {
+        RouterError::Invalid {
+            path: path.to_owned(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// [`resolve`] then [`RouterModel::load`].
+pub fn load_named(name_or_dir: &str, router_dir: &Path) -> Result<RouterModel, RouterError> {
+    RouterModel::load(&resolve(name_or_dir, router_dir)?)
+}
+
 /// Finds a router by directory or by name under `router_dir`.
-pub fn resolve(name_or_dir: &str, router_dir: &Path) -> Result<PathBuf, String> {
+pub fn resolve(name_or_dir: &str, router_dir: &Path) -> Result<PathBuf, RouterError> {
     let direct = Path::new(name_or_dir);
     if direct.join("router.json").is_file() {
         return Ok(direct.to_path_buf());
@@ -268,14 +320,45 @@ pub fn resolve(name_or_dir: &str, router_dir: &Path) -> Result<PathBuf, String> 
     if named.join("router.json").is_file() {
         return Ok(named);
     }
-    Err(format!(
-        "no router `{name_or_dir}`: neither {} nor {} holds a router.json",
-        direct.display(),
-        named.display()
-    ))
+    Err(RouterError::NotFound {
+        name: name_or_dir.to_owned(),
+        direct: direct.to_path_buf(),
+        named,
+    })
 }
 
 /// The logistic function.
 pub fn sigmoid(z: f64) -> f64 {
     1.0 / (1.0 + (-z).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_router_a_broken_one_and_a_good_one_are_told_apart() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("router-models");
+        assert!(load_named("gemma-3-270m", &shipped).is_ok());
+        let missing = load_named("no-such-router", &shipped);
+        assert!(
+            matches!(missing, Err(RouterError::NotFound { ref name, .. }) if name == "no-such-router"),
+            "{missing:?}"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("router.json"), "{\"format\": 1").expect("write");
+        let broken = RouterModel::load(dir.path());
+        assert!(
+            matches!(broken, Err(RouterError::Invalid { .. })),
+            "{broken:?}"
+        );
+        // A good router.json without its weights.
+        let good = shipped.join("gemma-3-270m");
+        std::fs::copy(good.join("router.json"), dir.path().join("router.json")).expect("copy");
+        let no_weights = RouterModel::load(dir.path());
+        assert!(
+            matches!(no_weights, Err(RouterError::Io { ref path, .. }) if path.ends_with("weights.bin")),
+            "{no_weights:?}"
+        );
+    }
 }
