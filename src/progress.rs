@@ -47,7 +47,7 @@ impl Progress {
         if std::io::stderr().is_terminal() {
             Self::bar(label, total, unit)
         } else {
-            Self::plain(label, total, unit, Box::new(std::io::stderr()))
+            Self::plain_to(label, total, unit, Box::new(std::io::stderr()))
         }
     }
 
@@ -74,7 +74,7 @@ impl Progress {
     }
 
     /// Plain lines written to `out`.
-    pub fn plain(label: &str, total: u64, unit: Unit, out: Box<dyn Write + Send>) -> Self {
+    pub fn plain_to(label: &str, total: u64, unit: Unit, out: Box<dyn Write + Send>) -> Self {
         Self {
             label: label.to_owned(),
             unit,
@@ -93,7 +93,7 @@ impl Progress {
                 bar.set_position(self.done);
                 bar.set_message(message.to_owned());
             }
-            View::Plain { out, last } => {
+            View::Plain { last, .. } => {
                 let now = Instant::now();
                 let step = (20 * self.done).checked_div(self.total).unwrap_or(20);
                 let due = match *last {
@@ -102,15 +102,7 @@ impl Progress {
                 };
                 if due {
                     *last = Some((now, step));
-                    let line = plain_line(
-                        &self.label,
-                        self.unit,
-                        self.done,
-                        self.total,
-                        self.started.elapsed(),
-                        message,
-                    );
-                    let _ = writeln!(out, "{line}");
+                    self.plain(message);
                 }
             }
         }
@@ -123,17 +115,22 @@ impl Progress {
                 bar.finish_and_clear();
                 eprintln!("{}: {message}", self.label);
             }
-            View::Plain { out, .. } => {
-                let line = plain_line(
-                    &self.label,
-                    self.unit,
-                    self.done,
-                    self.total,
-                    self.started.elapsed(),
-                    message,
-                );
-                let _ = writeln!(out, "{line}");
-            }
+            View::Plain { .. } => self.plain(message),
+        }
+    }
+
+    /// Writes the plain line for the current count.
+    fn plain(&mut self, message: &str) {
+        let line = plain_line(
+            &self.label,
+            self.unit,
+            self.done,
+            self.total,
+            self.started.elapsed(),
+            message,
+        );
+        if let View::Plain { out, .. } = &mut self.view {
+            let _ = writeln!(out, "{line}");
         }
     }
 
@@ -217,7 +214,7 @@ mod tests {
     #[test]
     fn plain_output_is_a_line_per_5_percent_step_and_one_at_the_end() {
         let lines = Lines::default();
-        let mut p = Progress::plain("profile", 1000, Unit::Items, Box::new(lines.clone()));
+        let mut p = Progress::plain_to("profile", 1000, Unit::Items, Box::new(lines.clone()));
         for done in 1..=1000 {
             p.set(done, "");
         }
