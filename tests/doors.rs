@@ -93,6 +93,33 @@ fn refused(metrics: &str, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Both ends of every connection live in this process: lift the soft descriptor limit (often
+/// 1,024) toward the hard one so the test measures the gateway, not the test's own limit.
+fn raise_open_file_limit(want: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed by pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < want {
+            limit.rlim_cur = want.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: as above.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) } == 0;
+    assert!(
+        got && now.rlim_cur >= want,
+        "this test needs {want} open files; the limit is {} (raise it with ulimit -n)",
+        now.rlim_cur
+    );
+}
+
 /// A cloud upstream answering "fine" to every request, and the gateway in front of it with
 /// `head` (TOML) before the backend table.
 async fn behind_gateway(head: &str) -> (ScriptedUpstream, Gateway) {
@@ -113,6 +140,7 @@ async fn behind_gateway(head: &str) -> (ScriptedUpstream, Gateway) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_connections_from_one_address_never_lock_out_a_client_on_another() {
+    raise_open_file_limit(2 * 2200 + 512);
     // Fewer concurrency slots than slow connections the per-IP cap admits: were a slot taken
     // before the body is read, the body-tricklers alone would hold them all.
     let (cloud, gw) = behind_gateway(
