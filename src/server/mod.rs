@@ -163,7 +163,8 @@ fn open_ledger(
 /// passes, composed here and nowhere else. Outermost first:
 ///
 /// 1. panic catch: a bug in any layer below answers 500 in the API's shape, not a reset;
-/// 2. trace: a span per request (method, path) that every log line below carries;
+/// 2. trace: a span per request (method, URI, version) around every log line below, enabled
+///    with `WATTGATE_LOG=tower_http=debug` (off at the default level, where it costs a check);
 /// 3. observe: the request id (the client's when sane), arrival time, per-endpoint metrics;
 /// 4. body deadline: the whole body within `server.body_timeout_s`, else 408;
 /// 5. auth: the key an endpoint needs, and who the request is charged to.
