@@ -63,25 +63,22 @@ impl Progress {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_prefix(label.to_owned());
-        Self {
-            label: label.to_owned(),
-            unit,
-            total,
-            done: 0,
-            started: Instant::now(),
-            view: View::Bar(bar),
-        }
+        Self::with_view(label, total, unit, View::Bar(bar))
     }
 
     /// Plain lines written to `out`.
     pub fn plain_to(label: &str, total: u64, unit: Unit, out: Box<dyn Write + Send>) -> Self {
+        Self::with_view(label, total, unit, View::Plain { out, last: None })
+    }
+
+    fn with_view(label: &str, total: u64, unit: Unit, view: View) -> Self {
         Self {
             label: label.to_owned(),
             unit,
             total,
             done: 0,
             started: Instant::now(),
-            view: View::Plain { out, last: None },
+            view,
         }
     }
 

@@ -85,12 +85,11 @@ async fn slow_client(local: [u8; 4], to: SocketAddr, kind: Slow) -> Told {
 
 /// The Prometheus value of `wattgate_connections_refused_total{reason}`.
 fn refused(metrics: &str, reason: &str) -> u64 {
-    let prefix = format!("wattgate_connections_refused_total{{reason=\"{reason}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    support::sample(
+        metrics,
+        "wattgate_connections_refused_total",
+        &[("reason", reason)],
+    ) as u64
 }
 
 /// Both ends of every connection live in this process: lift the soft descriptor limit (often
