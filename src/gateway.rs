@@ -16,8 +16,9 @@
 //!
 //! HTTP concerns (headers, status codes, body limits) live in `server`; this file decides, and
 //! its modules carry out: `accounts` (each attempt through its breaker and retries, and where
-//! requests are accounted), `meter` (one request's bill and ledger row), `stream` (the SSE the
-//! client reads) and `guarded` (a local answer held until the guard's verdict).
+//! requests are accounted), `stream` (the SSE the client reads) and `guarded` (a local answer
+//! held until the guard's verdict). What a request cost, and its ledger row, is
+//! [`crate::metering::request`]'s: the pipeline only tells the meter what happened.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ use crate::experiments::{Enrollment, Experiments};
 use crate::guard::Guard;
 use crate::ledger::LedgerSender;
 use crate::limits::{Client, RateLimits};
-use crate::metering::Metering;
+use crate::metering::{GuardLeg, Metering, Outcome, Recorder, RequestMeter};
 use crate::metrics::Metrics;
 use crate::resilience::{Breaker, RetryPolicy};
 use crate::router::{Decision, Overrides, Reason, Router};
@@ -43,12 +44,10 @@ use crate::wire::ChatRequest;
 
 mod accounts;
 mod guarded;
-mod meter;
 mod stream;
 
 pub use accounts::Accounts;
 use guarded::{held_stream, Held};
-use meter::{GuardLeg, Outcome, RequestMeter};
 use stream::client_stream;
 
 /// The routing gateway: backends, router, and the accounts every request is metered into.
@@ -153,6 +152,13 @@ impl Gateway {
             rate_limits: RateLimits::new(&config.limits, &config.auth),
             log_prompts: config.server.log_prompts,
             accounts: Arc::new(Accounts {
+                recorder: Arc::new(Recorder::new(
+                    metrics.clone(),
+                    metering.clone(),
+                    ledger.clone(),
+                    backends.clone(),
+                    shadow.clone(),
+                )),
                 breakers: backends
                     .iter()
                     .map(|_| Breaker::new(&config.resilience))
@@ -219,28 +225,27 @@ impl Gateway {
         );
         let request = Arc::new(request);
 
-        // 3. Serve, with fallback to the cloud before the first byte.
+        // 3. Serve, with fallback to the cloud before the first byte. The meter knows the
+        //    route from the start, so a request its client abandons is still recorded.
+        let arm = enrollment
+            .and_then(|e| self.experiments.names(e))
+            .map(|(e, a)| (e.to_owned(), a.to_owned()));
         let mut meter = RequestMeter::start(
-            self.accounts.clone(),
+            self.accounts.recorder.clone(),
             request.clone(),
             request_id,
             client,
             started,
         );
-        let (decision, fallback_from, first_failure, result, upstream_wait) =
-            self.serve(&request, decision).await;
-        let info = self.backends[decision.backend].info();
-        let mut route = Route {
-            role: info.role,
-            backend: info.name.clone(),
-            reason: decision.reason,
-            p_local: decision.p_local,
-            fallback_from: fallback_from.map(|i| self.backends[i].info().name.clone()),
-            arm: enrollment
-                .and_then(|e| self.experiments.names(e))
-                .map(|(e, a)| (e.to_owned(), a.to_owned())),
-            guard: None,
-        };
+        meter.routed(&self.route_for(decision, None, &arm), decision.backend);
+        let Served {
+            decision,
+            fallback_from,
+            first_failure,
+            result,
+            upstream_wait,
+        } = self.serve(&request, decision, &mut meter, &arm).await;
+        let mut route = self.route_for(decision, fallback_from, &arm);
         meter.routed(&route, decision.backend);
         let shadowed = route.role == Role::Local
             && route.reason != Reason::Pinned
@@ -307,6 +312,7 @@ impl Gateway {
                     opened.rest,
                     request.include_usage,
                     meter,
+                    self.accounts.clone(),
                 ))
             }
             Err(e) => {
@@ -410,28 +416,41 @@ impl Gateway {
         }
     }
 
-    /// Runs the decided backend; on a local failure, the cloud. Returns the decision that
-    /// produced the result, the backend that failed first and how (if it fell back), the
-    /// result, and the time spent waiting on upstreams.
+    /// Where a decision serves, as the client's headers and the meter see it.
+    fn route_for(
+        &self,
+        decision: Decision,
+        fallback_from: Option<usize>,
+        arm: &Option<(String, String)>,
+    ) -> Route {
+        let info = self.backends[decision.backend].info();
+        Route {
+            role: info.role,
+            backend: info.name.clone(),
+            reason: decision.reason,
+            p_local: decision.p_local,
+            fallback_from: fallback_from.map(|i| self.backends[i].info().name.clone()),
+            arm: arm.clone(),
+            guard: None,
+        }
+    }
+
+    /// Runs the decided backend; on a local failure, the cloud (and tells the meter it moved).
     async fn serve(
         &self,
         request: &ChatRequest,
         decision: Decision,
-    ) -> (
-        Decision,
-        Option<usize>,
-        Option<BackendError>,
-        Result<Reply, BackendError>,
-        Duration,
-    ) {
+        meter: &mut RequestMeter,
+        arm: &Option<(String, String)>,
+    ) -> Served {
         let waited = Instant::now();
         let first = self.attempt(decision.backend, request).await;
         let err = match first {
-            Ok(reply) => return (decision, None, None, Ok(reply), waited.elapsed()),
+            Ok(reply) => return Served::first_try(decision, Ok(reply), waited),
             Err(e) => e,
         };
         let Some(cloud) = self.fallback_target(decision) else {
-            return (decision, None, None, Err(err), waited.elapsed());
+            return Served::first_try(decision, Err(err), waited);
         };
         let from = self.backends[decision.backend].info();
         let to = self.backends[cloud].info();
@@ -451,14 +470,18 @@ impl Gateway {
             reason: fallback_reason(&err),
             p_local: decision.p_local,
         };
+        meter.routed(
+            &self.route_for(fallback, Some(decision.backend), arm),
+            cloud,
+        );
         let result = self.attempt(cloud, request).await;
-        (
-            fallback,
-            Some(decision.backend),
-            Some(err),
+        Served {
+            decision: fallback,
+            fallback_from: Some(decision.backend),
+            first_failure: Some(err),
             result,
-            waited.elapsed(),
-        )
+            upstream_wait: waited.elapsed(),
+        }
     }
 
     /// One backend's answer, through its circuit breaker and retries ([`Accounts::attempt`]).
@@ -512,6 +535,11 @@ impl Gateway {
         &self.accounts.metering
     }
 
+    /// The shutdown grace ran out: requests dropped from now on are recorded as `shutdown`.
+    pub fn cut_for_shutdown(&self) {
+        self.accounts.recorder.cut_for_shutdown();
+    }
+
     /// Brings the scrape-time gauges (queue depths, idle energy) up to date.
     pub fn refresh_gauges(&self) {
         let metrics = &self.accounts.metrics;
@@ -529,6 +557,28 @@ impl Gateway {
             .idle_energy
             .with_label_values(&[metering.source().as_str()])
             .set(metering.totals().idle_joules);
+    }
+}
+
+/// What [`Gateway::serve`] did: the decision that produced the result, the local backend that
+/// failed first and how (when it fell back), the result, and the time spent on upstreams.
+struct Served {
+    decision: Decision,
+    fallback_from: Option<usize>,
+    first_failure: Option<BackendError>,
+    result: Result<Reply, BackendError>,
+    upstream_wait: Duration,
+}
+
+impl Served {
+    fn first_try(decision: Decision, result: Result<Reply, BackendError>, waited: Instant) -> Self {
+        Self {
+            decision,
+            fallback_from: None,
+            first_failure: None,
+            result,
+            upstream_wait: waited.elapsed(),
+        }
     }
 }
 

@@ -19,13 +19,16 @@ use crate::config::Role;
 use crate::experiments::shadow::Shadow;
 use crate::guard::Guard;
 use crate::ledger::LedgerSender;
-use crate::metering::Metering;
+use crate::metering::{Metering, Recorder};
 use crate::metrics::Metrics;
 use crate::resilience::{health_signal, Admission, Breaker, RetryPolicy, Transition};
 use crate::wire::ChatRequest;
 
-/// Where a finished request is accounted: Prometheus, the energy meter, the ledger.
+/// What every attempt goes through (breakers, retries, the guard), and the recorder finished
+/// requests are accounted in.
 pub struct Accounts {
+    /// Where finished requests are recorded (Prometheus, the meter, the ledger).
+    pub(super) recorder: Arc<Recorder>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) metering: Arc<Metering>,
     pub(super) ledger: Option<LedgerSender>,
@@ -107,10 +110,6 @@ impl Accounts {
             );
             tokio::time::sleep(wait).await;
         }
-    }
-
-    pub(super) fn count_tokens(&self, served: usize, text: &str) -> (u64, &'static str) {
-        crate::backends::count_tokens(&self.backends, served, text)
     }
 
     /// Asks backend `index`'s breaker for an attempt.

@@ -11,10 +11,11 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 
 use super::stream::sse_frame;
-use super::{client_stream, Accounts, GuardLeg, Outcome, RequestMeter, Route, RouteGuard};
+use super::{client_stream, Accounts, Route, RouteGuard};
 use crate::backends::{BackendError, Chunk, ChunkStream, Reply};
 use crate::guard::{Decision as GuardDecision, Plan, Verdict};
 use crate::metering::Tokens;
+use crate::metering::{GuardLeg, Outcome, RequestMeter};
 use crate::router::{Decision, Reason};
 use crate::wire::ChatRequest;
 
@@ -288,13 +289,22 @@ pub(super) fn held_stream(
                             Reason::EscalatedLowConfidence
                         };
                         let Held {
-                            request, mut meter, ..
+                            accounts,
+                            request,
+                            mut meter,
+                            ..
                         } = *held;
                         meter.routed(&route, cloud);
                         meter.answer = None;
                         meter.guard = Some(leg(GuardDecision::Escalated));
                         let note = verdict_comment(GuardDecision::Escalated, verdict, &route.backend);
-                        let frames = client_stream(opened.first, opened.rest, request.include_usage, meter);
+                        let frames = client_stream(
+                            opened.first,
+                            opened.rest,
+                            request.include_usage,
+                            meter,
+                            accounts,
+                        );
                         Some((note, HoldState::Relay(frames)))
                     }
                     failed => {
@@ -306,7 +316,7 @@ pub(super) fn held_stream(
                             // client gets the local failure as its error frame.
                             let backend = held.route.backend.clone();
                             let mut meter = held.meter;
-                            meter.outcome = Outcome::Error;
+                            meter.outcome = Some(Outcome::Error);
                             meter.guard = Some(leg(GuardDecision::EscalationFailed));
                             drop(meter);
                             let error = e.to_api_error(&backend);
@@ -417,6 +427,7 @@ fn release(
     verdict: Option<Verdict>,
 ) -> (Bytes, HoldState) {
     let Held {
+        accounts,
         request,
         mut meter,
         route,
@@ -441,7 +452,7 @@ fn release(
         Some(r) => tail.chain(r).boxed(),
         None => tail.boxed(),
     };
-    let frames = client_stream(first, rest, request.include_usage, meter);
+    let frames = client_stream(first, rest, request.include_usage, meter, accounts);
     (note, HoldState::Relay(frames))
 }
 

@@ -5,8 +5,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 
-use super::meter::{Outcome, RequestMeter};
+use std::sync::Arc;
+
+use super::Accounts;
 use crate::backends::{Chunk, ChunkStream};
+use crate::metering::{Outcome, RequestMeter};
 use crate::wire::generated_text;
 
 /// Re-frames an upstream stream for the client: drops the usage chunk the gateway asked for on
@@ -18,16 +21,19 @@ pub(super) fn client_stream(
     rest: ChunkStream,
     client_wants_usage: bool,
     meter: RequestMeter,
+    accounts: Arc<Accounts>,
 ) -> BoxStream<'static, Bytes> {
     struct State {
+        accounts: Arc<Accounts>,
         first: Option<Chunk>,
         rest: ChunkStream,
         client_wants_usage: bool,
         /// Taken (and so recorded) when the stream ends; dropped unrecorded-yet when the client
-        /// goes away first, which records it as cancelled.
+        /// goes away first, which records it as cancelled (or cut, at shutdown).
         meter: Option<RequestMeter>,
     }
     let state = State {
+        accounts,
         first: Some(first),
         rest,
         client_wants_usage,
@@ -42,14 +48,15 @@ pub(super) fn client_stream(
             };
             match next {
                 None => {
-                    meter.outcome = Outcome::Ok;
+                    // An in-band error chunk earlier in the stream keeps it an error.
+                    meter.stream_ended();
                     drop(s.meter.take());
                     return Some((Bytes::from_static(b"data: [DONE]\n\n"), s));
                 }
                 Some(Err(e)) => {
-                    meter.outcome = Outcome::Error;
+                    meter.outcome = Some(Outcome::Error);
                     if let Some((_, served)) = &meter.route {
-                        meter.accounts.record_late_failure(*served);
+                        s.accounts.record_late_failure(*served);
                     }
                     let backend = meter.route.as_ref().map_or("", |(r, _)| r.backend.as_str());
                     tracing::warn!(backend, error = %e, "upstream stream failed after the first byte");
@@ -59,8 +66,7 @@ pub(super) fn client_stream(
                 }
                 Some(Ok(chunk)) => {
                     if chunk.usage.is_some() {
-                        meter.usage = chunk.usage;
-                        meter.output = Vec::new();
+                        meter.usage_seen(chunk.usage);
                     } else {
                         meter.keep_output(&chunk.data);
                     }
@@ -68,7 +74,7 @@ pub(super) fn client_stream(
                         generated_text(&chunk.data, answer);
                     }
                     if chunk.is_error {
-                        meter.outcome = Outcome::Error;
+                        meter.outcome = Some(Outcome::Error);
                     }
                     if s.client_wants_usage {
                         return Some((sse_frame(&chunk.data), s));

@@ -4,11 +4,14 @@
 //! - [`counters`]: where joules come from (NVML, RAPL, or the CPU-time estimate), each figure
 //!   labeled with its source;
 //! - [`attribution`]: splitting the shared counter among the requests active at the time;
-//! - [`accounting`]: FLOPs, dollars and the counterfactual from configured constants.
+//! - [`accounting`]: FLOPs, dollars and the counterfactual from configured constants;
+//! - [`request`]: one request's bill as it ends (however it ends), and where it is recorded:
+//!   the access log, Prometheus, the ledger row and the shadow checker.
 
 pub mod accounting;
 pub mod attribution;
 pub mod counters;
+pub mod request;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +19,7 @@ use std::time::Duration;
 pub use accounting::{Bill, Counterfactual, Tokens};
 pub use attribution::{Charge, EnergyMeter, MeterTotals, Ticket};
 pub use counters::{EnergyCounter, EnergySource};
+pub use request::{GuardLeg, Outcome, Recorder, RequestMeter};
 
 use crate::config::{Config, Role};
 use accounting::{BackendRates, LocalRates};

@@ -43,13 +43,16 @@ pub struct DoorPolicy {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, lets each
-/// connection finish its request in flight, and returns when all have closed.
+/// connection finish its request in flight, and returns when all have closed. When `cut`
+/// turns true (the grace period ran out), every connection still open is dropped with its
+/// requests, whose meters then record them as `shutdown`.
 pub async fn serve_connections(
     listener: TcpListener,
     app: Router,
     policy: DoorPolicy,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
+    cut: watch::Receiver<bool>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let counts = PerIp::new(policy.max_connections_per_ip);
@@ -87,9 +90,13 @@ pub async fn serve_connections(
             peer,
         };
         let open = metrics.connections_open.clone();
+        let mut cut = cut.clone();
         tokio::spawn(async move {
             open.inc();
-            conn.serve(stream).await;
+            tokio::select! {
+                () = conn.serve(stream) => {}
+                _ = cut.wait_for(|cut| *cut) => {}
+            }
             open.dec();
             drop(held);
         });

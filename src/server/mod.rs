@@ -251,14 +251,17 @@ pub async fn serve_app(
     let kept = state.clone();
     let doors = state.inner.doors.clone();
     let metrics = state.inner.metrics.clone();
-    let server = listen::serve_connections(listener, app(state), doors, metrics, async move {
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+    let stopping = async move {
         shutdown.await;
         tracing::info!(
             "shutdown requested: no longer accepting; waiting up to {:.1}s for in-flight requests",
             grace.as_secs_f64()
         );
         let _ = began_tx.send(());
-    });
+    };
+    let server = listen::serve_connections(listener, app(state), doors, metrics, stopping, cut_rx);
+    tokio::pin!(server);
     let deadline = async move {
         match began_rx.await {
             Ok(()) => tokio::time::sleep(grace).await,
@@ -266,9 +269,19 @@ pub async fn serve_app(
         }
     };
     tokio::select! {
-        () = server => tracing::info!("all connections closed; exiting"),
+        () = &mut server => tracing::info!("all connections closed; exiting"),
         () = deadline => {
             tracing::warn!("shutdown grace period expired; closing the remaining connections");
+            // The requests still in flight are dropped now, while the ledger is open, and
+            // their meters record them as `shutdown`.
+            kept.inner.gateway.cut_for_shutdown();
+            let _ = cut_tx.send(true);
+            if tokio::time::timeout(Duration::from_secs(2), &mut server)
+                .await
+                .is_err()
+            {
+                tracing::warn!("connections did not close within 2 s of being cut");
+            }
         }
     }
     let _ = tokio::task::spawn_blocking(move || kept.close_ledger()).await;

@@ -42,6 +42,14 @@ pub enum Behavior {
         /// Content chunks sent before the stream stops.
         chunks: usize,
     },
+    /// Stream `chunks` content chunks, then an in-band `{"error": {...}}` chunk with `message`,
+    /// then `[DONE]`, all with status 200 (as vLLM reports a failure mid-generation).
+    InBandError {
+        /// Content chunks sent before the error chunk.
+        chunks: usize,
+        /// The error's message.
+        message: String,
+    },
     /// Stream `chunks` content chunks, then keep the connection open without sending anything.
     StalledStream {
         /// Content chunks sent before the stream goes silent.
@@ -294,6 +302,22 @@ async fn respond(model: &str, request: &Value, behavior: Behavior) -> Response {
             false,
             chunks,
         )),
+        Behavior::InBandError { chunks, message } => {
+            let mut frames = stream_frames(
+                model,
+                "one two three four five six seven eight",
+                prompt_tokens,
+                include_usage,
+                false,
+                chunks,
+            );
+            frames.push(format!(
+                "data: {}\n\n",
+                json!({"error": {"message": message, "type": "server_error", "code": 500}})
+            ));
+            frames.push("data: [DONE]\n\n".to_owned());
+            sse(frames)
+        }
         Behavior::StalledStream { chunks } => {
             let frames = stream_frames(
                 model,
