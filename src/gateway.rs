@@ -551,8 +551,8 @@ impl Gateway {
                     .set(i64::try_from(depth).unwrap_or(i64::MAX));
             }
         }
+        // The sampler thread's latest reading: a scrape reads no counter itself.
         let metering = &self.accounts.metering;
-        metering.sample();
         metrics
             .idle_energy
             .with_label_values(&[metering.source().as_str()])

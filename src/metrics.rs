@@ -182,7 +182,7 @@ impl Metrics {
             )?,
             chat_requests: counter(
                 "wattgate_chat_requests_total",
-                "Chat completions by route (local|cloud), backend, routing reason, outcome (ok|error|cancelled), experiment and arm (none outside experiments).",
+                "Chat completions by route (local|cloud), backend, routing reason, outcome (ok|error|cancelled|abandoned|shutdown), experiment and arm (none outside experiments).",
                 &["route", "backend", "reason", "outcome", "experiment", "arm"],
             )?,
             ttft: histogram(

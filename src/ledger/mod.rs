@@ -58,9 +58,12 @@ pub struct LedgerRow {
     pub p_local: Option<f64>,
     /// The local backend that failed first, for escalated requests.
     pub fallback_from: Option<String>,
-    /// HTTP status the client got (200 for streams, even ones that failed midway).
+    /// HTTP status the client got (200 for streams, even ones that failed midway; 0 when no
+    /// status line was sent: `abandoned`, or `shutdown` before the first byte).
     pub status: u16,
-    /// `ok`, `error` or `cancelled` (the client went away).
+    /// `ok`; `error` (an error status, an in-band error chunk, a broken stream); `cancelled`
+    /// (the client left mid-stream); `abandoned` (the client left before the first byte);
+    /// `shutdown` (still in flight when the shutdown grace ran out).
     pub outcome: String,
     /// Whether the reply was streamed.
     pub stream: bool,

@@ -80,9 +80,14 @@ impl Metering {
         }
     }
 
-    /// A request starts using the machine.
+    /// A request starts using the machine (no counter read: the sampler thread does those).
     pub fn begin(&self) -> Ticket {
         self.meter.begin()
+    }
+
+    /// A query starts, with the counter read now (offline profiling, one query at a time).
+    pub fn begin_measured(&self) -> Ticket {
+        self.meter.begin_measured()
     }
 
     /// A request that was never served gives its slot back; it is charged nothing, and what the
@@ -95,6 +100,16 @@ impl Metering {
     /// order) that produced the answer.
     pub fn end(&self, ticket: Ticket, served: usize, tokens: Tokens) -> Bill {
         let charge = self.meter.end(ticket);
+        self.price(charge, served, tokens)
+    }
+
+    /// A query that began with [`Self::begin_measured`] is over, with the counter read now.
+    pub fn end_measured(&self, ticket: Ticket, served: usize, tokens: Tokens) -> Bill {
+        let charge = self.meter.end_measured(ticket);
+        self.price(charge, served, tokens)
+    }
+
+    fn price(&self, charge: Charge, served: usize, tokens: Tokens) -> Bill {
         let Some(rates) = self.rates.get(served) else {
             return Bill {
                 local_joules: charge.joules,
@@ -137,7 +152,7 @@ impl Metering {
         })
     }
 
-    /// Reads the counter now (so idle energy is current when it is reported).
+    /// Reads the counter now. The sampler thread calls this; request paths never do.
     pub fn sample(&self) {
         self.meter.sample();
     }

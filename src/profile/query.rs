@@ -48,7 +48,7 @@ impl Runner<'_> {
         reference: Option<Reference>,
     ) -> anyhow::Result<QueryRecord> {
         let request = chat_request(&q.messages, self.max_tokens, true)?;
-        let ticket = self.metering.begin();
+        let ticket = self.metering.begin_measured();
         let sent = Instant::now();
         let answer = match self.backend.chat(&request).await {
             Ok(Reply::Stream(opened)) => {
@@ -83,7 +83,9 @@ impl Runner<'_> {
                 None,
             ),
             Err(e) => {
-                self.metering.release(ticket);
+                let _ = self
+                    .metering
+                    .end_measured(ticket, self.index, Tokens::default());
                 return Err(e.into());
             }
         };
@@ -102,7 +104,7 @@ impl Runner<'_> {
                 (Tokens { input, output }, source)
             }
         };
-        let bill = self.metering.end(ticket, self.index, tokens);
+        let bill = self.metering.end_measured(ticket, self.index, tokens);
         let joules = if self.source == EnergySource::CloudEstimate {
             bill.cloud_joules
         } else {
