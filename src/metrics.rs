@@ -117,6 +117,8 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     /// Ledger rows dropped because the writer's queue was full.
     pub ledger_rows_dropped: prometheus::IntCounter,
+    /// Times the normal-priority catch-up thread took over from the idle-priority writer.
+    pub ledger_catchups: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -360,6 +362,14 @@ impl Metrics {
                 let c = prometheus::IntCounter::new(
                     "wattgate_ledger_rows_dropped_total",
                     "Ledger rows dropped because the writer's queue (ledger.queue_rows) was full.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            ledger_catchups: {
+                let c = prometheus::IntCounter::new(
+                    "wattgate_ledger_catchups_total",
+                    "Times the ledger's backlog passed a quarter of ledger.queue_rows and a normal-priority thread took over writing from the idle-priority writer.",
                 )?;
                 registry.register(Box::new(c.clone()))?;
                 c

@@ -27,9 +27,19 @@ pub struct Dimension {
 }
 
 impl Dimension {
-    fn add(&mut self, actual: f64, counterfactual: Option<f64>, comparable: bool) {
-        self.actual += actual;
-        self.counterfactual += counterfactual.unwrap_or(0.0);
+    /// Adds (sign 1) or takes away (sign -1) one request's figures.
+    fn accumulate(&mut self, actual: f64, counterfactual: Option<f64>, sign: f64) {
+        self.actual += sign * actual;
+        self.counterfactual += sign * counterfactual.unwrap_or(0.0);
+    }
+
+    fn merge(&mut self, other: &Dimension) {
+        self.actual += other.actual;
+        self.counterfactual += other.counterfactual;
+    }
+
+    /// Recomputes `saved` from the sums; `comparable` is false when some rows had no baseline.
+    fn finish(&mut self, comparable: bool) {
         self.saved = comparable.then_some(self.counterfactual - self.actual);
         self.saved_percent = self
             .saved
@@ -72,41 +82,152 @@ pub struct Totals {
     /// `escalation_failed`, `unchecked`): what the savings above cost in cloud re-asks.
     #[serde(default)]
     pub guard_decisions: BTreeMap<String, u64>,
+    /// Requests by routing reason.
+    #[serde(default)]
+    pub by_reason: BTreeMap<String, u64>,
 }
 
 impl Totals {
     /// Adds one request's row.
     pub fn add(&mut self, row: &LedgerRow) {
-        self.requests += 1;
+        self.accumulate(row, 1);
+    }
+
+    /// Takes one request's row away again (retention removing it from a rollup).
+    pub fn subtract(&mut self, row: &LedgerRow) {
+        self.accumulate(row, -1);
+    }
+
+    /// Adds another set of totals (rollups of other minutes, backends or arms).
+    pub fn merge(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.local_requests += other.local_requests;
+        self.cloud_requests += other.cloud_requests;
+        self.escalated_requests += other.escalated_requests;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.energy_joules.merge(&other.energy_joules);
+        self.compute_flops.merge(&other.compute_flops);
+        self.cost_usd.merge(&other.cost_usd);
+        for (k, v) in &other.local_joules_by_source {
+            *self.local_joules_by_source.entry(k.clone()).or_default() += v;
+        }
+        self.cloud_joules_estimated += other.cloud_joules_estimated;
+        self.rows_without_baseline += other.rows_without_baseline;
+        for (k, v) in &other.guard_decisions {
+            *self.guard_decisions.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.by_reason {
+            *self.by_reason.entry(k.clone()).or_default() += v;
+        }
+        self.finish();
+    }
+
+    fn accumulate(&mut self, row: &LedgerRow, sign: i8) {
+        let count = |n: &mut u64, by: u64| {
+            *n = if sign > 0 {
+                n.saturating_add(by)
+            } else {
+                n.saturating_sub(by)
+            }
+        };
+        let f = f64::from(sign);
+        count(&mut self.requests, 1);
         match row.route.as_str() {
-            "local" => self.local_requests += 1,
-            _ => self.cloud_requests += 1,
+            "local" => count(&mut self.local_requests, 1),
+            _ => count(&mut self.cloud_requests, 1),
         }
         if row.fallback_from.is_some() {
-            self.escalated_requests += 1;
+            count(&mut self.escalated_requests, 1);
         }
         if let Some(g) = &row.guard {
-            *self.guard_decisions.entry(g.decision.clone()).or_default() += 1;
+            count(
+                self.guard_decisions.entry(g.decision.clone()).or_default(),
+                1,
+            );
         }
-        self.local_share = self.local_requests as f64 / self.requests as f64;
-        self.input_tokens += row.input_tokens;
-        self.output_tokens += row.output_tokens;
+        count(self.by_reason.entry(row.reason.clone()).or_default(), 1);
+        count(&mut self.input_tokens, row.input_tokens);
+        count(&mut self.output_tokens, row.output_tokens);
         let bill = &row.bill;
         *self
             .local_joules_by_source
             .entry(row.energy_source.clone())
-            .or_default() += bill.local_joules;
-        self.cloud_joules_estimated += bill.cloud_joules;
+            .or_default() += f * bill.local_joules;
+        self.cloud_joules_estimated += f * bill.cloud_joules;
         let cf = bill.counterfactual;
         if cf.is_none() {
-            self.rows_without_baseline += 1;
+            count(&mut self.rows_without_baseline, 1);
         }
-        let comparable = self.rows_without_baseline == 0;
         self.energy_joules
-            .add(bill.joules(), cf.map(|c| c.joules), comparable);
+            .accumulate(bill.joules(), cf.map(|c| c.joules), f);
         self.compute_flops
-            .add(bill.flops, cf.map(|c| c.flops), comparable);
-        self.cost_usd.add(bill.usd(), cf.map(|c| c.usd), comparable);
+            .accumulate(bill.flops, cf.map(|c| c.flops), f);
+        self.cost_usd.accumulate(bill.usd(), cf.map(|c| c.usd), f);
+        self.guard_decisions.retain(|_, n| *n > 0);
+        self.by_reason.retain(|_, n| *n > 0);
+        self.finish();
+    }
+
+    /// Recomputes the derived figures (shares, `saved`, percentages) from the sums.
+    fn finish(&mut self) {
+        self.local_share = if self.requests == 0 {
+            0.0
+        } else {
+            self.local_requests as f64 / self.requests as f64
+        };
+        let comparable = self.rows_without_baseline == 0;
+        self.energy_joules.finish(comparable);
+        self.compute_flops.finish(comparable);
+        self.cost_usd.finish(comparable);
+    }
+}
+
+/// One minute's (or hour's) totals by backend and experiment arm (`none` outside
+/// experiments): what the ledger keeps beside its rows, updated in the same transaction, so a
+/// savings query sums a few thousand buckets instead of millions of rows.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Rollup {
+    /// Backend -> arm -> totals.
+    pub groups: BTreeMap<String, BTreeMap<String, Totals>>,
+}
+
+impl Rollup {
+    /// Adds one row.
+    pub fn add(&mut self, row: &LedgerRow) {
+        self.group(row).add(row);
+    }
+
+    /// Takes one row away (retention); groups left without requests are removed.
+    pub fn subtract(&mut self, row: &LedgerRow) {
+        self.group(row).subtract(row);
+        for arms in self.groups.values_mut() {
+            arms.retain(|_, t| t.requests > 0);
+        }
+        self.groups.retain(|_, arms| !arms.is_empty());
+    }
+
+    /// Whether it holds no requests.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Everything in it.
+    pub fn total(&self) -> Totals {
+        let mut t = Totals::default();
+        for totals in self.groups.values().flat_map(|arms| arms.values()) {
+            t.merge(totals);
+        }
+        t
+    }
+
+    fn group(&mut self, row: &LedgerRow) -> &mut Totals {
+        let arm = row.arm.clone().unwrap_or_else(|| "none".to_owned());
+        self.groups
+            .entry(row.backend.clone())
+            .or_default()
+            .entry(arm)
+            .or_default()
     }
 }
 
@@ -126,22 +247,44 @@ pub struct Savings {
 impl Savings {
     /// Sums `rows`.
     pub fn from_rows<'a>(since_us: u64, rows: impl IntoIterator<Item = &'a LedgerRow>) -> Self {
+        let mut rollup = Rollup::default();
+        for row in rows {
+            rollup.add(row);
+        }
+        Self::from_rollups(since_us, [rollup])
+    }
+
+    /// Sums rollups (the ledger's per-minute and per-hour totals): bounded by the number of
+    /// buckets, not of requests.
+    pub fn from_rollups(since_us: u64, rollups: impl IntoIterator<Item = Rollup>) -> Self {
         let mut s = Self {
             since_us,
             ..Self::default()
         };
-        for row in rows {
-            s.total.add(row);
-            s.by_backend
-                .entry(row.backend.clone())
-                .or_default()
-                .add(row);
-            s.by_arm
-                .entry(row.arm.clone().unwrap_or_else(|| "none".to_owned()))
-                .or_default()
-                .add(row);
+        for rollup in rollups {
+            for (backend, arms) in &rollup.groups {
+                for (arm, totals) in arms {
+                    s.total.merge(totals);
+                    s.by_backend
+                        .entry(backend.clone())
+                        .or_default()
+                        .merge(totals);
+                    s.by_arm.entry(arm.clone()).or_default().merge(totals);
+                }
+            }
         }
         s
+    }
+
+    /// Adds another report's figures (the same window, other buckets).
+    pub fn merge(&mut self, other: &Savings) {
+        self.total.merge(&other.total);
+        for (k, t) in &other.by_backend {
+            self.by_backend.entry(k.clone()).or_default().merge(t);
+        }
+        for (k, t) in &other.by_arm {
+            self.by_arm.entry(k.clone()).or_default().merge(t);
+        }
     }
 
     /// A plain-text table for terminals.
@@ -268,6 +411,27 @@ pub fn series<'a>(
     until_us: u64,
     step_us: u64,
 ) -> Vec<Bucket> {
+    series_from_rollups(
+        rows.into_iter().map(|row| {
+            let mut r = Rollup::default();
+            r.add(row);
+            (row.time_us, r)
+        }),
+        since_us,
+        until_us,
+        step_us,
+    )
+}
+
+/// Rollups (each with the time it starts) grouped into consecutive `step_us` buckets from
+/// `since_us`, empty buckets included. A rollup belongs to the bucket its start falls in, so
+/// `since_us` and `step_us` should be multiples of the rollups' own span.
+pub fn series_from_rollups(
+    rollups: impl IntoIterator<Item = (u64, Rollup)>,
+    since_us: u64,
+    until_us: u64,
+    step_us: u64,
+) -> Vec<Bucket> {
     let step = step_us.max(1);
     let n = (until_us.saturating_sub(since_us) / step + 1).min(10_000) as usize;
     let mut buckets: Vec<Bucket> = (0..n)
@@ -276,30 +440,25 @@ pub fn series<'a>(
             ..Bucket::default()
         })
         .collect();
-    for row in rows {
-        let Some(i) = row
-            .time_us
-            .checked_sub(since_us)
-            .map(|d| (d / step) as usize)
-        else {
+    for (start, rollup) in rollups {
+        let Some(i) = start.checked_sub(since_us).map(|d| (d / step) as usize) else {
             continue;
         };
         let Some(b) = buckets.get_mut(i) else {
             continue;
         };
-        b.requests += 1;
-        if row.route == "local" {
-            b.local_requests += 1;
+        let t = rollup.total();
+        b.requests += t.requests;
+        b.local_requests += t.local_requests;
+        b.joules += t.energy_joules.actual;
+        b.usd += t.cost_usd.actual;
+        b.counterfactual_joules += t.energy_joules.counterfactual;
+        b.counterfactual_usd += t.cost_usd.counterfactual;
+        for (k, v) in t.by_reason {
+            *b.reasons.entry(k).or_default() += v;
         }
-        b.joules += row.bill.joules();
-        b.usd += row.bill.usd();
-        if let Some(cf) = row.bill.counterfactual {
-            b.counterfactual_joules += cf.joules;
-            b.counterfactual_usd += cf.usd;
-        }
-        *b.reasons.entry(row.reason.clone()).or_default() += 1;
-        if let Some(g) = &row.guard {
-            *b.guard.entry(g.decision.clone()).or_default() += 1;
+        for (k, v) in t.guard_decisions {
+            *b.guard.entry(k).or_default() += v;
         }
     }
     buckets

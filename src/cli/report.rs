@@ -77,10 +77,7 @@ fn report_savings(
     };
     let path = existing_ledger(&config, ledger)?;
     match Ledger::open(&path) {
-        Ok(ledger) => {
-            let rows = ledger.rows_since(since_us)?;
-            Ok(wattgate::savings::Savings::from_rows(since_us, &rows))
-        }
+        Ok(ledger) => Ok(ledger.savings_since(since_us)?),
         Err(LedgerError::Busy(_)) => {
             let endpoint = format!(
                 "/v1/savings{}",

@@ -24,6 +24,21 @@ pub struct LedgerConfig {
     /// Rows that may wait for the writer thread; past it rows are dropped and counted in
     /// `wattgate_ledger_rows_dropped_total` (see [`crate::ledger::LedgerSender`]).
     pub queue_rows: usize,
+    /// The committer thread's CPU priority: `normal` (the default; it commits in small
+    /// transactions and yields between them) or `idle` (Linux `SCHED_IDLE`: commits use only
+    /// CPU the request threads leave free; the receiver commits at normal priority when the
+    /// committer falls behind, but a committer starved mid-transaction delays that).
+    pub writer_priority: WriterPriority,
+}
+
+/// How the ledger writer competes with request threads for the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriterPriority {
+    /// `SCHED_IDLE` on Linux (see [`crate::ledger`]'s writer).
+    Idle,
+    /// The same priority as request threads.
+    Normal,
 }
 
 impl Default for LedgerConfig {
@@ -39,6 +54,11 @@ impl Default for LedgerConfig {
             // gateway's measured peak (21,600-26,700 requests/s, README "Overhead") and, at
             // about 1 KB a row, 100 MB at most.
             queue_rows: 100_000,
+            // scripts/bench_ledger.sh, p99 at one connection, ledger on / off: 2.06 with one
+            // transaction per second; 1.12 with 32-row transactions and a yield between them
+            // (normal priority); 0.79-1.04 under SCHED_IDLE, which can starve under saturation
+            // and then hold the database while starved. Normal is the default for that reason.
+            writer_priority: WriterPriority::Normal,
         }
     }
 }

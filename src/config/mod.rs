@@ -31,7 +31,7 @@ pub use experiments::{ArmConfig, ExperimentConfig, ExperimentUnit, ShadowConfig}
 pub use guard::{
     GuardConfig, GuardMode, GuardStream, DEFAULT_MAX_QUALITY_LOSS, DEFAULT_RULE_THRESHOLD,
 };
-pub use ledger::LedgerConfig;
+pub use ledger::{LedgerConfig, WriterPriority};
 pub use limits::LimitsConfig;
 pub use metering::{EnergyMeterKind, MeteringConfig};
 pub use models::ModelsConfig;

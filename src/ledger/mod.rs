@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::metering::Bill;
 
+mod rollups;
 mod writer;
+pub use rollups::{HOUR_US, MINUTE_US};
 pub use writer::{spawn_writer, LedgerSender};
 
 /// Rows by key (see the module docs); values are JSON so columns can be added without a
@@ -269,7 +271,12 @@ impl Ledger {
         txn.open_table(REQUEST_IDS)
             .map_err(|e| other(e.to_string()))?;
         txn.open_table(OUTCOMES).map_err(|e| other(e.to_string()))?;
+        txn.open_table(rollups::MINUTES)
+            .map_err(|e| other(e.to_string()))?;
+        txn.open_table(rollups::HOURS)
+            .map_err(|e| other(e.to_string()))?;
         index_unindexed_rows(&txn).map_err(other)?;
+        rollups::build_missing(&txn).map_err(other)?;
         txn.commit().map_err(|e| other(e.to_string()))?;
         Ok(ledger)
     }
@@ -337,9 +344,26 @@ impl Ledger {
         Ok(self.len()? == 0)
     }
 
-    /// Writes rows in one durable transaction, keyed after `last_key` (updated).
-    pub(super) fn write(&self, rows: &[LedgerRow], last_key: &mut u64) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+    /// Writes rows in one durable transaction, keyed after `last_key` (updated), with their
+    /// rollups. The daemon writes through its writer thread; this is for tools that build a
+    /// ledger (benchmarks, imports).
+    pub fn write(&self, rows: &[LedgerRow], last_key: &mut u64) -> Result<(), String> {
+        self.write_with(rows, last_key, true)
+    }
+
+    /// [`Self::write`]; `durable = false` commits without waiting for the disk (redb makes
+    /// it durable with the next durable commit, and a crash before that loses it whole).
+    pub(super) fn write_with(
+        &self,
+        rows: &[LedgerRow],
+        last_key: &mut u64,
+        durable: bool,
+    ) -> Result<(), String> {
+        let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| e.to_string())?;
+        }
         {
             let mut table = txn.open_table(REQUESTS).map_err(|e| e.to_string())?;
             let mut ids = txn.open_table(REQUEST_IDS).map_err(|e| e.to_string())?;
@@ -354,6 +378,8 @@ impl Ledger {
                 *last_key = key;
             }
         }
+        let rows: Vec<&LedgerRow> = rows.iter().collect();
+        rollups::apply(&txn, &rows, rollups::Change::Add)?;
         txn.commit().map_err(|e| e.to_string())
     }
 
@@ -420,20 +446,22 @@ impl Ledger {
                 0
             };
             // Keys are times, so both rules select a prefix of the table.
-            let mut doomed: Vec<(u64, String)> = Vec::new();
+            let mut doomed: Vec<(u64, Option<LedgerRow>)> = Vec::new();
             for entry in table.iter().map_err(|e| e.to_string())? {
                 let (key, value) = entry.map_err(|e| e.to_string())?;
                 let key = key.value();
                 if key >= cutoff && doomed.len() as u64 >= excess {
                     break;
                 }
-                let id = serde_json::from_slice::<LedgerRow>(value.value())
-                    .map(|r| r.request_id)
-                    .unwrap_or_default();
-                doomed.push((key, id));
+                doomed.push((key, serde_json::from_slice::<LedgerRow>(value.value()).ok()));
             }
-            for (key, id) in &doomed {
+            for (key, row) in &doomed {
                 table.remove(key).map_err(|e| e.to_string())?;
+                let Some(row) = row else {
+                    removed += 1;
+                    continue;
+                };
+                let id = &row.request_id;
                 let indexed = ids
                     .get(id.as_str())
                     .map_err(|e| e.to_string())?
@@ -449,6 +477,9 @@ impl Ledger {
                 }
                 removed += 1;
             }
+            drop((table, ids, outcomes));
+            let rows: Vec<&LedgerRow> = doomed.iter().filter_map(|(_, r)| r.as_ref()).collect();
+            rollups::apply(&txn, &rows, rollups::Change::Remove)?;
         }
         txn.commit().map_err(|e| e.to_string())?;
         Ok(removed)

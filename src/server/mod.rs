@@ -75,8 +75,7 @@ impl AppState {
         );
         let metrics = Arc::new(Metrics::new()?);
         let metering = Arc::new(Metering::new(config).map_err(anyhow::Error::msg)?);
-        let (ledger, ledger_writer, ledger_thread) =
-            open_ledger(&config.ledger, metrics.ledger_rows_dropped.clone())?;
+        let (ledger, ledger_writer, ledger_thread) = open_ledger(&config.ledger, &metrics)?;
         let gateway = Gateway::new(
             config,
             backends,
@@ -140,10 +139,7 @@ type OpenLedger = (
     Option<std::thread::JoinHandle<()>>,
 );
 
-fn open_ledger(
-    config: &LedgerConfig,
-    dropped: prometheus::IntCounter,
-) -> anyhow::Result<OpenLedger> {
+fn open_ledger(config: &LedgerConfig, metrics: &Metrics) -> anyhow::Result<OpenLedger> {
     if !config.enabled {
         tracing::warn!("ledger disabled (ledger.enabled = false): /v1/savings and `wattgate report` have no data");
         return Ok((None, None, None));
@@ -154,7 +150,12 @@ fn open_ledger(
         );
     };
     let ledger = Ledger::open(&path)?;
-    let (sender, thread) = spawn_writer(ledger.clone(), config, dropped)?;
+    let (sender, thread) = spawn_writer(
+        ledger.clone(),
+        config,
+        metrics.ledger_rows_dropped.clone(),
+        metrics.ledger_catchups.clone(),
+    )?;
     tracing::info!(path = %path.display(), "ledger open");
     Ok((Some(ledger), Some(sender), Some(thread)))
 }
