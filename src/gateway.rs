@@ -553,10 +553,14 @@ impl Gateway {
         }
         // The sampler thread's latest reading: a scrape reads no counter itself.
         let metering = &self.accounts.metering;
+        let totals = metering.totals();
         metrics
             .idle_energy
             .with_label_values(&[metering.source().as_str()])
-            .set(metering.totals().idle_joules);
+            .set(totals.idle_joules);
+        metrics
+            .idle_cost
+            .set(metering.idle_spend(&Default::default(), &totals).usd);
     }
 }
 

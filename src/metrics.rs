@@ -51,6 +51,8 @@ pub struct Metrics {
     pub counterfactual_energy: CounterVec,
     /// Joules while no request was active, by source (not charged to requests).
     pub idle_energy: GaugeVec,
+    /// Idle electricity plus idle hardware hours since start, $ (what net savings subtract).
+    pub idle_cost: prometheus::Gauge,
     /// FLOPs spent, by backend.
     pub flops: CounterVec,
     /// FLOPs the baseline would have spent, by the backend that served.
@@ -157,6 +159,11 @@ impl Metrics {
             &["source"],
         )?;
         registry.register(Box::new(idle_energy.clone()))?;
+        let idle_cost = prometheus::Gauge::new(
+            "wattgate_idle_cost_dollars",
+            "Idle electricity (idle joules x electricity_usd_per_kwh) plus hardware_usd_per_hour over the seconds no request was active, since start; what net savings subtract.",
+        )?;
+        registry.register(Box::new(idle_cost.clone()))?;
         let queue_depth = IntGaugeVec::new(
             Opts::new(
                 "wattgate_local_queue_depth",
@@ -204,6 +211,7 @@ impl Metrics {
                 &["backend"],
             )?,
             idle_energy,
+            idle_cost,
             flops: float_counter(
                 "wattgate_flops_total",
                 "Floating-point operations spent (2 x active parameters x tokens), by backend.",

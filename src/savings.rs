@@ -183,6 +183,37 @@ impl Totals {
     }
 }
 
+/// What the local machine spent while no request was using it: measured or estimated like
+/// the local energy (`energy_meter.source` in `/v1/savings`), priced at the electricity price
+/// plus the hardware's $/hour. Never charged to a request, so it is what separates gross from
+/// net savings.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Idle {
+    /// Joules.
+    pub joules: f64,
+    /// Seconds with no request active.
+    pub seconds: f64,
+    /// Electricity for `joules` plus `hardware_usd_per_hour` over `seconds`.
+    pub usd: f64,
+}
+
+impl Idle {
+    fn merge(&mut self, other: &Idle) {
+        self.joules += other.joules;
+        self.seconds += other.seconds;
+        self.usd += other.usd;
+    }
+}
+
+/// Savings after the local machine's idle energy and idle hardware time are paid for.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Net {
+    /// Energy saved minus idle joules; null when gross savings are.
+    pub energy_joules: Option<f64>,
+    /// Dollars saved minus idle electricity and idle hardware; null when gross savings are.
+    pub cost_usd: Option<f64>,
+}
+
 /// One minute's (or hour's) totals by backend and experiment arm (`none` outside
 /// experiments): what the ledger keeps beside its rows, updated in the same transaction, so a
 /// savings query sums a few thousand buckets instead of millions of rows.
@@ -190,6 +221,9 @@ impl Totals {
 pub struct Rollup {
     /// Backend -> arm -> totals.
     pub groups: BTreeMap<String, BTreeMap<String, Totals>>,
+    /// The machine's idle spend in this span.
+    #[serde(default)]
+    pub idle: Idle,
 }
 
 impl Rollup {
@@ -207,9 +241,14 @@ impl Rollup {
         self.groups.retain(|_, arms| !arms.is_empty());
     }
 
-    /// Whether it holds no requests.
+    /// Adds idle spend.
+    pub fn add_idle(&mut self, idle: &Idle) {
+        self.idle.merge(idle);
+    }
+
+    /// Whether it holds no requests and no idle spend.
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
+        self.groups.is_empty() && self.idle == Idle::default()
     }
 
     /// Everything in it.
@@ -242,6 +281,13 @@ pub struct Savings {
     pub by_backend: BTreeMap<String, Totals>,
     /// By experiment arm (`none` for requests outside experiments).
     pub by_arm: BTreeMap<String, Totals>,
+    /// The local machine's idle spend in the window (recorded by the daemon every 10 s).
+    #[serde(default)]
+    pub idle: Idle,
+    /// `total`'s savings net of `idle`: what the local machine saved once its idle draw and
+    /// idle hardware hours are paid for.
+    #[serde(default)]
+    pub net: Net,
 }
 
 impl Savings {
@@ -262,6 +308,7 @@ impl Savings {
             ..Self::default()
         };
         for rollup in rollups {
+            s.idle.merge(&rollup.idle);
             for (backend, arms) in &rollup.groups {
                 for (arm, totals) in arms {
                     s.total.merge(totals);
@@ -273,7 +320,15 @@ impl Savings {
                 }
             }
         }
+        s.finish_net();
         s
+    }
+
+    fn finish_net(&mut self) {
+        self.net = Net {
+            energy_joules: self.total.energy_joules.saved.map(|s| s - self.idle.joules),
+            cost_usd: self.total.cost_usd.saved.map(|s| s - self.idle.usd),
+        };
     }
 
     /// Adds another report's figures (the same window, other buckets).
@@ -285,6 +340,8 @@ impl Savings {
         for (k, t) in &other.by_arm {
             self.by_arm.entry(k.clone()).or_default().merge(t);
         }
+        self.idle.merge(&other.idle);
+        self.finish_net();
     }
 
     /// A plain-text table for terminals.
@@ -339,6 +396,23 @@ impl Savings {
             "  cloud {:<10} {:>14}  (estimated: tokens x J/token x PUE)",
             "",
             format_value(t.cloud_joules_estimated, "J")
+        );
+        let _ = writeln!(
+            out,
+            "\nidle (no request active, never charged to one): {} over {:.1} h, {}",
+            format_value(self.idle.joules, "J"),
+            self.idle.seconds / 3600.0,
+            format_value(self.idle.usd, "$")
+        );
+        let _ = writeln!(
+            out,
+            "saved net of idle: energy {}, cost {}",
+            self.net
+                .energy_joules
+                .map_or_else(|| "-".to_owned(), |v| format_value(v, "J")),
+            self.net
+                .cost_usd
+                .map_or_else(|| "-".to_owned(), |v| format_value(v, "$"))
         );
         if t.rows_without_baseline > 0 {
             let _ = writeln!(

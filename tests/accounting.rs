@@ -274,3 +274,58 @@ async fn an_answered_request_is_charged_its_share_of_the_meter() {
         rows[0].bill.local_joules
     );
 }
+
+#[tokio::test]
+async fn savings_are_reported_gross_and_net_of_the_idle_machine() {
+    let (local, cloud) = upstreams(vec![Behavior::Reply("Paris.".into())]).await;
+    // Hardware at $3.60/h is $0.001 per second, idle or not.
+    let toml = config(&local.base_url(), &cloud.base_url(), 5.0).replace(
+        "sample_interval_ms = 20",
+        "sample_interval_ms = 20\nhardware_usd_per_hour = 3.6",
+    );
+    let gw = Gateway::start(&toml).await;
+    let response = gw
+        .post_chat(&json!({
+            "model": "local",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        }))
+        .await;
+    assert_eq!(response.status(), 200);
+    let _ = response.bytes().await;
+    // Nobody uses the machine for a second: 100 J and $0.001 of idle.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let metrics = gw.metrics().await;
+    assert!(
+        sample(&metrics, "wattgate_idle_cost_dollars", &[]) > 0.0005,
+        "{metrics}"
+    );
+    let path = gw.ledger.clone();
+    let _dir = gw.stop().await;
+    let savings = Ledger::open(&path)
+        .expect("ledger")
+        .savings_since(0)
+        .expect("savings");
+    let idle = savings.idle;
+    assert!(
+        idle.seconds >= 0.9 && (idle.joules - WATTS * idle.seconds).abs() < 5.0,
+        "{idle:?}"
+    );
+    let per_second = 0.165 / 3.6e6 * WATTS + 0.001;
+    assert!(
+        (idle.usd - per_second * idle.seconds).abs() < 1e-4,
+        "{idle:?}"
+    );
+    let gross = savings
+        .total
+        .energy_joules
+        .saved
+        .expect("a baseline is configured");
+    let net = savings.net.energy_joules.expect("net energy");
+    assert!(
+        (gross - idle.joules - net).abs() < 1e-9,
+        "{gross} - {idle:?} != {net}"
+    );
+    let gross_usd = savings.total.cost_usd.saved.expect("gross $");
+    let net_usd = savings.net.cost_usd.expect("net $");
+    assert!((gross_usd - idle.usd - net_usd).abs() < 1e-12);
+}

@@ -59,9 +59,17 @@ impl Default for MeteringConfig {
             // Monthly, table 5.3).
             electricity_usd_per_kwh: 0.165,
             hardware_usd_per_hour: 0.0,
+            // Input tokens are prefilled in parallel and compute-bound, so they cost the FLOPs
+            // they need at the hardware's efficiency: 2 x 22e9 active parameters (Qwen3-235B-
+            // A22B, the IPW harness's cloud model) = 4.4e10 FLOP per token, on H100 SXM at
+            // 1,979 dense FP8 TFLOP/s per 700 W (NVIDIA H100 datasheet) and 46% model FLOPs
+            // utilisation (PaLM's measured MFU, Chowdhery et al. 2022, arXiv 2204.02311):
+            // 4.4e10 / (1.979e15 x 0.46 / 700) = 0.034 J. An estimate from published
+            // constants, not a per-phase measurement; override it with yours.
+            cloud_joules_per_input_token: 0.034,
             // IPW harness: Qwen3-235B-A22B FP8 on 8 x H100, batched, about 0.56 J per token
-            // (arXiv 2511.07885); the harness reports one figure for input and output tokens.
-            cloud_joules_per_input_token: 0.56,
+            // (arXiv 2511.07885). Decode is memory-bound and dominates serving energy, so the
+            // harness's figure is charged to generated tokens.
             cloud_joules_per_output_token: 0.56,
             // Google's fleet-wide trailing-twelve-month PUE, 2023: 1.10 (Google 2024
             // Environmental Report); hyperscalers host the frontier APIs.

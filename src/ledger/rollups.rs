@@ -13,7 +13,7 @@ use redb::{
 };
 
 use super::{Ledger, LedgerError, LedgerRow, REQUESTS};
-use crate::savings::{Bucket, Rollup, Savings};
+use crate::savings::{Bucket, Idle, Rollup, Savings};
 
 /// Minute start (µs since the Unix epoch) -> that minute's [`Rollup`] as JSON.
 pub(super) const MINUTES: TableDefinition<u64, &[u8]> = TableDefinition::new("rollup_minutes");
@@ -67,6 +67,26 @@ pub(super) fn apply(
                 t.insert(start, value.as_slice())
                     .map_err(|e| e.to_string())?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// Adds idle spend (each with the time it was recorded) to the rollups it falls in.
+pub(super) fn add_idle(txn: &WriteTransaction, idle: &[(u64, Idle)]) -> Result<(), String> {
+    for (table, span) in [(MINUTES, MINUTE_US), (HOURS, HOUR_US)] {
+        let mut t = txn.open_table(table).map_err(|e| e.to_string())?;
+        for (time_us, spend) in idle {
+            let start = time_us / span * span;
+            let mut rollup = t
+                .get(start)
+                .map_err(|e| e.to_string())?
+                .and_then(|v| serde_json::from_slice::<Rollup>(v.value()).ok())
+                .unwrap_or_default();
+            rollup.add_idle(spend);
+            let value = serde_json::to_vec(&rollup).map_err(|e| e.to_string())?;
+            t.insert(start, value.as_slice())
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(())
@@ -127,6 +147,14 @@ pub(super) fn build_missing(txn: &WriteTransaction) -> Result<(), String> {
 }
 
 impl Ledger {
+    /// Records the machine's idle spend of the interval that ended at `time_us`, in one
+    /// durable transaction.
+    pub fn write_idle(&self, idle: &[(u64, Idle)]) -> Result<(), String> {
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        add_idle(&txn, idle)?;
+        txn.commit().map_err(|e| e.to_string())
+    }
+
     /// Savings of every row from the minute `since_us` falls in: whole minutes up to the next
     /// hour, whole hours after. Returns the report and the window's actual start.
     pub fn savings_since(&self, since_us: u64) -> Result<Savings, LedgerError> {

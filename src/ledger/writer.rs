@@ -30,10 +30,13 @@ use std::time::{Duration, Instant};
 
 use super::{Ledger, LedgerRow, OutcomeError, OutcomeReceipt, OutcomeRecord, RETENTION_EVERY};
 use crate::config::{LedgerConfig, WriterPriority};
+use crate::savings::Idle;
 
 /// What the request path sends the writer thread.
 enum Message {
     Row(Box<LedgerRow>),
+    /// The machine's idle spend of an interval, at the time it ended.
+    Idle(u64, Idle),
     /// Write the rows queued so far, then the outcome, then answer (if anyone waits).
     Outcome(Box<OutcomeRecord>, Option<OutcomeReply>),
     /// Write everything queued now, then acknowledge.
@@ -79,6 +82,14 @@ impl LedgerSender {
             Err(TrySendError::Disconnected(_)) => {
                 tracing::error!("ledger writer has stopped; a row was not recorded");
             }
+        }
+    }
+
+    /// Queues the machine's idle spend of an interval that ended at `time_us`; never blocks
+    /// (a full queue drops it, counted like a row).
+    pub fn record_idle(&self, time_us: u64, idle: Idle) {
+        if self.tx.try_send(Message::Idle(time_us, idle)).is_err() {
+            self.dropped.inc();
         }
     }
 
@@ -213,6 +224,7 @@ fn receive(
                 backlog.fetch_sub(1, Ordering::Relaxed);
                 shared.push(*row);
             }
+            Ok(Message::Idle(time_us, idle)) => lock(&shared.pending).idle.push((time_us, idle)),
             Ok(Message::Flush(done)) => {
                 shared.commit(usize::MAX);
                 let _ = done.send(());
@@ -263,6 +275,7 @@ struct Shared {
 #[derive(Default)]
 struct Pending {
     rows: Vec<LedgerRow>,
+    idle: Vec<(u64, Idle)>,
     /// When the oldest pending row arrived.
     since: Option<Instant>,
 }
@@ -363,11 +376,17 @@ impl Store {
     /// Takes the pending rows and writes them, `chunk` per transaction; returns whether all
     /// were written. Runs retention when it is due.
     fn commit(&mut self, shared: &Shared, chunk: usize) -> bool {
-        let rows = {
+        let (rows, idle) = {
             let mut p = lock(&shared.pending);
             p.since = None;
-            std::mem::take(&mut p.rows)
+            (std::mem::take(&mut p.rows), std::mem::take(&mut p.idle))
         };
+        if !idle.is_empty() {
+            if let Err(e) = self.ledger.write_idle(&idle) {
+                tracing::warn!(error = %e, "ledger: idle energy not recorded; retrying at the next flush");
+                lock(&shared.pending).idle.extend(idle);
+            }
+        }
         let mut written = 0;
         let mut ok = true;
         let parts = rows.chunks(chunk.max(1)).count();

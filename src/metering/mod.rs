@@ -11,6 +11,7 @@
 pub mod accounting;
 pub mod attribution;
 pub mod counters;
+pub mod idle;
 pub mod request;
 
 use std::sync::Arc;
@@ -155,6 +156,18 @@ impl Metering {
     /// Reads the counter now. The sampler thread calls this; request paths never do.
     pub fn sample(&self) {
         self.meter.sample();
+    }
+
+    /// The idle spend between two totals: joules, seconds, and their price (electricity plus
+    /// `hardware_usd_per_hour`).
+    pub fn idle_spend(&self, from: &MeterTotals, to: &MeterTotals) -> crate::savings::Idle {
+        let joules = (to.idle_joules - from.idle_joules).max(0.0);
+        let seconds = (to.idle_seconds - from.idle_seconds).max(0.0);
+        crate::savings::Idle {
+            joules,
+            seconds,
+            usd: joules * self.local.usd_per_joule + seconds * self.local.hardware_usd_per_second,
+        }
     }
 
     /// The local energy counter's kind.

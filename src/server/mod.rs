@@ -47,6 +47,7 @@ struct Shared {
     ledger: Option<Ledger>,
     ledger_writer: Option<LedgerSender>,
     ledger_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    idle: Option<Arc<crate::metering::idle::IdleRecorder>>,
     baseline_backend: Option<String>,
     experiments: Vec<crate::config::ExperimentConfig>,
     access: access::Access,
@@ -84,6 +85,9 @@ impl AppState {
             ledger_writer.clone(),
         )
         .map_err(anyhow::Error::msg)?;
+        let idle = ledger_writer
+            .clone()
+            .map(|w| crate::metering::idle::IdleRecorder::spawn(metering.clone(), w));
         Ok(Self {
             inner: Arc::new(Shared {
                 gateway,
@@ -99,6 +103,7 @@ impl AppState {
                 ledger,
                 ledger_writer,
                 ledger_thread: std::sync::Mutex::new(ledger_thread),
+                idle,
                 experiments: config.experiments.clone(),
                 access: access::Access::new(&config.auth, &config.limits),
             }),
@@ -115,6 +120,9 @@ impl AppState {
     /// Writes every queued row, stops the ledger writer and waits for its thread, so the file
     /// is released when this returns (graceful shutdown).
     pub fn close_ledger(&self) {
+        if let Some(idle) = &self.inner.idle {
+            idle.finish();
+        }
         if let Some(w) = &self.inner.ledger_writer {
             w.close(Duration::from_secs(10));
         }
