@@ -31,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ledger.write(&batch, &mut last_key)?;
             batch.clear();
         }
-        if (i + 1) % 500_000 == 0 {
+        if (i + 1).is_multiple_of(500_000) {
             eprintln!("{} rows in {:.0} s", i + 1, began.elapsed().as_secs_f64());
         }
     }
@@ -43,7 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn row(i: u64, time_us: u64) -> LedgerRow {
-    let local = i % 4 != 0;
+    let local = !i.is_multiple_of(4);
     let input = 40 + i % 400;
     let output = 20 + i % 300;
     let cf = Counterfactual {
@@ -80,13 +80,20 @@ fn row(i: u64, time_us: u64) -> LedgerRow {
             "router_cloud"
         }
         .to_owned(),
-        experiment: (i % 2 == 0).then(|| "router-v2".to_owned()),
-        arm: (i % 2 == 0).then(|| if i % 4 == 0 { "control" } else { "treatment" }.to_owned()),
+        experiment: i.is_multiple_of(2).then(|| "router-v2".to_owned()),
+        arm: i.is_multiple_of(2).then(|| {
+            if i.is_multiple_of(4) {
+                "control"
+            } else {
+                "treatment"
+            }
+            .to_owned()
+        }),
         p_local: Some((i % 100) as f64 / 100.0),
         fallback_from: None,
         status: 200,
         outcome: "ok".to_owned(),
-        stream: i % 3 == 0,
+        stream: i.is_multiple_of(3),
         input_tokens: input,
         output_tokens: output,
         tokens_source: "upstream".to_owned(),
