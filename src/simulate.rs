@@ -48,8 +48,59 @@ pub struct Request<'a> {
     pub accuracies: &'a [f64],
     /// Output tokens per answer.
     pub output_tokens: u64,
-    /// Local joules per token.
-    pub local_joules_per_token: f64,
+    /// Local joules per token; None: [`DEFAULT_LOCAL_JOULES_PER_TOKEN`] scaled by the labeled
+    /// model's parameters.
+    pub local_joules_per_token: Option<f64>,
+    /// Active parameters of the labeled local model; None: read from its label's name.
+    pub local_parameters: Option<f64>,
+}
+
+/// Parameters of the model [`DEFAULT_LOCAL_JOULES_PER_TOKEN`] was estimated on (Gemma 3 270M:
+/// 268 M, Google's model card).
+const DEFAULT_LOCAL_PARAMETERS: f64 = 2.68e8;
+
+/// Active parameters read from a label's name: `7b`, `1.5b`, `270m`, `8b-class`; a Mixtral-style
+/// `8x7b` is its published 12.9 B active parameters (Mistral AI, "Mixtral of experts", 2024),
+/// any other `NxMb` two experts' worth. None when the name carries no size (`gpt-4`, `claude`).
+pub fn parameters_from_label(label: &str) -> Option<f64> {
+    let name = label.to_ascii_lowercase();
+    let bytes = name.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+            i += 1;
+        }
+        let boundary = start == 0 || !bytes[start - 1].is_ascii_alphanumeric();
+        if i > start && boundary {
+            let number: Option<f64> = name[start..i].parse().ok();
+            let unit = bytes.get(i).copied();
+            let after = bytes.get(i + 1).copied();
+            let ends = |b: Option<u8>| b.is_none_or(|b| !b.is_ascii_alphanumeric());
+            match (number, unit) {
+                (Some(n), Some(b'b')) if ends(after) => return Some(n * 1e9),
+                (Some(n), Some(b'm')) if ends(after) => return Some(n * 1e6),
+                (Some(experts), Some(b'x')) => {
+                    let rest = &name[i + 1..];
+                    let digits: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_digit() || *c == '.')
+                        .collect();
+                    let size: Option<f64> = digits.parse().ok();
+                    if let (Some(size), Some('b')) = (size, rest[digits.len()..].chars().next()) {
+                        return Some(if experts == 8.0 && size == 7.0 {
+                            12.9e9
+                        } else {
+                            2.0 * size * 1e9
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Loads data, labels, router and constants from `config`, and runs every policy.
@@ -58,11 +109,34 @@ pub fn command(config: &Config, req: &Request) -> Result<(Vec<PolicyResult>, Str
     for f in req.data {
         examples.extend(data::read_examples(f)?);
     }
-    let labels = Labels::new(&examples, req.local, req.cloud);
     let router = match req.router {
         Some(r) => Some(model::load_named(r, req.router_dir).map_err(|e| e.to_string())?),
         None => None,
     };
+    // A router is scored only on sources it was not trained on; every policy then sees the
+    // same held-out rows, so the comparison stays like for like.
+    let mut held_out_note = String::new();
+    if let Some(m) = &router {
+        let trained: std::collections::BTreeSet<&str> = m
+            .meta
+            .trained_on
+            .iter()
+            .map(|s| s.source.as_str())
+            .collect();
+        let before = examples.len();
+        examples.retain(|e| !trained.contains(e.source.as_str()));
+        if examples.is_empty() {
+            return Err(format!(
+                "every row comes from a source the router was trained on ({}); simulate it on other sources",
+                trained.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        held_out_note = format!(
+            "; {} of {before} rows are from sources the router was trained on and were left out",
+            before - examples.len()
+        );
+    }
+    let labels = Labels::new(&examples, req.local, req.cloud);
     let threshold = router.as_ref().map(|m| {
         let r = &config.routing;
         req.threshold
@@ -96,19 +170,35 @@ pub fn command(config: &Config, req: &Request) -> Result<(Vec<PolicyResult>, Str
         None => config.backends.iter().find(|b| b.role == Role::Cloud),
     }
     .ok_or("the config has no cloud backend to compare with")?;
+    // The labels are one model's answers: price them as that model, not as the configured
+    // local backend (the embedded 270 M model by default).
+    let label = req.local.first().map(String::as_str).unwrap_or_default();
+    let parameters = match req.local_parameters.or_else(|| parameters_from_label(label)) {
+        Some(p) => p,
+        None => {
+            return Err(format!(
+                "the local label `{label}` names no model size; pass --local-parameters (active parameters, e.g. 8e9)"
+            ))
+        }
+    };
+    let local_joules_per_token = req
+        .local_joules_per_token
+        .unwrap_or(DEFAULT_LOCAL_JOULES_PER_TOKEN * parameters / DEFAULT_LOCAL_PARAMETERS);
+    let mut local_rates = BackendRates::from_config(local, &config.metering);
+    local_rates.active_parameters = parameters;
     let constants = Constants {
-        local: BackendRates::from_config(local, &config.metering),
+        local: local_rates,
         cloud: BackendRates::from_config(cloud, &config.metering),
-        local_joules_per_token: req.local_joules_per_token,
+        local_joules_per_token,
         local_usd_per_joule: LocalRates::from_config(&config.metering).usd_per_joule,
         output_tokens: req.output_tokens,
     };
     let header = format!(
-        "{} labeled queries; local `{}` ({:.3e} active params, {} J/token estimated), cloud baseline `{}` ({:.3e} active params, {:.3} J/input token and {:.3} J/output token with PUE, estimated; ${}/{} per 1M tokens); {} output tokens per answer assumed; cloud labels: {}",
+        "{} labeled queries{held_out_note}; local labels `{label}` priced as {:.3e} active params on `{}`'s electricity ({:.3} J/token estimated), cloud baseline `{}` ({:.3e} active params, {:.3} J/input token and {:.3} J/output token with PUE, estimated; ${}/{} per 1M tokens); {} output tokens per answer assumed; cloud labels: {}",
         queries.len(),
-        local.name,
         constants.local.active_parameters,
-        req.local_joules_per_token,
+        local.name,
+        local_joules_per_token,
         cloud.name,
         constants.cloud.active_parameters,
         constants.cloud.joules_per_input_token,
@@ -385,5 +475,87 @@ mod tests {
         // Same ids, same result.
         let again = run(&qs, &constants(), None, &[0.8]);
         assert_eq!(again[2].local_share, p80.local_share);
+    }
+
+    #[test]
+    fn a_label_is_priced_by_the_size_its_name_gives() {
+        assert_eq!(parameters_from_label("llama-3.1-8b-instruct"), Some(8e9));
+        assert_eq!(parameters_from_label("qwen1.5-110b"), Some(110e9));
+        assert_eq!(parameters_from_label("8b-class"), Some(8e9));
+        assert_eq!(parameters_from_label("gemma-3-270m"), Some(270e6));
+        assert_eq!(
+            parameters_from_label("mixtral-8x7b-instruct-v0.1"),
+            Some(12.9e9)
+        );
+        assert_eq!(parameters_from_label("phi-3-mini-4k-instruct"), None);
+        assert_eq!(parameters_from_label("gpt-4-1106-preview"), None);
+        assert_eq!(parameters_from_label("llama3-chatqa-1.5-70b"), Some(70e9));
+    }
+
+    #[test]
+    fn a_router_is_scored_only_on_sources_it_was_not_trained_on_and_labels_at_their_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("d.jsonl");
+        // The shipped gemma-3-270m router was trained on routellm/mmlu (among others).
+        let rows = [
+            r#"{"id":"a","source":"routellm/mmlu","prompt":"What is 2+2?","scores":{"llama-3.1-8b-instruct":1.0,"gpt-4":1.0}}"#,
+            r#"{"id":"b","source":"held-out","prompt":"Name a prime.","scores":{"llama-3.1-8b-instruct":1.0,"gpt-4":1.0}}"#,
+        ];
+        std::fs::write(&data, rows.join("\n")).expect("write");
+        let config = Config::parse(
+            r#"
+[[backends]]
+name = "local"
+kind = "openai"
+role = "local"
+base_url = "http://127.0.0.1:9/v1"
+model = "m"
+parameters = 2.68e8
+[[backends]]
+name = "cloud"
+kind = "openai"
+role = "cloud"
+base_url = "http://127.0.0.1:9/v1"
+model = "c"
+parameters = 1e11
+"#,
+        )
+        .expect("config");
+        let files = [data];
+        let local = ["llama-3.1-8b-instruct".to_owned()];
+        let cloud = ["gpt-4".to_owned()];
+        let router_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("router-models");
+        let req = Request {
+            data: &files,
+            local: &local,
+            cloud: &cloud,
+            router: Some("gemma-3-270m"),
+            router_dir: &router_dir,
+            threshold: None,
+            accuracies: &[],
+            output_tokens: 10,
+            local_joules_per_token: None,
+            local_parameters: None,
+        };
+        let (results, header) = command(&config, &req).expect("simulate");
+        assert!(
+            header.starts_with("1 labeled queries; 1 of 2 rows"),
+            "{header}"
+        );
+        assert!(header.contains("8.000e9 active params"), "{header}");
+        let oracle = results
+            .iter()
+            .find(|r| r.policy == "oracle")
+            .expect("oracle");
+        // One local answer of 13 tokens (3 prompt tokens + 10): FLOPs at 8e9 parameters.
+        let tokens = (("Name a prime.".len() as u64).div_ceil(4) + 10) as f64;
+        assert!(
+            (oracle.flops.0 - 2.0 * 8e9 * tokens).abs() < 1.0,
+            "{oracle:?}"
+        );
+        assert!(
+            (oracle.joules.0 - 0.45 * 8e9 / 2.68e8 * tokens).abs() < 1e-6,
+            "{oracle:?}"
+        );
     }
 }

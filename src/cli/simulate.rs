@@ -33,9 +33,15 @@ pub struct SimulateArgs {
     /// Output tokens per answer (an assumption: the data has no answer lengths).
     #[arg(long, default_value_t = wattgate::simulate::DEFAULT_OUTPUT_TOKENS)]
     pub output_tokens: u64,
-    /// Local joules per token (default: the embedded model's CPU estimate; see docs).
-    #[arg(long, default_value_t = wattgate::simulate::DEFAULT_LOCAL_JOULES_PER_TOKEN)]
-    pub local_joules_per_token: f64,
+    /// Local joules per token. Default: the embedded model's measured-speed CPU estimate
+    /// (0.45 J/token at 268 M parameters), scaled by the labeled model's parameters.
+    #[arg(long)]
+    pub local_joules_per_token: Option<f64>,
+    /// Active parameters of the model whose labels are replayed as "local" (e.g. 8e9).
+    /// Default: read from the label's name (`...-7b-...`, `8x7b`, `8b-class`); required when
+    /// the name carries no size.
+    #[arg(long)]
+    pub local_parameters: Option<f64>,
     /// `table` or `json`.
     #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
     pub format: ReportFormat,
@@ -55,6 +61,7 @@ impl SimulateArgs {
             accuracy,
             output_tokens,
             local_joules_per_token,
+            local_parameters,
             format,
         } = self;
         let config = match config.load() {
@@ -72,8 +79,12 @@ impl SimulateArgs {
             eprintln!("error: --accuracy and --threshold take values from 0 to 1, got {bad}");
             return ExitCode::from(2);
         }
-        if !(local_joules_per_token.is_finite() && local_joules_per_token >= 0.0) {
+        if local_joules_per_token.is_some_and(|j| !(j.is_finite() && j >= 0.0)) {
             eprintln!("error: --local-joules-per-token must be >= 0");
+            return ExitCode::from(2);
+        }
+        if local_parameters.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
+            eprintln!("error: --local-parameters must be > 0");
             return ExitCode::from(2);
         }
         let request = wattgate::simulate::Request {
@@ -86,6 +97,7 @@ impl SimulateArgs {
             accuracies: &accuracy,
             output_tokens,
             local_joules_per_token,
+            local_parameters,
         };
         match wattgate::simulate::command(&config, &request) {
             Ok((results, header)) => {
