@@ -20,11 +20,17 @@ use crate::router::features;
 use crate::router::model;
 use crate::router::train::Labels;
 
-/// Local energy per token when none is given: the embedded Gemma 3 270M on this project's
-/// reference 2-core CPU decodes 28 tokens/s (shared/design.md) at 2 x 6.25 W under the
-/// `estimate` meter's default watts per core: 12.5 W / 28 tok/s = 0.45 J/token. An estimate;
-/// pass a measured figure from `wattgate profile` for your machine.
+/// Local energy per generated token when none is given: the embedded Gemma 3 270M on this
+/// project's reference 2-core CPU decodes 28 tokens/s (shared/design.md) at 2 x 6.25 W under
+/// the `estimate` meter's default watts per core: 12.5 W / 28 tok/s = 0.45 J/token. An
+/// estimate; pass a measured figure from `wattgate profile` for your machine.
 pub const DEFAULT_LOCAL_JOULES_PER_TOKEN: f64 = 0.45;
+
+/// Local energy per prompt token when none is given: the same model prefills 714.8 tokens/s on
+/// the same 2 threads (README, "Embedded model against llama.cpp", measured), so 12.5 W /
+/// 714.8 tok/s = 0.0175 J/token: prefill is batched over the prompt, decode is one token at a
+/// time. An estimate from a measured speed and modeled watts.
+pub const DEFAULT_LOCAL_JOULES_PER_INPUT_TOKEN: f64 = 0.0175;
 
 /// Output tokens per answer when none is given: an assumption (labeled data carries no answer
 /// lengths); 256 is a short chat answer. Pass your traffic's mean.
@@ -48,9 +54,12 @@ pub struct Request<'a> {
     pub accuracies: &'a [f64],
     /// Output tokens per answer.
     pub output_tokens: u64,
-    /// Local joules per token; None: [`DEFAULT_LOCAL_JOULES_PER_TOKEN`] scaled by the labeled
-    /// model's parameters.
+    /// Local joules per generated token; None: [`DEFAULT_LOCAL_JOULES_PER_TOKEN`] scaled by
+    /// the labeled model's parameters.
     pub local_joules_per_token: Option<f64>,
+    /// Local joules per prompt token; None: [`DEFAULT_LOCAL_JOULES_PER_INPUT_TOKEN`] scaled
+    /// the same way.
+    pub local_joules_per_input_token: Option<f64>,
     /// Active parameters of the labeled local model; None: read from its label's name.
     pub local_parameters: Option<f64>,
 }
@@ -184,20 +193,25 @@ pub fn command(config: &Config, req: &Request) -> Result<(Vec<PolicyResult>, Str
     let local_joules_per_token = req
         .local_joules_per_token
         .unwrap_or(DEFAULT_LOCAL_JOULES_PER_TOKEN * parameters / DEFAULT_LOCAL_PARAMETERS);
+    let local_joules_per_input_token = req
+        .local_joules_per_input_token
+        .unwrap_or(DEFAULT_LOCAL_JOULES_PER_INPUT_TOKEN * parameters / DEFAULT_LOCAL_PARAMETERS);
     let mut local_rates = BackendRates::from_config(local, &config.metering);
     local_rates.active_parameters = parameters;
     let constants = Constants {
         local: local_rates,
         cloud: BackendRates::from_config(cloud, &config.metering),
         local_joules_per_token,
+        local_joules_per_input_token,
         local_usd_per_joule: LocalRates::from_config(&config.metering).usd_per_joule,
         output_tokens: req.output_tokens,
     };
     let header = format!(
-        "{} labeled queries{held_out_note}; local labels `{label}` priced as {:.3e} active params on `{}`'s electricity ({:.3} J/token estimated), cloud baseline `{}` ({:.3e} active params, {:.3} J/input token and {:.3} J/output token with PUE, estimated; ${}/{} per 1M tokens); {} output tokens per answer assumed; cloud labels: {}",
+        "{} labeled queries{held_out_note}; local labels `{label}` priced as {:.3e} active params on `{}`'s electricity ({:.4} J/input token and {:.3} J/output token estimated), cloud baseline `{}` ({:.3e} active params, {:.3} J/input token and {:.3} J/output token with PUE, estimated; ${}/{} per 1M tokens); {} output tokens per answer assumed; cloud labels: {}",
         queries.len(),
         constants.local.active_parameters,
         local.name,
+        local_joules_per_input_token,
         local_joules_per_token,
         cloud.name,
         constants.cloud.active_parameters,
@@ -218,8 +232,10 @@ pub struct Constants {
     pub local: BackendRates,
     /// The cloud baseline's rates (J/token with PUE, $/token, active parameters).
     pub cloud: BackendRates,
-    /// Local joules per token (input and output alike).
+    /// Local joules per generated token.
     pub local_joules_per_token: f64,
+    /// Local joules per prompt token.
+    pub local_joules_per_input_token: f64,
     /// Local $ per joule (electricity).
     pub local_usd_per_joule: f64,
     /// Output tokens assumed per answer (the labeled data has no answers' lengths).
@@ -342,7 +358,8 @@ fn evaluate(
         cloud_quality += q.cloud;
         if local(q) {
             n_local += 1;
-            let local_j = c.local_joules_per_token * tokens.total() as f64;
+            let local_j = c.local_joules_per_input_token * tokens.input as f64
+                + c.local_joules_per_token * tokens.output as f64;
             j += local_j;
             f += c.local.flops(tokens);
             u += local_j * c.local_usd_per_joule;
@@ -424,6 +441,7 @@ mod tests {
             local: rates(Role::Local, 1e9, 0.0, 0.0),
             cloud: rates(Role::Cloud, 1e11, 1.0, 1e-6),
             local_joules_per_token: 0.2,
+            local_joules_per_input_token: 0.2,
             local_usd_per_joule: 0.0,
             output_tokens: 6,
         }
@@ -535,6 +553,7 @@ parameters = 1e11
             accuracies: &[],
             output_tokens: 10,
             local_joules_per_token: None,
+            local_joules_per_input_token: None,
             local_parameters: None,
         };
         let (results, header) = command(&config, &req).expect("simulate");
@@ -548,14 +567,14 @@ parameters = 1e11
             .find(|r| r.policy == "oracle")
             .expect("oracle");
         // One local answer of 13 tokens (3 prompt tokens + 10): FLOPs at 8e9 parameters.
-        let tokens = (("Name a prime.".len() as u64).div_ceil(4) + 10) as f64;
+        let input = ("Name a prime.".len() as u64).div_ceil(4) as f64;
+        let tokens = input + 10.0;
         assert!(
             (oracle.flops.0 - 2.0 * 8e9 * tokens).abs() < 1.0,
             "{oracle:?}"
         );
-        assert!(
-            (oracle.joules.0 - 0.45 * 8e9 / 2.68e8 * tokens).abs() < 1e-6,
-            "{oracle:?}"
-        );
+        // Prompt and generated tokens at their own rates, both scaled to 8e9 parameters.
+        let joules = (0.0175 * input + 0.45 * 10.0) * 8e9 / 2.68e8;
+        assert!((oracle.joules.0 - joules).abs() < 1e-6, "{oracle:?}");
     }
 }

@@ -33,10 +33,14 @@ pub struct SimulateArgs {
     /// Output tokens per answer (an assumption: the data has no answer lengths).
     #[arg(long, default_value_t = wattgate::simulate::DEFAULT_OUTPUT_TOKENS)]
     pub output_tokens: u64,
-    /// Local joules per token. Default: the embedded model's measured-speed CPU estimate
-    /// (0.45 J/token at 268 M parameters), scaled by the labeled model's parameters.
+    /// Local joules per generated token. Default: the embedded model's measured-speed CPU
+    /// estimate (0.45 J/token at 268 M parameters), scaled by the labeled model's parameters.
     #[arg(long)]
     pub local_joules_per_token: Option<f64>,
+    /// Local joules per prompt token. Default: the same estimate from the measured prefill
+    /// speed (0.0175 J/token at 268 M parameters), scaled the same way.
+    #[arg(long)]
+    pub local_joules_per_input_token: Option<f64>,
     /// Active parameters of the model whose labels are replayed as "local" (e.g. 8e9).
     /// Default: read from the label's name (`...-7b-...`, `8x7b`, `8b-class`); required when
     /// the name carries no size.
@@ -61,6 +65,7 @@ impl SimulateArgs {
             accuracy,
             output_tokens,
             local_joules_per_token,
+            local_joules_per_input_token,
             local_parameters,
             format,
         } = self;
@@ -79,8 +84,14 @@ impl SimulateArgs {
             eprintln!("error: --accuracy and --threshold take values from 0 to 1, got {bad}");
             return ExitCode::from(2);
         }
-        if local_joules_per_token.is_some_and(|j| !(j.is_finite() && j >= 0.0)) {
-            eprintln!("error: --local-joules-per-token must be >= 0");
+        if local_joules_per_token
+            .into_iter()
+            .chain(local_joules_per_input_token)
+            .any(|j| !(j.is_finite() && j >= 0.0))
+        {
+            eprintln!(
+                "error: --local-joules-per-token and --local-joules-per-input-token must be >= 0"
+            );
             return ExitCode::from(2);
         }
         if local_parameters.is_some_and(|p| !(p.is_finite() && p > 0.0)) {
@@ -97,6 +108,7 @@ impl SimulateArgs {
             accuracies: &accuracy,
             output_tokens,
             local_joules_per_token,
+            local_joules_per_input_token,
             local_parameters,
         };
         match wattgate::simulate::command(&config, &request) {
