@@ -64,25 +64,6 @@ PROMPTS=../shared/data/traffic/chat-prompts.jsonl
 prompts_arg=()
 [ -f "$PROMPTS" ] && prompts_arg=(--prompts "$PROMPTS")
 
-# wrk's summary as JSON: requests/s and latency percentiles in ms.
-wrk_json() { # LABEL CONNECTIONS PORT
-  local threads=$(( $2 < 2 ? 1 : 2 ))
-  wrk -t"$threads" -c"$2" -d"${secs}s" --latency -s "$work/post.lua" "http://127.0.0.1:$3/v1/chat/completions" |
-    python3 -c '
-import json, re, sys
-text = sys.stdin.read()
-def ms(v, unit):
-    return float(v) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
-out = {"label": sys.argv[1], "connections": int(sys.argv[2])}
-out["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-for p in ("50", "90", "99"):
-    m = re.search(r"^\s+" + p + r"%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
-    out["p" + p] = ms(*m.groups())
-bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-out["errors"] = int(bad.group(1)) if bad else 0
-print(json.dumps(out))' "$1" "$2"
-}
-
 results=()
 for round in $(seq "$rounds"); do
   for side in before after; do

@@ -22,6 +22,27 @@ openai_venv() {
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'openai>=1.40,<3'
 }
 
+# wrk_json LABEL CONNECTIONS PORT
+#   Runs wrk for $secs seconds with $work/post.lua against the gateway's chat endpoint on PORT
+#   and prints its summary as one JSON line: requests/s, p50/p90/p99 in ms, non-2xx count.
+wrk_json() { # LABEL CONNECTIONS PORT
+  local threads=$(( $2 < 2 ? 1 : 2 ))
+  wrk -t"$threads" -c"$2" -d"${secs}s" --latency -s "$work/post.lua" "http://127.0.0.1:$3/v1/chat/completions" |
+    python3 -c '
+import json, re, sys
+text = sys.stdin.read()
+def ms(v, unit):
+    return float(v) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+out = {"label": sys.argv[1], "connections": int(sys.argv[2])}
+out["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+for p in ("50", "90", "99"):
+    m = re.search(r"^\s+" + p + r"%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    out["p" + p] = ms(*m.groups())
+bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+out["errors"] = int(bad.group(1)) if bad else 0
+print(json.dumps(out))' "$1" "$2"
+}
+
 # start_priced_pair LOCAL_FAIL_EVERY LOCAL_FAIL_STATUS CLOUD_FAIL_EVERY CLOUD_FAIL_STATUS
 #   Starts a scripted local upstream (20 ms per answer) and a cloud one (40 ms, priced like
 #   gpt-4.1), each failing every n-th request with the given status (0: never), and the release
