@@ -308,20 +308,25 @@ impl Savings {
             ..Self::default()
         };
         for rollup in rollups {
-            s.idle.merge(&rollup.idle);
-            for (backend, arms) in &rollup.groups {
-                for (arm, totals) in arms {
-                    s.total.merge(totals);
-                    s.by_backend
-                        .entry(backend.clone())
-                        .or_default()
-                        .merge(totals);
-                    s.by_arm.entry(arm.clone()).or_default().merge(totals);
-                }
+            s.add_rollup(&rollup);
+        }
+        s
+    }
+
+    /// Adds one rollup's figures (another minute or hour of the same window).
+    pub fn add_rollup(&mut self, rollup: &Rollup) {
+        self.idle.merge(&rollup.idle);
+        for (backend, arms) in &rollup.groups {
+            for (arm, totals) in arms {
+                self.total.merge(totals);
+                self.by_backend
+                    .entry(backend.clone())
+                    .or_default()
+                    .merge(totals);
+                self.by_arm.entry(arm.clone()).or_default().merge(totals);
             }
         }
-        s.finish_net();
-        s
+        self.finish_net();
     }
 
     fn finish_net(&mut self) {
@@ -329,19 +334,6 @@ impl Savings {
             energy_joules: self.total.energy_joules.saved.map(|s| s - self.idle.joules),
             cost_usd: self.total.cost_usd.saved.map(|s| s - self.idle.usd),
         };
-    }
-
-    /// Adds another report's figures (the same window, other buckets).
-    pub fn merge(&mut self, other: &Savings) {
-        self.total.merge(&other.total);
-        for (k, t) in &other.by_backend {
-            self.by_backend.entry(k.clone()).or_default().merge(t);
-        }
-        for (k, t) in &other.by_arm {
-            self.by_arm.entry(k.clone()).or_default().merge(t);
-        }
-        self.idle.merge(&other.idle);
-        self.finish_net();
     }
 
     /// A plain-text table for terminals.

@@ -160,20 +160,12 @@ impl Ledger {
     pub fn savings_since(&self, since_us: u64) -> Result<Savings, LedgerError> {
         let start = since_us / MINUTE_US * MINUTE_US;
         let first_hour = start.div_ceil(HOUR_US) * HOUR_US;
-        let mut rollups = Vec::new();
-        self.each_rollup(MINUTES, start, Some(first_hour), |_, r| rollups.push(r))?;
-        let mut savings = Savings::from_rollups(start, rollups);
-        let mut rest = Vec::new();
-        self.each_rollup(HOURS, first_hour, None, |_, r| {
-            rest.push(r);
-            // Merge as we go: memory stays at a few hundred rollups.
-            if rest.len() >= 256 {
-                let partial = Savings::from_rollups(start, rest.drain(..));
-                savings.merge(&partial);
-            }
+        // Summed as they are read: memory is one rollup and the report.
+        let mut savings = Savings::from_rollups(start, []);
+        self.each_rollup(MINUTES, start, Some(first_hour), |_, r| {
+            savings.add_rollup(&r)
         })?;
-        savings.merge(&Savings::from_rollups(start, rest));
-        savings.since_us = start;
+        self.each_rollup(HOURS, first_hour, None, |_, r| savings.add_rollup(&r))?;
         Ok(savings)
     }
 

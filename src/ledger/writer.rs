@@ -21,7 +21,6 @@
 //! `wattgate_ledger_catchups_total`), though it must wait for a transaction the starved
 //! committer holds. Rows are dropped (counted) only when the queue is full.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{
     channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError,
 };
@@ -59,8 +58,6 @@ type OutcomeReply = tokio::sync::oneshot::Sender<Result<OutcomeReceipt, OutcomeE
 pub struct LedgerSender {
     tx: SyncSender<Message>,
     dropped: prometheus::IntCounter,
-    /// Rows queued and not yet taken by the writer.
-    backlog: Arc<AtomicUsize>,
 }
 
 impl LedgerSender {
@@ -68,9 +65,7 @@ impl LedgerSender {
     /// thread has died (logged).
     pub fn record(&self, row: LedgerRow) {
         match self.tx.try_send(Message::Row(Box::new(row))) {
-            Ok(()) => {
-                self.backlog.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.inc();
                 // Once per power of two, so a stuck disk does not also flood the log.
@@ -148,7 +143,6 @@ pub fn spawn_writer(
     catchups: prometheus::IntCounter,
 ) -> std::io::Result<(LedgerSender, std::thread::JoinHandle<()>)> {
     let (tx, rx) = sync_channel(config.queue_rows);
-    let backlog = Arc::new(AtomicUsize::new(0));
     let shared = Arc::new(Shared::new(ledger, config));
     let committer = {
         let shared = shared.clone();
@@ -162,25 +156,17 @@ pub fn spawn_writer(
     };
     let high = (config.queue_rows / 4).max(1);
     let receiver = {
-        let backlog = backlog.clone();
         std::thread::Builder::new()
             .name("wattgate-ledger-rx".to_owned())
             .spawn(move || {
-                receive(&shared, &rx, &backlog, high, &catchups);
+                receive(&shared, &rx, high, &catchups);
                 shared.stop();
                 if committer.join().is_err() {
                     tracing::error!("the ledger committer thread panicked");
                 }
             })?
     };
-    Ok((
-        LedgerSender {
-            tx,
-            dropped,
-            backlog,
-        },
-        receiver,
-    ))
+    Ok((LedgerSender { tx, dropped }, receiver))
 }
 
 /// Puts the calling thread under `SCHED_IDLE` (Linux; elsewhere, or when refused, it keeps
@@ -213,17 +199,13 @@ fn lower_priority(priority: WriterPriority) {
 fn receive(
     shared: &Shared,
     rx: &Receiver<Message>,
-    backlog: &AtomicUsize,
     high: usize,
     catchups: &prometheus::IntCounter,
 ) {
     let tick = (shared.interval / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
     loop {
         match rx.recv_timeout(tick) {
-            Ok(Message::Row(row)) => {
-                backlog.fetch_sub(1, Ordering::Relaxed);
-                shared.push(*row);
-            }
+            Ok(Message::Row(row)) => shared.push(*row),
             Ok(Message::Idle(time_us, idle)) => lock(&shared.pending).idle.push((time_us, idle)),
             Ok(Message::Flush(done)) => {
                 shared.commit(usize::MAX);
@@ -458,11 +440,9 @@ mod tests {
             ..LedgerConfig::default()
         };
         let (tx, rx) = sync_channel(64);
-        let backlog = Arc::new(AtomicUsize::new(0));
         let sender = LedgerSender {
             tx,
             dropped: dropped(),
-            backlog: backlog.clone(),
         };
         for i in 0..40 {
             sender.record(row(now_us(), &format!("r{i}")));
@@ -470,8 +450,8 @@ mod tests {
         let shared = Arc::new(Shared::new(ledger.clone(), &config));
         let catchups = dropped();
         let thread = {
-            let (shared, backlog, catchups) = (shared.clone(), backlog.clone(), catchups.clone());
-            std::thread::spawn(move || receive(&shared, &rx, &backlog, 1_000, &catchups))
+            let (shared, catchups) = (shared.clone(), catchups.clone());
+            std::thread::spawn(move || receive(&shared, &rx, 1_000, &catchups))
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while ledger.len().expect("len") < 40 {
@@ -479,7 +459,6 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(catchups.get() >= 1);
-        assert_eq!(backlog.load(Ordering::SeqCst), 0);
         drop(sender);
         thread.join().expect("receiver");
     }
@@ -494,7 +473,6 @@ mod tests {
         let sender = LedgerSender {
             tx,
             dropped: dropped(),
-            backlog: Arc::default(),
         };
         for i in 0..5 {
             sender.record(row(now_us(), &format!("r{i}")));
