@@ -1,25 +1,26 @@
 //! The writer's threads and the request path's handle to them: rows are queued without
 //! blocking and made durable once per `flush_interval_s`; retention runs here too.
 //!
-//! **Staying off the tail.** Writing a row costs about 14 µs of CPU (JSON, B-tree inserts,
-//! rollups, the commit; measured here). Written as one transaction per second, that burst
-//! competed with request threads for the cores and doubled the p99 latency at one connection
-//! (`scripts/bench_ledger.sh`). So the work is split between two threads:
+//! **Staying off the tail.** Writing a row costs a few µs of CPU (encoding, B-tree inserts,
+//! rollups, the commit; measured by `benches/ledger.rs`). Written as one transaction per
+//! second, that burst competed with request threads for the cores and doubled the p99 latency
+//! at one connection (`scripts/bench_ledger.sh`). So:
 //!
-//! - the **receiver** (normal priority, cheap work only) takes every message off the queue,
-//!   moves rows into the pending batch, and answers flushes, closes and outcomes itself;
-//! - the **committer**, every `flush_interval_s`, writes the pending batch in transactions of
-//!   at most [`CHUNK_ROWS`] rows, yielding the CPU between them; only the last one waits for
-//!   the disk (redb makes the earlier ones durable with it). Bursts of about half a
-//!   millisecond, instead of one of tens of milliseconds, are what brought the p99 at one
-//!   connection from 2.06x to 1.12x ledger off.
+//! - the request path appends its row to the pending batch under a lock held for a push, and
+//!   wakes nobody: a channel send per row woke a thread per request, a futex call and a
+//!   context switch on the request's own core;
+//! - the **committer**, every `flush_interval_s`, takes the batch and writes it in
+//!   transactions of at most [`CHUNK_ROWS`] rows, yielding the CPU between them; only the last
+//!   one waits for the disk (redb makes the earlier ones durable with it);
+//! - the **receiver** answers flushes, closes and outcomes (which must follow the rows queued
+//!   before them), and checks every quarter interval that the committer keeps up.
 //!
 //! With `ledger.writer_priority = "idle"` the committer runs under Linux `SCHED_IDLE`, taking
 //! only CPU that request threads leave free. An idle-priority thread can starve under
 //! saturation, so the receiver commits at normal priority itself once the batch is older than
 //! two flush intervals or larger than a quarter of `ledger.queue_rows` (counted in
 //! `wattgate_ledger_catchups_total`), though it must wait for a transaction the starved
-//! committer holds. Rows are dropped (counted) only when the queue is full.
+//! committer holds. Rows are dropped (counted) only when the batch is full.
 
 use std::sync::mpsc::{
     channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError,
@@ -31,11 +32,8 @@ use super::{Ledger, LedgerRow, OutcomeError, OutcomeReceipt, OutcomeRecord, RETE
 use crate::config::{LedgerConfig, WriterPriority};
 use crate::savings::Idle;
 
-/// What the request path sends the writer thread.
+/// What the request path asks of the receiver thread (rows do not pass through it).
 enum Message {
-    Row(Box<LedgerRow>),
-    /// The machine's idle spend of an interval, at the time it ended.
-    Idle(u64, Idle),
     /// Write the rows queued so far, then the outcome, then answer (if anyone waits).
     Outcome(Box<OutcomeRecord>, Option<OutcomeReply>),
     /// Write everything queued now, then acknowledge.
@@ -46,46 +44,61 @@ enum Message {
 
 type OutcomeReply = tokio::sync::oneshot::Sender<Result<OutcomeReceipt, OutcomeError>>;
 
-/// The request path's handle: queues rows for the writer thread.
+/// Control messages waiting for the receiver, at most (outcomes, flushes, closes; a full
+/// queue refuses an outcome with "retry shortly").
+const CONTROL_QUEUE: usize = 1024;
+
+/// The request path's handle: queues rows for the writer's threads.
 ///
-/// The queue holds at most `ledger.queue_rows` rows. Overflow policy: a row that finds it full
-/// is dropped, counted in `wattgate_ledger_rows_dropped_total` and logged, and the request is
-/// served as usual. The alternatives are worse: waiting would stall a request (and the async
-/// worker thread it runs on) behind a slow disk, and an unbounded queue turns a stuck disk into
-/// an out-of-memory kill that loses every queued row at once. The request is still in the
-/// Prometheus counters, which do not depend on the ledger.
+/// The pending batch holds at most `ledger.queue_rows` rows (besides the batch being written).
+/// Overflow policy: a row that finds it full is dropped, counted in
+/// `wattgate_ledger_rows_dropped_total` and logged, and the request is served as usual. The
+/// alternatives are worse: waiting would stall a request (and the async worker thread it runs
+/// on) behind a slow disk, and an unbounded queue turns a stuck disk into an out-of-memory kill
+/// that loses every queued row at once. The request is still in the Prometheus counters, which
+/// do not depend on the ledger.
 #[derive(Clone)]
 pub struct LedgerSender {
+    shared: Arc<Shared>,
     tx: SyncSender<Message>,
     dropped: prometheus::IntCounter,
 }
 
 impl LedgerSender {
-    /// Queues a row; never blocks. A row is lost when the queue is full (counted) or the writer
-    /// thread has died (logged).
+    /// Queues a row; never blocks (the lock is held by others only to push or to take the
+    /// batch). A row is lost when the batch is full (counted) or the writer has stopped
+    /// (logged).
     pub fn record(&self, row: LedgerRow) {
-        match self.tx.try_send(Message::Row(Box::new(row))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.dropped.inc();
-                // Once per power of two, so a stuck disk does not also flood the log.
-                let n = self.dropped.get();
-                if n.is_power_of_two() {
-                    tracing::error!(dropped = n, "ledger queue full (ledger.queue_rows): rows are being dropped; is the disk stuck?");
-                }
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::error!("ledger writer has stopped; a row was not recorded");
-            }
+        let mut p = lock(&self.shared.pending);
+        if p.closed {
+            drop(p);
+            tracing::error!("ledger writer has stopped; a row was not recorded");
+            return;
         }
+        if p.rows.len() >= self.shared.capacity {
+            drop(p);
+            self.dropped.inc();
+            // Once per power of two, so a stuck disk does not also flood the log.
+            let n = self.dropped.get();
+            if n.is_power_of_two() {
+                tracing::error!(dropped = n, "ledger queue full (ledger.queue_rows): rows are being dropped; is the disk stuck?");
+            }
+            return;
+        }
+        p.since.get_or_insert_with(Instant::now);
+        p.rows.push(row);
     }
 
     /// Queues the machine's idle spend of an interval that ended at `time_us`; never blocks
-    /// (a full queue drops it, counted like a row).
+    /// (a full batch drops it, counted like a row).
     pub fn record_idle(&self, time_us: u64, idle: Idle) {
-        if self.tx.try_send(Message::Idle(time_us, idle)).is_err() {
+        let mut p = lock(&self.shared.pending);
+        if p.idle.len() >= self.shared.capacity {
+            drop(p);
             self.dropped.inc();
+            return;
         }
+        p.idle.push((time_us, idle));
     }
 
     /// Stores an outcome after every row queued before it (so feedback on a request just
@@ -142,7 +155,7 @@ pub fn spawn_writer(
     dropped: prometheus::IntCounter,
     catchups: prometheus::IntCounter,
 ) -> std::io::Result<(LedgerSender, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = sync_channel(config.queue_rows);
+    let (tx, rx) = sync_channel(CONTROL_QUEUE);
     let shared = Arc::new(Shared::new(ledger, config));
     let committer = {
         let shared = shared.clone();
@@ -156,6 +169,7 @@ pub fn spawn_writer(
     };
     let high = (config.queue_rows / 4).max(1);
     let receiver = {
+        let shared = shared.clone();
         std::thread::Builder::new()
             .name("wattgate-ledger-rx".to_owned())
             .spawn(move || {
@@ -166,7 +180,14 @@ pub fn spawn_writer(
                 }
             })?
     };
-    Ok((LedgerSender { tx, dropped }, receiver))
+    Ok((
+        LedgerSender {
+            shared,
+            tx,
+            dropped,
+        },
+        receiver,
+    ))
 }
 
 /// Puts the calling thread under `SCHED_IDLE` (Linux; elsewhere, or when refused, it keeps
@@ -205,14 +226,12 @@ fn receive(
     let tick = (shared.interval / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
     loop {
         match rx.recv_timeout(tick) {
-            Ok(Message::Row(row)) => shared.push(*row),
-            Ok(Message::Idle(time_us, idle)) => lock(&shared.pending).idle.push((time_us, idle)),
             Ok(Message::Flush(done)) => {
                 shared.commit(usize::MAX);
                 let _ = done.send(());
             }
             Ok(Message::Close(done)) => {
-                shared.commit(usize::MAX);
+                shared.close();
                 let _ = done.send(());
                 return;
             }
@@ -227,7 +246,7 @@ fn receive(
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
-                shared.commit(usize::MAX);
+                shared.close();
                 return;
             }
         }
@@ -244,10 +263,12 @@ fn receive(
     }
 }
 
-/// What the two threads share: the pending batch (locked only to push or take rows) and the
-/// store (locked while committing).
+/// What the request path and the two threads share: the pending batch (locked only to push
+/// or take rows) and the store (locked while committing).
 struct Shared {
     pending: Mutex<Pending>,
+    /// `ledger.queue_rows`: the most rows `pending` holds.
+    capacity: usize,
     store: Mutex<Store>,
     interval: Duration,
     stopped: Mutex<bool>,
@@ -260,6 +281,9 @@ struct Pending {
     idle: Vec<(u64, Idle)>,
     /// When the oldest pending row arrived.
     since: Option<Instant>,
+    /// Set, under this lock, when the last commit starts: a row recorded later is lost (and
+    /// logged), never left behind unnoticed.
+    closed: bool,
 }
 
 struct Store {
@@ -288,16 +312,17 @@ impl Shared {
                 max_rows: config.max_rows,
             }),
             pending: Mutex::new(Pending::default()),
+            capacity: config.queue_rows.max(1),
             interval: crate::config::secs(config.flush_interval_s),
             stopped: Mutex::new(false),
             wake: Condvar::new(),
         }
     }
 
-    fn push(&self, row: LedgerRow) {
-        let mut p = lock(&self.pending);
-        p.since.get_or_insert_with(Instant::now);
-        p.rows.push(row);
+    /// The last commit: refuses later rows, then writes everything pending.
+    fn close(&self) {
+        lock(&self.pending).closed = true;
+        self.commit(usize::MAX);
     }
 
     /// Whether the committer has fallen behind: the batch is older than two flush intervals or
@@ -361,7 +386,13 @@ impl Store {
         let (rows, idle) = {
             let mut p = lock(&shared.pending);
             p.since = None;
-            (std::mem::take(&mut p.rows), std::mem::take(&mut p.idle))
+            // The next batch gets room for as many rows as this one up front: a push that
+            // grew the vector would copy the whole batch on a request's thread.
+            let room = p.rows.len().min(shared.capacity);
+            (
+                std::mem::replace(&mut p.rows, Vec::with_capacity(room)),
+                std::mem::take(&mut p.idle),
+            )
         };
         if !idle.is_empty() {
             if let Err(e) = self.ledger.write_idle(&idle) {
@@ -428,6 +459,17 @@ mod tests {
         assert_eq!(ledger.len().expect("len"), 1);
     }
 
+    /// A sender over `shared` with no threads behind it.
+    fn sender(shared: &Arc<Shared>) -> (LedgerSender, Receiver<Message>) {
+        let (tx, rx) = sync_channel(CONTROL_QUEUE);
+        let sender = LedgerSender {
+            shared: shared.clone(),
+            tx,
+            dropped: dropped(),
+        };
+        (sender, rx)
+    }
+
     #[test]
     fn the_receiver_commits_when_the_idle_committer_falls_behind() {
         // No committer runs at all (the worst starvation): rows pushed more than two flush
@@ -439,15 +481,11 @@ mod tests {
             retention_days: 0.0,
             ..LedgerConfig::default()
         };
-        let (tx, rx) = sync_channel(64);
-        let sender = LedgerSender {
-            tx,
-            dropped: dropped(),
-        };
+        let shared = Arc::new(Shared::new(ledger.clone(), &config));
+        let (sender, rx) = sender(&shared);
         for i in 0..40 {
             sender.record(row(now_us(), &format!("r{i}")));
         }
-        let shared = Arc::new(Shared::new(ledger.clone(), &config));
         let catchups = dropped();
         let thread = {
             let (shared, catchups) = (shared.clone(), catchups.clone());
@@ -469,21 +507,45 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts_rows_without_blocking() {
-        let (tx, rx) = sync_channel(2);
-        let sender = LedgerSender {
-            tx,
-            dropped: dropped(),
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(&dir.path().join("l.redb")).expect("open");
+        let config = LedgerConfig {
+            queue_rows: 2,
+            retention_days: 0.0,
+            ..LedgerConfig::default()
         };
+        let shared = Arc::new(Shared::new(ledger.clone(), &config));
+        let (sender, _rx) = sender(&shared);
         for i in 0..5 {
             sender.record(row(now_us(), &format!("r{i}")));
         }
         assert_eq!(sender.dropped.get(), 3);
-        assert_eq!(rx.try_iter().count(), 2, "the first two were queued");
+        assert_eq!(lock(&shared.pending).rows.len(), 2, "the first two wait");
+        shared.commit(usize::MAX);
+        assert_eq!(ledger.len().expect("len"), 2);
         sender.record(row(now_us(), "again"));
         assert_eq!(
             sender.dropped.get(),
             3,
-            "room again once the writer drained it"
+            "room again once the writer took the batch"
         );
+    }
+
+    #[test]
+    fn a_row_recorded_after_close_is_refused_not_left_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(&dir.path().join("l.redb")).expect("open");
+        let config = LedgerConfig {
+            retention_days: 0.0,
+            ..LedgerConfig::default()
+        };
+        let shared = Arc::new(Shared::new(ledger.clone(), &config));
+        let (sender, _rx) = sender(&shared);
+        sender.record(row(now_us(), "before"));
+        shared.close();
+        sender.record(row(now_us(), "after"));
+        assert_eq!(ledger.len().expect("len"), 1);
+        assert!(lock(&shared.pending).rows.is_empty());
+        assert_eq!(sender.dropped.get(), 0, "not a full queue");
     }
 }
