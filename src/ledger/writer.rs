@@ -459,6 +459,19 @@ mod tests {
         assert_eq!(ledger.len().expect("len"), 1);
     }
 
+    /// A fresh ledger in a temporary directory, its batch state built from `config` with
+    /// retention off, and no threads behind it. Keep the directory alive for the test.
+    fn fixture(config: LedgerConfig) -> (tempfile::TempDir, Ledger, Arc<Shared>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(&dir.path().join("l.redb")).expect("open");
+        let config = LedgerConfig {
+            retention_days: 0.0,
+            ..config
+        };
+        let shared = Arc::new(Shared::new(ledger.clone(), &config));
+        (dir, ledger, shared)
+    }
+
     /// A sender over `shared` with no threads behind it.
     fn sender(shared: &Arc<Shared>) -> (LedgerSender, Receiver<Message>) {
         let (tx, rx) = sync_channel(CONTROL_QUEUE);
@@ -474,14 +487,10 @@ mod tests {
     fn the_receiver_commits_when_the_idle_committer_falls_behind() {
         // No committer runs at all (the worst starvation): rows pushed more than two flush
         // intervals ago are committed by the receiver, at normal priority, and counted.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = Ledger::open(&dir.path().join("l.redb")).expect("open");
-        let config = LedgerConfig {
+        let (_dir, ledger, shared) = fixture(LedgerConfig {
             flush_interval_s: 0.05,
-            retention_days: 0.0,
             ..LedgerConfig::default()
-        };
-        let shared = Arc::new(Shared::new(ledger.clone(), &config));
+        });
         let (sender, rx) = sender(&shared);
         for i in 0..40 {
             sender.record(row(now_us(), &format!("r{i}")));
@@ -507,14 +516,10 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts_rows_without_blocking() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = Ledger::open(&dir.path().join("l.redb")).expect("open");
-        let config = LedgerConfig {
+        let (_dir, ledger, shared) = fixture(LedgerConfig {
             queue_rows: 2,
-            retention_days: 0.0,
             ..LedgerConfig::default()
-        };
-        let shared = Arc::new(Shared::new(ledger.clone(), &config));
+        });
         let (sender, _rx) = sender(&shared);
         for i in 0..5 {
             sender.record(row(now_us(), &format!("r{i}")));
@@ -533,13 +538,7 @@ mod tests {
 
     #[test]
     fn a_row_recorded_after_close_is_refused_not_left_behind() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = Ledger::open(&dir.path().join("l.redb")).expect("open");
-        let config = LedgerConfig {
-            retention_days: 0.0,
-            ..LedgerConfig::default()
-        };
-        let shared = Arc::new(Shared::new(ledger.clone(), &config));
+        let (_dir, ledger, shared) = fixture(LedgerConfig::default());
         let (sender, _rx) = sender(&shared);
         sender.record(row(now_us(), "before"));
         shared.close();
