@@ -15,6 +15,12 @@ from pathlib import Path
 LATENCY = Path(__file__).with_name("latency.md")
 
 
+def choice(c):
+    """One validation candidate, in words."""
+    structure = ",".join(c["structure"]) or "none"
+    return f"{'centred' if c['centre_sources'] else 'raw'} labels, structure {structure}, l2 {c['l2']:g}"
+
+
 def fmt(v):
     return "-" if v is None else f"{v:.3f}"
 
@@ -60,6 +66,7 @@ def main():
     # The measures the head reads: a measure left out was fed as zero, so its weight is 0.
     dense = [n for n, w in zip(m["dense_names"], m["dense_weights"]) if m["structure"] and w != 0]
     rows = sum(s["rows"] for s in m["trained_on"])
+    sel = m.get("selection")
     out = [f"# Router `{m['name']}`", ""]
     if profiles:
         out += [
@@ -96,18 +103,41 @@ def main():
         "penalty, fitted full-batch with Adam (300 steps, deterministic). "
         + (f"Dense structure measures read: {', '.join(dense)}. " if dense else
            "No dense structure measures. ")
-        + ("Labels are centred by source before fitting (each source's mean moved to the overall "
-           "mean), so the head learns what makes a query hard among its own kind rather than "
-           "which source is easy. " if len(m["trained_on"]) > 1 else "")
-        + f"Platt calibration on held-out-source logits: a = {m['calibration']['a']:.4f}, "
-        f"b = {m['calibration']['b']:.4f}. Why this representation: router-models/README.md.",
+        + (("Labels are centred by source before fitting (each source's mean moved to 0.5), so the "
+            "head learns what makes a query hard among its own kind rather than which source is "
+            "easy. ") if sel and sel["chosen"]["centre_sources"] else "Labels are fitted as they are. ")
+        + f"Platt calibration on the shipped setting's held-out-source logits: a = "
+        f"{m['calibration']['a']:.4f}, b = {m['calibration']['b']:.4f}. Why this representation: "
+        "router-models/README.md.",
         "",
-        "## Validation: leave one source out",
+    ]
+    if sel:
+        out += [
+            f"Settings chosen by validation ({sel['protocol']}, {len(sel['candidates'])} candidates: "
+            + "; ".join(choice(c) for c in sel["candidates"])
+            + f"). The shipped head uses **{choice(sel['chosen'])}**, the best on leave-one-source-out "
+            "over every source. Each outer fold below made its own choice, on its inner folds only:",
+            "",
+            "| outer held-out source | chosen on its inner folds | inner score |",
+            "| --- | --- | ---: |",
+        ]
+        out += [f"| {o['source']} | {choice(o['choice'])} | {fmt(o.get('inner_score'))} |" for o in sel["outer"]]
+        out += [
+            "",
+            "Inner score: the mean of the per-source mean AUC, mean APGR, pooled AUC and pooled APGR.",
+            "",
+        ]
+    out += [
+        "## Validation: " + (sel["protocol"] if sel else "leave one source out (not nested)"),
         "",
-        "Each source scored by a head trained on the other sources only. Local label as above; cloud "
-        "label: the strongest model labeled on each source (routellm: gpt-4-1106-preview; mmlu-pro: "
-        "gemini-1.5-pro-002; dcrouter: llama-3.1-nemotron-51b-instruct). `share@1pt`: largest local "
-        "share within 1 point of cloud-only quality.",
+        ("Each source scored once, by a head whose settings were chosen and whose weights were fitted "
+         "on the other sources only (outer numbers; nothing was selected on them). " if sel else
+         "Each source scored by a head trained on the other sources only; the settings were chosen "
+         "on these same numbers. ")
+        + "Local label as above; cloud label: the strongest model labeled on each source "
+        "(routellm and the chat files: gpt-4-1106-preview; mmlu-pro: gemini-1.5-pro-002; dcrouter: "
+        "llama-3.1-nemotron-51b-instruct). Chat grades count as success at 8/10 or above. "
+        "`share@1pt`: largest local share within 1 point of cloud-only quality.",
         "",
         "| held-out source | rows | AUC | APGR | share@1pt | oracle share |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -134,8 +164,9 @@ def main():
         out += [
             "",
             "The pooled row ranks every held-out row together, each scored by the head that did not "
-            "see its source: a mixture of unseen kinds, as mixed traffic is, so it also measures "
-            "whether the router puts an unseen easy kind above an unseen hard one.",
+            "see its source, on the heads' own logit scale: a mixture of unseen kinds, as mixed "
+            "traffic is, so it also measures whether the router puts an unseen easy kind above an "
+            "unseen hard one.",
         ]
     out += [
         "",

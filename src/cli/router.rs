@@ -28,18 +28,32 @@ pub enum RouterCommand {
         /// Router name recorded in router.json. Default: the output directory's name.
         #[arg(long)]
         name: Option<String>,
-        /// Dense structure measures the head also reads, comma-separated: names from
+        /// Fix the dense structure measures the head reads, comma-separated: names from
         /// ln_chars, ln_words, newline_rate, digit_share, operator_share, code, choice_lines,
         /// ln_questions, latex, non_ascii_share, ln_user_turns, ln_system_chars, list_lines;
-        /// or `all`, or `none`. Default: ln_chars,digit_share,operator_share (the measures that
-        /// mean the same in every kind of query; see router-models/README.md).
+        /// or `all`, or `none`. Default: validation chooses between
+        /// ln_chars,digit_share,operator_share and none, on inner folds.
         #[arg(long, value_delimiter = ',')]
         structure_features: Option<Vec<String>>,
-        /// Fit the head to the labels as they are. By default each source's mean label is
-        /// replaced by the overall mean first, so the head learns what makes a query hard
-        /// among queries of its kind, not which source is easy.
+        /// Fit the head to the labels as they are. By default validation chooses, on inner
+        /// folds, between that and labels centred by source (each source's mean replaced by
+        /// the overall mean, so the head learns what makes a query hard among its kind).
         #[arg(long)]
         keep_source_levels: bool,
+        /// L2 penalties validation chooses among, comma-separated. Default: 1e-5 alone.
+        #[arg(long, value_delimiter = ',')]
+        l2: Vec<f64>,
+        /// A source whose scores are judge grades / 10 (the chat files: arena-bench-v1,
+        /// mt-bench); repeatable. Each grade becomes success (1) at --pass-grade or above, else 0.
+        #[arg(long)]
+        graded_source: Vec<String>,
+        /// The grade (out of 10) a graded answer needs to count as a success.
+        #[arg(long, default_value_t = 8.0)]
+        pass_grade: f64,
+        /// Measure the value of own-traffic labels: this many rows of each outer held-out source
+        /// join its training and only the rest is scored (scripts/router/own_rows_study.sh).
+        #[arg(long, default_value_t = 0)]
+        own_rows: usize,
     },
     /// Score JSONL lines (`id` plus `prompt` or `messages`) into `{"id", "p_local"}` lines.
     Score {
@@ -118,15 +132,23 @@ impl RouterCommand {
                 name,
                 structure_features,
                 keep_source_levels,
-            } => commands::train(
-                &data,
-                &local_model,
-                &cloud_model,
-                &out,
-                name.as_deref(),
-                structure_features.as_deref(),
+                l2,
+                graded_source,
+                pass_grade,
+                own_rows,
+            } => commands::train(&commands::TrainArgs {
+                files: &data,
+                local: &local_model,
+                cloud: &cloud_model,
+                out: &out,
+                name: name.as_deref(),
+                structure: structure_features.as_deref(),
                 keep_source_levels,
-            ),
+                l2: &l2,
+                graded_sources: &graded_source,
+                pass_grade: pass_grade / 10.0,
+                own_rows,
+            }),
             RouterCommand::Score {
                 router,
                 input,

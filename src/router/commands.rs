@@ -26,35 +26,94 @@ fn read_all(files: &[PathBuf]) -> Result<Vec<Example>, String> {
     Ok(all)
 }
 
+/// What `router train` was asked for (the command line, parsed).
+pub struct TrainArgs<'a> {
+    /// Labeled JSONL files.
+    pub files: &'a [PathBuf],
+    /// Local label preference.
+    pub local: &'a [String],
+    /// Cloud label preference (empty: each source's strongest model).
+    pub cloud: &'a [String],
+    /// Output directory.
+    pub out: &'a Path,
+    /// Router name (default: the output directory's name).
+    pub name: Option<&'a str>,
+    /// Fix the structure measures instead of letting validation choose (`all`, `none` or names).
+    pub structure: Option<&'a [String]>,
+    /// Fit raw labels only, instead of letting validation choose centring.
+    pub keep_source_levels: bool,
+    /// Penalties validation chooses among (empty: [`train::DEFAULT_L2`]).
+    pub l2: &'a [f64],
+    /// Sources whose scores are judge grades / 10, turned into success at `pass_grade`.
+    pub graded_sources: &'a [String],
+    /// A graded answer counts as a success at this grade / 10 or above.
+    pub pass_grade: f64,
+    /// The own-traffic study ([`TrainOptions::own_rows`]); 0 trains normally.
+    pub own_rows: usize,
+}
+
+/// The candidates of `args`: the default grid, narrowed by each flag given.
+fn choices(args: &TrainArgs<'_>) -> Vec<train::Choice> {
+    let structures: Vec<Vec<String>> = match args.structure {
+        None => vec![
+            train::DEFAULT_STRUCTURE
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            Vec::new(),
+        ],
+        Some(names) if names.iter().any(|s| s == "all") => {
+            vec![DENSE_NAMES.iter().map(|s| (*s).to_owned()).collect()]
+        }
+        Some(names) => vec![names.iter().filter(|s| *s != "none").cloned().collect()],
+    };
+    let centring: &[bool] = if args.keep_source_levels {
+        &[false]
+    } else {
+        &[true, false]
+    };
+    let l2: Vec<f64> = if args.l2.is_empty() {
+        train::DEFAULT_L2.to_vec()
+    } else {
+        args.l2.to_vec()
+    };
+    let mut out = Vec::new();
+    for &centre_sources in centring {
+        for structure in &structures {
+            for &l2 in &l2 {
+                out.push(train::Choice {
+                    centre_sources,
+                    structure: structure.clone(),
+                    l2,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// `router train`: fits, prints validation by held-out source, saves to `out`.
-pub fn train(
-    files: &[PathBuf],
-    local: &[String],
-    cloud: &[String],
-    out: &Path,
-    name: Option<&str>,
-    structure: Option<&[String]>,
-    keep_source_levels: bool,
-) -> Result<(), String> {
-    let examples = read_all(files)?;
-    let name = match name {
+pub fn train(args: &TrainArgs<'_>) -> Result<(), String> {
+    let mut examples = read_all(args.files)?;
+    if !args.graded_sources.is_empty() {
+        let n = data::grades_to_success(&mut examples, args.graded_sources, args.pass_grade)?;
+        eprintln!(
+            "{n} graded rows ({}) scored as success at grade >= {}",
+            args.graded_sources.join(", "),
+            args.pass_grade * 10.0
+        );
+    }
+    let out = args.out;
+    let name = match args.name {
         Some(n) => n.to_owned(),
         None => out
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "router".to_owned()),
     };
-    let mut options = TrainOptions::new(&name, local.to_vec(), cloud.to_vec());
-    match structure {
-        None => {}
-        Some(names) if names.iter().any(|s| s == "all") => {
-            options.structure = DENSE_NAMES.iter().map(|s| (*s).to_owned()).collect();
-        }
-        Some(names) => {
-            options.structure = names.iter().filter(|s| *s != "none").cloned().collect();
-        }
-    }
-    options.centre_sources = !keep_source_levels;
+    let mut options = TrainOptions::new(&name, args.local.to_vec(), args.cloud.to_vec());
+    options.choices = choices(args);
+    options.own_rows = args.own_rows;
     let started = std::time::Instant::now();
     let mut bar: Option<crate::progress::Progress> = None;
     let trained = train::train(&examples, &options, &mut |step| {
@@ -103,8 +162,41 @@ pub fn train(
     if meta.validation.is_empty() {
         println!("(one source only: no held-out validation)");
     }
+    if let Some(sel) = &meta.selection {
+        println!(
+            "validation: {}; every number above is an outer one (each group scored once, by a \
+             head chosen and fitted without it)",
+            sel.protocol
+        );
+        for o in &sel.outer {
+            match o.inner_score {
+                Some(score) => println!(
+                    "  without {:<20} inner folds chose: {} (inner score {score:.3})",
+                    o.source, o.choice
+                ),
+                None => println!(
+                    "  without {:<20} the only candidate: {}",
+                    o.source, o.choice
+                ),
+            }
+        }
+        if sel.own_rows > 0 {
+            println!(
+                "own-traffic study: {} rows of each outer source joined its training; the rest \
+                 of it was scored (sources with fewer than {} rows left are not reported)",
+                sel.own_rows,
+                train::MIN_SCORED
+            );
+        }
+        println!(
+            "shipped head: {} (inner score {:.3} on all groups, {} candidates)",
+            sel.chosen,
+            sel.inner_score,
+            sel.candidates.len()
+        );
+    }
     println!(
-        "calibration (Platt, on held-out-source logits): a={:.4} b={:.4}",
+        "calibration (Platt, on the shipped choice's held-out logits): a={:.4} b={:.4}",
         meta.calibration.a, meta.calibration.b
     );
     eprintln!("trained in {:.1} s", started.elapsed().as_secs_f64());

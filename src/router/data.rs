@@ -59,6 +59,35 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>, String> {
     Ok(out)
 }
 
+/// Turns the judge grades of `sources` (a score of grade / 10, as the chat files carry) into
+/// success: 1 at `pass` or above, else 0, for every model of those rows. A routing label must
+/// mean "the local answer is good enough", and a 6/10 answer is not half a good answer. Returns
+/// how many rows were changed; a named source that no row has is an error (a typo would
+/// otherwise train on grades silently).
+pub fn grades_to_success(
+    examples: &mut [Example],
+    sources: &[String],
+    pass: f64,
+) -> Result<usize, String> {
+    if !(pass > 0.0 && pass <= 1.0) {
+        return Err(format!("pass grade {pass} must be in (0, 1] (grade / 10)"));
+    }
+    for s in sources {
+        if !examples.iter().any(|e| &e.source == s) {
+            return Err(format!("graded source {s:?}: no row has that source"));
+        }
+    }
+    let mut n = 0;
+    for e in examples.iter_mut().filter(|e| sources.contains(&e.source)) {
+        for v in e.scores.values_mut() {
+            // Grades are tenths; 0.8 read back from JSON may be 0.7999...
+            *v = if *v + 1e-9 >= pass { 1.0 } else { 0.0 };
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +146,29 @@ mod tests {
                 rows.len()
             );
         }
+    }
+
+    #[test]
+    fn grades_become_success_at_the_pass_grade_and_a_misnamed_source_is_refused() {
+        let row = |source: &str, grade: f64| Example {
+            id: "x".into(),
+            source: source.into(),
+            category: None,
+            prompt: "p".into(),
+            scores: [("m".to_owned(), grade)].into(),
+        };
+        // 0.8 parsed from JSON; 0.7 just below; another source left as it is.
+        let grade: f64 = serde_json::from_str("0.8").unwrap_or_else(|e| panic!("{e}"));
+        let mut rows = vec![row("chat", grade), row("chat", 0.7), row("mmlu", 0.7)];
+        let n =
+            grades_to_success(&mut rows, &["chat".into()], 0.8).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(n, 2);
+        let got: Vec<f64> = rows.iter().map(|r| r.scores["m"]).collect();
+        assert_eq!(got, [1.0, 0.0, 0.7]);
+        let err = grades_to_success(&mut rows, &["caht".into()], 0.8)
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("\"caht\""), "{err}");
+        assert!(grades_to_success(&mut rows, &["chat".into()], 8.0).is_err());
     }
 }

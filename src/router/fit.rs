@@ -3,14 +3,15 @@
 
 use super::features::{Features, DENSE, DENSE_NAMES};
 use super::model::{sigmoid, Calibration, RouterMeta, RouterModel, FORMAT};
-use super::train::TrainOptions;
+use super::train::{Choice, TrainOptions};
 
-/// Fits the head on the rows `train`.
+/// Fits the head on the rows `train` under `choice` (`y` already centred where it says so).
 pub(super) fn fit(
     features: &[Features],
     y: &[f64],
     train: &[usize],
     o: &TrainOptions,
+    choice: &Choice,
 ) -> RouterModel {
     let buckets = o.buckets as usize;
     let n = train.len().max(1) as f64;
@@ -60,7 +61,7 @@ pub(super) fn fit(
     // Dense inputs not chosen are zero, so their weights stay zero.
     let on: Vec<f32> = DENSE_NAMES
         .iter()
-        .map(|n| f32::from(u8::from(o.structure.iter().any(|s| s == n))))
+        .map(|n| f32::from(u8::from(choice.structure.iter().any(|s| s == n))))
         .collect();
     let dense: Vec<[f32; DENSE]> = train
         .iter()
@@ -102,7 +103,7 @@ pub(super) fn fit(
         let c1 = 1.0 - beta1.powi(step as i32);
         let c2 = 1.0 - beta2.powi(step as i32);
         for k in 0..p_len {
-            let grad = g[k] + if k + 1 < p_len { o.l2 * w[k] } else { 0.0 };
+            let grad = g[k] + if k + 1 < p_len { choice.l2 * w[k] } else { 0.0 };
             m1[k] = beta1 * m1[k] + (1.0 - beta1) * grad;
             m2[k] = beta2 * m2[k] + (1.0 - beta2) * grad * grad;
             w[k] -= o.learning_rate * (m1[k] / c1) / ((m2[k] / c2).sqrt() + eps);
@@ -114,7 +115,7 @@ pub(super) fn fit(
             name: o.name.clone(),
             label: o.local.join(" | "),
             buckets: o.buckets,
-            structure: !o.structure.is_empty(),
+            structure: !choice.structure.is_empty(),
             dense_names: DENSE_NAMES.iter().map(|s| (*s).to_owned()).collect(),
             dense_mean,
             dense_std,
@@ -128,6 +129,7 @@ pub(super) fn fit(
             curve: Vec::new(),
             validation: Vec::new(),
             pooled: None,
+            selection: None,
             trained_on: Vec::new(),
         },
         idf,

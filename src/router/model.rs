@@ -54,6 +54,11 @@ pub struct RouterMeta {
     /// traffic needs). Absent in routers trained before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooled: Option<Report>,
+    /// How the settings were chosen (nested validation: the candidates, what each outer fold
+    /// chose on its inner folds, what the shipped head uses). Absent in routers trained before
+    /// validation was nested; their `validation` then selected on what it reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<super::train::Selection>,
     /// Training rows by source.
     pub trained_on: Vec<SourceCount>,
 }
