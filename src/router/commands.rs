@@ -55,13 +55,7 @@ pub struct TrainArgs<'a> {
 /// The candidates of `args`: the default grid, narrowed by each flag given.
 fn choices(args: &TrainArgs<'_>) -> Vec<train::Choice> {
     let structures: Vec<Vec<String>> = match args.structure {
-        None => vec![
-            train::DEFAULT_STRUCTURE
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
-            Vec::new(),
-        ],
+        None => train::default_structures(),
         Some(names) if names.iter().any(|s| s == "all") => {
             vec![DENSE_NAMES.iter().map(|s| (*s).to_owned()).collect()]
         }
@@ -72,24 +66,12 @@ fn choices(args: &TrainArgs<'_>) -> Vec<train::Choice> {
     } else {
         &[true, false]
     };
-    let l2: Vec<f64> = if args.l2.is_empty() {
-        train::DEFAULT_L2.to_vec()
+    let l2: &[f64] = if args.l2.is_empty() {
+        &train::DEFAULT_L2
     } else {
-        args.l2.to_vec()
+        args.l2
     };
-    let mut out = Vec::new();
-    for &centre_sources in centring {
-        for structure in &structures {
-            for &l2 in &l2 {
-                out.push(train::Choice {
-                    centre_sources,
-                    structure: structure.clone(),
-                    l2,
-                });
-            }
-        }
-    }
-    out
+    train::grid(centring, &structures, l2)
 }
 
 /// `router train`: fits, prints validation by held-out source, saves to `out`.

@@ -89,13 +89,24 @@ impl std::fmt::Display for Choice {
 /// [`DEFAULT_STRUCTURE`] measures or none, at [`DEFAULT_L2`], in a fixed order (ties go to the
 /// first).
 pub fn default_choices() -> Vec<Choice> {
+    grid(&[true, false], &default_structures(), &DEFAULT_L2)
+}
+
+/// The structure options validation chooses between by default: [`DEFAULT_STRUCTURE`], none.
+pub fn default_structures() -> Vec<Vec<String>> {
+    vec![
+        DEFAULT_STRUCTURE.iter().map(|s| (*s).to_owned()).collect(),
+        Vec::new(),
+    ]
+}
+
+/// Every combination of the options, centring outermost and the penalty innermost (the order
+/// is part of the result: ties go to the earlier candidate).
+pub fn grid(centring: &[bool], structures: &[Vec<String>], l2: &[f64]) -> Vec<Choice> {
     let mut out = Vec::new();
-    for centre_sources in [true, false] {
-        for structure in [
-            DEFAULT_STRUCTURE.iter().map(|s| (*s).to_owned()).collect(),
-            Vec::new(),
-        ] {
-            for l2 in DEFAULT_L2 {
+    for &centre_sources in centring {
+        for structure in structures {
+            for &l2 in l2 {
                 out.push(Choice {
                     centre_sources,
                     structure: structure.clone(),
