@@ -87,6 +87,12 @@ for c in (1, 16):
         off = statistics.median(r[key] for r in pick("off", c))
         on = statistics.median(r[key] for r in pick("on", c))
         print(f"wrk {c:>2} connection(s), {name:<14}{off:>12.3f}{on:>12.3f}{on / off:>9.2f}")
+# The machine's own noise moves both sides' tails from round to round (the ledger-off side
+# alone has ranged 0.6-2.7 ms), so the ratio is also given per round, each from two adjacent
+# runs (off, then on).
+per_round = [on["p99"] / off["p99"] for off, on in zip(pick("off", 1), pick("on", 1))]
+print("p99 on/off at 1 connection, per round:", " ".join(f"{r:.2f}" for r in per_round),
+      f"(median {statistics.median(per_round):.2f})")
 errors = sum(r["errors"] for r in rows)
 print(f"errors: {errors}; medians of {len(pick('on', 1))} rounds, alternating off/on")
 print(f"ledger rows queued {rows_queued}, dropped {dropped or 0}; router reasons seen in /metrics: {routed}")

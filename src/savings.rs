@@ -246,6 +246,18 @@ impl Rollup {
         self.idle.merge(idle);
     }
 
+    /// Adds another rollup of the same span (the ledger writer sums a flush's rows in memory
+    /// and adds them to the stored rollup once).
+    pub fn merge(&mut self, other: &Rollup) {
+        for (backend, arms) in &other.groups {
+            let mine = self.groups.entry(backend.clone()).or_default();
+            for (arm, totals) in arms {
+                mine.entry(arm.clone()).or_default().merge(totals);
+            }
+        }
+        self.idle.merge(&other.idle);
+    }
+
     /// Whether it holds no requests and no idle spend.
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty() && self.idle == Idle::default()

@@ -55,9 +55,10 @@ impl Default for LedgerConfig {
             // about 1 KB a row, 100 MB at most.
             queue_rows: 100_000,
             // scripts/bench_ledger.sh, p99 at one connection, ledger on / off: 2.06 with one
-            // transaction per second; 1.12 with 32-row transactions and a yield between them
-            // (normal priority); 0.79-1.04 under SCHED_IDLE, which can starve under saturation
-            // and then hold the database while starved. Normal is the default for that reason.
+            // transaction per second; 1.12-1.53 with 32-row transactions and a yield between
+            // them (normal priority); 0.79-1.04 under SCHED_IDLE, which can starve under
+            // saturation and then hold the database while starved. Normal is the default for
+            // that reason; its transactions are now 8 rows (README "The ledger on against off").
             writer_priority: WriterPriority::Normal,
         }
     }

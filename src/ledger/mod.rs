@@ -20,6 +20,7 @@ use crate::metering::Bill;
 
 mod rollups;
 mod writer;
+use rollups::Unrolled;
 pub use rollups::{HOUR_US, MINUTE_US};
 pub use writer::{spawn_writer, LedgerSender};
 
@@ -275,8 +276,11 @@ impl Ledger {
             .map_err(|e| other(e.to_string()))?;
         txn.open_table(rollups::HOURS)
             .map_err(|e| other(e.to_string()))?;
+        txn.open_table(rollups::META)
+            .map_err(|e| other(e.to_string()))?;
         index_unindexed_rows(&txn).map_err(other)?;
         rollups::build_missing(&txn).map_err(other)?;
+        rollups::roll_up_stragglers(&txn).map_err(other)?;
         txn.commit().map_err(|e| other(e.to_string()))?;
         Ok(ledger)
     }
@@ -348,39 +352,55 @@ impl Ledger {
     /// rollups. The daemon writes through its writer thread; this is for tools that build a
     /// ledger (benchmarks, imports).
     pub fn write(&self, rows: &[LedgerRow], last_key: &mut u64) -> Result<(), String> {
-        self.write_with(rows, last_key, true)
+        self.write_part(rows, last_key, &mut Unrolled::default(), true)
     }
 
-    /// [`Self::write`]; `durable = false` commits without waiting for the disk (redb makes
-    /// it durable with the next durable commit, and a crash before that loses it whole).
-    pub(super) fn write_with(
+    /// Writes rows keyed after `last_key` (updated on success) in one transaction.
+    ///
+    /// Without `settle` it commits without waiting for the disk (redb makes it durable with
+    /// the next durable commit; a crash before that loses it whole) and adds the rows to
+    /// `unrolled` instead of the rollups. With `settle` it commits durably, with the rollups of
+    /// these rows and of everything in `unrolled`, which it then empties. A failed
+    /// transaction changes nothing, `unrolled` and `last_key` included.
+    fn write_part(
         &self,
         rows: &[LedgerRow],
         last_key: &mut u64,
-        durable: bool,
+        unrolled: &mut Unrolled,
+        settle: bool,
     ) -> Result<(), String> {
         let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
-        if !durable {
+        if !settle {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| e.to_string())?;
         }
+        let mut key = *last_key;
         {
             let mut table = txn.open_table(REQUESTS).map_err(|e| e.to_string())?;
             let mut ids = txn.open_table(REQUEST_IDS).map_err(|e| e.to_string())?;
             for row in rows {
-                let key = row.time_us.max(last_key.saturating_add(1));
+                key = row.time_us.max(key.saturating_add(1));
                 let value = serde_json::to_vec(row).map_err(|e| e.to_string())?;
                 table
                     .insert(key, value.as_slice())
                     .map_err(|e| e.to_string())?;
                 ids.insert(row.request_id.as_str(), key)
                     .map_err(|e| e.to_string())?;
-                *last_key = key;
             }
         }
-        let rows: Vec<&LedgerRow> = rows.iter().collect();
-        rollups::apply(&txn, &rows, rollups::Change::Add)?;
-        txn.commit().map_err(|e| e.to_string())
+        if settle {
+            let mut sums = unrolled.clone();
+            sums.add(rows);
+            sums.write(&txn)?;
+            rollups::mark_rolled_up(&txn, key)?;
+            txn.commit().map_err(|e| e.to_string())?;
+            *unrolled = Unrolled::default();
+        } else {
+            txn.commit().map_err(|e| e.to_string())?;
+            unrolled.add(rows);
+        }
+        *last_key = key;
+        Ok(())
     }
 
     /// Stores an outcome of a request in the ledger (one durable transaction), replacing an
@@ -479,7 +499,7 @@ impl Ledger {
             }
             drop((table, ids, outcomes));
             let rows: Vec<&LedgerRow> = doomed.iter().filter_map(|(_, r)| r.as_ref()).collect();
-            rollups::apply(&txn, &rows, rollups::Change::Remove)?;
+            rollups::subtract(&txn, &rows)?;
         }
         txn.commit().map_err(|e| e.to_string())?;
         Ok(removed)
@@ -619,6 +639,34 @@ mod tests {
             1
         );
         assert!(ledger.outcomes().expect("outcomes").is_empty());
+    }
+
+    #[test]
+    fn rows_committed_without_their_rollups_are_rolled_up_on_the_next_open() {
+        // A flush whose last (durable, rollup-writing) transaction failed, then a shutdown.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("l.redb");
+        let ledger = Ledger::open(&path).expect("open");
+        let mut last = 0;
+        ledger.write(&[row(10, "a")], &mut last).expect("write");
+        let mut unrolled = Unrolled::default();
+        ledger
+            .write_part(
+                &[row(20, "b"), row(30, "c")],
+                &mut last,
+                &mut unrolled,
+                false,
+            )
+            .expect("write");
+        assert_eq!(ledger.len().expect("len"), 3);
+        assert_eq!(ledger.savings_since(0).expect("savings").total.requests, 1);
+        drop(ledger);
+        let ledger = Ledger::open(&path).expect("reopen");
+        assert_eq!(ledger.savings_since(0).expect("savings").total.requests, 3);
+        drop(ledger);
+        // Rolled up once: a second open adds nothing.
+        let ledger = Ledger::open(&path).expect("reopen");
+        assert_eq!(ledger.savings_since(0).expect("savings").total.requests, 3);
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! Per-minute and per-hour totals kept beside the rows, in the same transactions, so savings
+//! Per-minute and per-hour totals kept beside the rows, written in the durable transaction
+//! that ends each flush (with the flush's last rows; its earlier rows are committed in small
+//! transactions just before, see `Unrolled`), so savings
 //! over any window read a few thousand buckets instead of every row (a 90-day window of a 5 M
 //! row ledger was 5 M JSON rows in memory on every dashboard poll).
 //!
 //! A window starts on a whole minute: `since` is rounded down to the minute it falls in. Its
 //! first hour is read minute by minute up to the next whole hour, then hour by hour. Rows the
-//! writer has not committed yet are in neither, as they are in no row query.
+//! writer has not committed yet are in neither, as they are in no row query; a flush's rows
+//! reach the rollups the few milliseconds it takes to write them after they reach the rows.
 
 use std::collections::BTreeMap;
 
@@ -26,19 +29,8 @@ pub const MINUTE_US: u64 = 60_000_000;
 /// An hour in microseconds.
 pub const HOUR_US: u64 = 3_600_000_000;
 
-/// How a row changes the rollups.
-#[derive(Clone, Copy)]
-pub(super) enum Change {
-    Add,
-    Remove,
-}
-
-/// Applies `rows` to the minute and hour rollups they fall in, inside `txn`.
-pub(super) fn apply(
-    txn: &WriteTransaction,
-    rows: &[&LedgerRow],
-    change: Change,
-) -> Result<(), String> {
+/// Takes `rows` out of the minute and hour rollups they fall in, inside `txn` (retention).
+pub(super) fn subtract(txn: &WriteTransaction, rows: &[&LedgerRow]) -> Result<(), String> {
     for (table, span) in [(MINUTES, MINUTE_US), (HOURS, HOUR_US)] {
         let mut by_bucket: BTreeMap<u64, Vec<&LedgerRow>> = BTreeMap::new();
         for row in rows {
@@ -55,10 +47,7 @@ pub(super) fn apply(
                 .and_then(|v| serde_json::from_slice::<Rollup>(v.value()).ok())
                 .unwrap_or_default();
             for row in rows {
-                match change {
-                    Change::Add => rollup.add(row),
-                    Change::Remove => rollup.subtract(row),
-                }
+                rollup.subtract(row);
             }
             if rollup.is_empty() {
                 t.remove(start).map_err(|e| e.to_string())?;
@@ -70,6 +59,110 @@ pub(super) fn apply(
         }
     }
     Ok(())
+}
+
+/// Rows already committed whose rollups are not written yet, summed in memory by minute and
+/// by hour. The writer commits a flush's rows in many small transactions (so none holds a
+/// core for long) and adds their rollups once, in the flush's last, durable transaction: a
+/// rollup is a read, a JSON round trip and an insert per span, and written in every 8-row
+/// transaction it made a row cost 7.1 µs instead of 4.5 (a tmpfs probe of the write path).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Unrolled {
+    minutes: BTreeMap<u64, Rollup>,
+    hours: BTreeMap<u64, Rollup>,
+    /// Rows summed.
+    rows: usize,
+}
+
+impl Unrolled {
+    /// Sums rows whose transaction has committed.
+    pub(super) fn add(&mut self, rows: &[LedgerRow]) {
+        for row in rows {
+            for (map, span) in [(&mut self.minutes, MINUTE_US), (&mut self.hours, HOUR_US)] {
+                map.entry(row.time_us / span * span).or_default().add(row);
+            }
+        }
+        self.rows += rows.len();
+    }
+
+    /// Whether every committed row is in the stored rollups.
+    pub(super) fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Adds these sums to the stored rollups, inside `txn` (which must also move
+    /// [`ROLLED_UP_TO`] to the last row key it covers).
+    pub(super) fn write(&self, txn: &WriteTransaction) -> Result<(), String> {
+        for (table, sums) in [(MINUTES, &self.minutes), (HOURS, &self.hours)] {
+            let mut t = txn.open_table(table).map_err(|e| e.to_string())?;
+            for (start, sum) in sums {
+                let mut rollup = t
+                    .get(*start)
+                    .map_err(|e| e.to_string())?
+                    .and_then(|v| serde_json::from_slice::<Rollup>(v.value()).ok())
+                    .unwrap_or_default();
+                rollup.merge(sum);
+                let value = serde_json::to_vec(&rollup).map_err(|e| e.to_string())?;
+                t.insert(*start, value.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `rolled_up_to` -> the key of the last row whose rollups are stored. Rows after it (a flush
+/// whose last transaction failed, then a shutdown) are rolled up when the ledger is next opened.
+pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The [`META`] key naming the last rolled-up row.
+pub(super) const ROLLED_UP_TO: &str = "rolled_up_to";
+
+/// Records that every row up to `key` is in the rollups.
+pub(super) fn mark_rolled_up(txn: &WriteTransaction, key: u64) -> Result<(), String> {
+    txn.open_table(META)
+        .map_err(|e| e.to_string())?
+        .insert(ROLLED_UP_TO, key)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// On open: rolls up rows committed after [`ROLLED_UP_TO`]; a ledger from before the marker
+/// (whose rows were always rolled up in their own transaction) gets the marker at its last row.
+pub(super) fn roll_up_stragglers(txn: &WriteTransaction) -> Result<(), String> {
+    let rows = txn.open_table(REQUESTS).map_err(|e| e.to_string())?;
+    let last = rows
+        .last()
+        .map_err(|e| e.to_string())?
+        .map_or(0, |(k, _)| k.value());
+    let marked = txn
+        .open_table(META)
+        .map_err(|e| e.to_string())?
+        .get(ROLLED_UP_TO)
+        .map_err(|e| e.to_string())?
+        .map(|v| v.value());
+    let Some(marked) = marked else {
+        return mark_rolled_up(txn, last);
+    };
+    if marked >= last {
+        return Ok(());
+    }
+    let mut stragglers = Vec::new();
+    for entry in rows.range(marked + 1..).map_err(|e| e.to_string())? {
+        let (_, value) = entry.map_err(|e| e.to_string())?;
+        if let Ok(row) = serde_json::from_slice::<LedgerRow>(value.value()) {
+            stragglers.push(row);
+        }
+    }
+    drop(rows);
+    let mut sums = Unrolled::default();
+    sums.add(&stragglers);
+    sums.write(txn)?;
+    tracing::info!(
+        rows = stragglers.len(),
+        "ledger: rolled up rows committed after the last complete flush"
+    );
+    mark_rolled_up(txn, last)
 }
 
 /// Adds idle spend (each with the time it was recorded) to the rollups it falls in.
@@ -93,7 +186,8 @@ pub(super) fn add_idle(txn: &WriteTransaction, idle: &[(u64, Idle)]) -> Result<(
 }
 
 /// A ledger written before rollups existed gets them on first open, in one pass over its rows
-/// in time order (memory: one minute and one hour at a time).
+/// in time order (memory: one minute and one hour at a time), and is marked rolled up to its
+/// last row.
 pub(super) fn build_missing(txn: &WriteTransaction) -> Result<(), String> {
     let rows = txn.open_table(REQUESTS).map_err(|e| e.to_string())?;
     let minutes_empty = txn
@@ -108,6 +202,7 @@ pub(super) fn build_missing(txn: &WriteTransaction) -> Result<(), String> {
     let mut hours = txn.open_table(HOURS).map_err(|e| e.to_string())?;
     let mut open: [(u64, Rollup); 2] = Default::default();
     let mut counted = 0u64;
+    let mut last = 0;
     let write = |table: &mut redb::Table<u64, &[u8]>, start: u64, r: &Rollup| {
         if r.is_empty() {
             return Ok(());
@@ -119,7 +214,8 @@ pub(super) fn build_missing(txn: &WriteTransaction) -> Result<(), String> {
             .map_err(|e| e.to_string())
     };
     for entry in rows.iter().map_err(|e| e.to_string())? {
-        let (_, value) = entry.map_err(|e| e.to_string())?;
+        let (key, value) = entry.map_err(|e| e.to_string())?;
+        last = key.value();
         let Ok(row) = serde_json::from_slice::<LedgerRow>(value.value()) else {
             continue;
         };
@@ -143,7 +239,8 @@ pub(super) fn build_missing(txn: &WriteTransaction) -> Result<(), String> {
         rows = counted,
         "ledger: built per-minute and per-hour rollups of rows from an earlier version"
     );
-    Ok(())
+    drop((rows, minutes, hours));
+    mark_rolled_up(txn, last)
 }
 
 impl Ledger {
