@@ -215,8 +215,8 @@ pub struct Net {
 }
 
 /// One minute's (or hour's) totals by backend and experiment arm (`none` outside
-/// experiments): what the ledger keeps beside its rows, updated in the same transaction, so a
-/// savings query sums a few thousand buckets instead of millions of rows.
+/// experiments): what the ledger keeps beside its rows, updated in each flush's durable
+/// transaction, so a savings query sums a few thousand buckets instead of millions of rows.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Rollup {
     /// Backend -> arm -> totals.
