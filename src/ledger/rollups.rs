@@ -29,6 +29,29 @@ pub const MINUTE_US: u64 = 60_000_000;
 /// An hour in microseconds.
 pub const HOUR_US: u64 = 3_600_000_000;
 
+/// Reads the rollup stored at `start` (empty when there is none), changes it, and stores it
+/// again, or removes it when nothing is left in it: every write of a rollup goes through here.
+fn update(
+    t: &mut redb::Table<u64, &[u8]>,
+    start: u64,
+    change: impl FnOnce(&mut Rollup),
+) -> Result<(), String> {
+    let mut rollup = t
+        .get(start)
+        .map_err(|e| e.to_string())?
+        .and_then(|v| serde_json::from_slice::<Rollup>(v.value()).ok())
+        .unwrap_or_default();
+    change(&mut rollup);
+    if rollup.is_empty() {
+        t.remove(start).map_err(|e| e.to_string())?;
+    } else {
+        let value = serde_json::to_vec(&rollup).map_err(|e| e.to_string())?;
+        t.insert(start, value.as_slice())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// Takes `rows` out of the minute and hour rollups they fall in, inside `txn` (retention).
 pub(super) fn subtract(txn: &WriteTransaction, rows: &[&LedgerRow]) -> Result<(), String> {
     for (table, span) in [(MINUTES, MINUTE_US), (HOURS, HOUR_US)] {
@@ -41,21 +64,11 @@ pub(super) fn subtract(txn: &WriteTransaction, rows: &[&LedgerRow]) -> Result<()
         }
         let mut t = txn.open_table(table).map_err(|e| e.to_string())?;
         for (start, rows) in by_bucket {
-            let mut rollup = t
-                .get(start)
-                .map_err(|e| e.to_string())?
-                .and_then(|v| serde_json::from_slice::<Rollup>(v.value()).ok())
-                .unwrap_or_default();
-            for row in rows {
-                rollup.subtract(row);
-            }
-            if rollup.is_empty() {
-                t.remove(start).map_err(|e| e.to_string())?;
-            } else {
-                let value = serde_json::to_vec(&rollup).map_err(|e| e.to_string())?;
-                t.insert(start, value.as_slice())
-                    .map_err(|e| e.to_string())?;
-            }
+            update(&mut t, start, |rollup| {
+                for row in rows {
+                    rollup.subtract(row);
+                }
+            })?;
         }
     }
     Ok(())
@@ -96,15 +109,7 @@ impl Unrolled {
         for (table, sums) in [(MINUTES, &self.minutes), (HOURS, &self.hours)] {
             let mut t = txn.open_table(table).map_err(|e| e.to_string())?;
             for (start, sum) in sums {
-                let mut rollup = t
-                    .get(*start)
-                    .map_err(|e| e.to_string())?
-                    .and_then(|v| serde_json::from_slice::<Rollup>(v.value()).ok())
-                    .unwrap_or_default();
-                rollup.merge(sum);
-                let value = serde_json::to_vec(&rollup).map_err(|e| e.to_string())?;
-                t.insert(*start, value.as_slice())
-                    .map_err(|e| e.to_string())?;
+                update(&mut t, *start, |rollup| rollup.merge(sum))?;
             }
         }
         Ok(())
@@ -170,16 +175,9 @@ pub(super) fn add_idle(txn: &WriteTransaction, idle: &[(u64, Idle)]) -> Result<(
     for (table, span) in [(MINUTES, MINUTE_US), (HOURS, HOUR_US)] {
         let mut t = txn.open_table(table).map_err(|e| e.to_string())?;
         for (time_us, spend) in idle {
-            let start = time_us / span * span;
-            let mut rollup = t
-                .get(start)
-                .map_err(|e| e.to_string())?
-                .and_then(|v| serde_json::from_slice::<Rollup>(v.value()).ok())
-                .unwrap_or_default();
-            rollup.add_idle(spend);
-            let value = serde_json::to_vec(&rollup).map_err(|e| e.to_string())?;
-            t.insert(start, value.as_slice())
-                .map_err(|e| e.to_string())?;
+            update(&mut t, time_us / span * span, |rollup| {
+                rollup.add_idle(spend)
+            })?;
         }
     }
     Ok(())
