@@ -102,5 +102,6 @@ fn row(i: u64, time_us: u64) -> LedgerRow {
         energy_source: "estimate".to_owned(),
         bill,
         guard: None,
+        prompt: None,
     }
 }

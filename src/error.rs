@@ -185,6 +185,17 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message).with_code(code)
     }
 
+    /// 422: what the request asks for cannot be done with what is on disk (a router reload whose
+    /// files do not load).
+    pub fn unprocessable(message: impl Into<String>, code: &str) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            message,
+        )
+        .with_code(code)
+    }
+
     /// 503: the gateway cannot serve this right now (e.g. shutting down, no backend usable).
     pub fn unavailable(message: impl Into<String>, code: &str) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message).with_code(code)

@@ -32,29 +32,30 @@ use crate::config::LimitsConfig;
 use crate::config::{Config, GuardStream, Role};
 use crate::error::ApiError;
 use crate::experiments::shadow::Shadow;
-use crate::experiments::{Enrollment, Experiments};
+use crate::experiments::Enrollment;
 use crate::guard::Guard;
 use crate::ledger::LedgerSender;
 use crate::limits::{Client, RateLimits};
 use crate::metering::{GuardLeg, Metering, Outcome, Recorder, RequestMeter};
 use crate::metrics::Metrics;
 use crate::resilience::{Breaker, RetryPolicy};
-use crate::router::{Decision, Overrides, Reason, Router};
+use crate::router::{Decision, Overrides, Reason};
 use crate::wire::ChatRequest;
 
 mod accounts;
 mod guarded;
+mod routing;
 mod stream;
 
 pub use accounts::Accounts;
 use guarded::{held_stream, Held};
+pub use routing::{Loaded, Routes, Routing};
 use stream::client_stream;
 
 /// The routing gateway: backends, router, and the accounts every request is metered into.
 pub struct Gateway {
     backends: Vec<Arc<dyn Backend>>,
-    router: Router,
-    experiments: Experiments,
+    routes: Routes,
     alias: String,
     fallback_to_cloud: bool,
     limits: LimitsConfig,
@@ -143,9 +144,9 @@ impl Gateway {
             ledger.clone(),
         )
         .map(Arc::new);
-        let router = Router::new(&config.routing, &config.backends)?;
+        let routes = Routes::new(config)?;
+        let cloud = routes.current().router.cloud();
         Ok(Self {
-            experiments: Experiments::new(config)?,
             alias: config.routing.alias.clone(),
             fallback_to_cloud: config.routing.fallback_to_cloud,
             limits: config.limits.clone(),
@@ -158,6 +159,7 @@ impl Gateway {
                     ledger.clone(),
                     backends.clone(),
                     shadow.clone(),
+                    config.ledger.store_prompts,
                 )),
                 breakers: backends
                     .iter()
@@ -170,9 +172,9 @@ impl Gateway {
                 shadow,
                 retry: RetryPolicy::new(&config.resilience),
                 guard: Guard::new(config)?,
-                cloud: router.cloud(),
+                cloud,
             }),
-            router,
+            routes,
             backends,
         })
     }
@@ -202,18 +204,20 @@ impl Gateway {
         }
         let mut request = request;
 
-        // 2. Route: the enrolled arm's router, else the configured one. The guard's plan is
-        //    known before serving, so a local backend collects the signals it will read.
+        // 2. Route: the enrolled arm's router, else the configured one, from one snapshot of
+        //    the routers (a reload swaps them between requests, never inside one). The guard's
+        //    plan is known before serving, so a local backend collects the signals it will read.
+        let routing = self.routes.current();
         let routed = request.model == self.alias;
         let enrollment = routed
-            .then(|| self.experiments.enroll(&request, headers, request_id))
+            .then(|| routing.experiments.enroll(&request, headers, request_id))
             .flatten();
         let plan = self.accounts.guard.plan(
             overrides.guard,
-            enrollment.and_then(|e| self.experiments.guard(e)),
+            enrollment.and_then(|e| routing.experiments.guard(e)),
         );
-        let decision = self.route(&request, overrides, enrollment)?;
-        let decision = self.avoid_unhealthy(&request, decision);
+        let decision = self.route(&routing, &request, overrides, enrollment)?;
+        let decision = self.avoid_unhealthy(&routing, &request, decision);
         // Only what the router sent local on its own judgement is checked (not pinned or
         // forced routes, nor `local_only`), and only when there is a cloud to escalate to; only
         // then does the local backend collect log-probabilities.
@@ -228,7 +232,7 @@ impl Gateway {
         // 3. Serve, with fallback to the cloud before the first byte. The meter knows the
         //    route from the start, so a request its client abandons is still recorded.
         let arm = enrollment
-            .and_then(|e| self.experiments.names(e))
+            .and_then(|e| routing.experiments.names(e))
             .map(|(e, a)| (e.to_owned(), a.to_owned()));
         let mut meter = RequestMeter::start(
             self.accounts.recorder.clone(),
@@ -344,6 +348,7 @@ impl Gateway {
     /// arm's router, or of the configured one.
     fn route(
         &self,
+        routing: &Routing,
         request: &ChatRequest,
         overrides: Overrides,
         enrollment: Option<Enrollment>,
@@ -351,8 +356,8 @@ impl Gateway {
         if request.model == self.alias {
             let started = Instant::now();
             let router = enrollment
-                .and_then(|e| self.experiments.router(e))
-                .unwrap_or(&self.router);
+                .and_then(|e| routing.experiments.router(e))
+                .unwrap_or(&routing.router);
             let decision = router.decide(request, overrides);
             let metrics = &self.accounts.metrics;
             metrics
@@ -383,7 +388,12 @@ impl Gateway {
     /// backend sends the request to the cloud (`local_unhealthy`); an open cloud backend sends it
     /// to the first healthy local backend able to serve it (`cloud_unhealthy`). Pinned and forced
     /// routes, and requests only the cloud can serve, keep their backend and fail fast instead.
-    fn avoid_unhealthy(&self, request: &ChatRequest, decision: Decision) -> Decision {
+    fn avoid_unhealthy(
+        &self,
+        routing: &Routing,
+        request: &ChatRequest,
+        decision: Decision,
+    ) -> Decision {
         let breakers = &self.accounts.breakers;
         if !breakers[decision.backend].is_refusing()
             || matches!(
@@ -396,11 +406,11 @@ impl Gateway {
         let healthy = |i: &usize| !breakers[*i].is_refusing();
         let target = match self.backends[decision.backend].info().role {
             Role::Local => self
-                .router
-                .cloud()
+                .accounts
+                .cloud
                 .filter(healthy)
                 .map(|c| (c, Reason::LocalUnhealthy)),
-            Role::Cloud => self
+            Role::Cloud => routing
                 .router
                 .capable_locals(request)
                 .find(healthy)
@@ -495,7 +505,7 @@ impl Gateway {
         if !self.fallback_to_cloud || !failed_locally || decision.reason == Reason::Pinned {
             return None;
         }
-        self.router.cloud()
+        self.accounts.cloud
     }
 
     /// The ids `/v1/models` lists: the alias, then every backend.
@@ -515,9 +525,10 @@ impl Gateway {
         &self.alias
     }
 
-    /// The configured experiments.
-    pub fn experiments(&self) -> &Experiments {
-        &self.experiments
+    /// Re-reads every router file the config names and swaps them in when all of them load;
+    /// otherwise the running routers stay and the error says why ([`Routes::reload`]).
+    pub fn reload_routers(&self) -> Result<Vec<Loaded>, String> {
+        self.routes.reload()
     }
 
     /// The ledger writer, when the ledger is on.

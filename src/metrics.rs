@@ -121,6 +121,8 @@ pub struct Metrics {
     pub ledger_rows_dropped: prometheus::IntCounter,
     /// Times the normal-priority catch-up thread took over from the idle-priority writer.
     pub ledger_catchups: prometheus::IntCounter,
+    /// Router reloads (`POST /v1/router/reload`, SIGHUP), by result (`ok`, `refused`).
+    pub router_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -352,6 +354,11 @@ impl Metrics {
                 "wattgate_rejected_requests_total",
                 "Requests refused before any backend, by reason (unauthorized|forbidden|rate_limited_requests|rate_limited_tokens|too_many_concurrent).",
                 &["reason"],
+            )?,
+            router_reloads: counter(
+                "wattgate_router_reloads_total",
+                "Router reloads (POST /v1/router/reload or SIGHUP), by result: ok (every router file loaded and swapped in) or refused (one failed to load; the running routers stayed).",
+                &["result"],
             )?,
             connections_refused: counter(
                 "wattgate_connections_refused_total",

@@ -618,6 +618,7 @@ mod tests {
             energy_source: "estimate".to_owned(),
             bill,
             guard: None,
+            prompt: None,
         }
     }
 

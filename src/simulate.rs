@@ -157,9 +157,7 @@ pub fn command(config: &Config, req: &Request) -> Result<(Vec<PolicyResult>, Str
     let queries: Vec<Query> = examples
         .iter()
         .filter_map(|e| {
-            let p = router
-                .as_ref()
-                .map(|m| m.score(&features::Query::from_prompt(&e.prompt)));
+            let p = router.as_ref().map(|m| m.score(&e.query()));
             Some(Query::new(e, labels.local(e)?, labels.cloud(e)?, p))
         })
         .collect();

@@ -274,6 +274,22 @@ impl ChatRequest {
         text
     }
 
+    /// The conversation as text messages (`{"role", "content"}`, text parts joined by newlines,
+    /// images and audio left out): what the router reads of it, and what the ledger keeps under
+    /// `store_prompts`, so a router trained on kept rows sees what it will see when serving.
+    pub fn text_messages(&self) -> Vec<Value> {
+        let messages = self.body.get("messages").and_then(Value::as_array);
+        messages
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+                let text: Vec<&str> = m.get("content").into_iter().flat_map(text_parts).collect();
+                serde_json::json!({"role": role, "content": text.join("\n")})
+            })
+            .collect()
+    }
+
     /// The body to send upstream: the client's object with `model` replaced,
     /// `stream_options.include_usage` set when `force_usage` asks for metered streams, and
     /// `logprobs: true` when `force_logprobs` asks for the guard's signals.

@@ -344,6 +344,8 @@ fn synthetic_rows() -> Vec<Example> {
                 category: None,
                 prompt: prompt.join(" "),
                 scores: [("small".to_owned(), label), ("big".to_owned(), 1.0)].into(),
+                messages: None,
+                weight: 1.0,
             }
         })
         .collect()

@@ -124,7 +124,7 @@ pub(super) fn ask_daemon(
         "{} is held by the running daemon; reading {url} instead",
         path.display()
     );
-    let body = get_json(&url)?;
+    let body = daemon_json(reqwest::Method::GET, &url)?;
     Ok((url, body))
 }
 
@@ -132,12 +132,14 @@ pub(super) fn ask_daemon(
 /// `[auth]` keys configured, those need the admin key, or a client key without one).
 const ADMIN_KEY_ENV: &str = "WATTGATE_API_KEY";
 
-fn get_json(url: &str) -> anyhow::Result<serde_json::Value> {
+/// Calls one of the daemon's admin endpoints and returns its JSON; a non-2xx status is an error
+/// carrying the daemon's message.
+pub(super) fn daemon_json(method: reqwest::Method, url: &str) -> anyhow::Result<serde_json::Value> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut request = reqwest::Client::new().get(url);
+        let mut request = reqwest::Client::new().request(method, url);
         if let Ok(key) = std::env::var(ADMIN_KEY_ENV) {
             request = request.bearer_auth(key.trim());
         }

@@ -82,6 +82,7 @@ impl ServeArgs {
             config.routing.alias
         );
         let grace = wattgate::config::secs(config.server.shutdown_grace_s);
+        reload_on_sighup(state.clone());
         match wattgate::server::serve_app(state, listener, shutdown_signal(), grace).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -91,6 +92,32 @@ impl ServeArgs {
         }
     })
     }
+}
+
+/// Reloads the routers on each SIGHUP, as `wattgate router reload` does over HTTP (the result
+/// is logged either way; a refused reload keeps the running routers).
+fn reload_on_sighup(state: wattgate::server::AppState) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot listen for SIGHUP ({e}); reload routers with `wattgate router reload`"
+                );
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading routers");
+            let state = state.clone();
+            // The outcome is logged and counted inside.
+            let _ = tokio::task::spawn_blocking(move || state.reload_routers()).await;
+        }
+    });
+    #[cfg(not(unix))]
+    drop(state);
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

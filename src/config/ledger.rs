@@ -29,6 +29,11 @@ pub struct LedgerConfig {
     /// CPU the request threads leave free; the receiver commits at normal priority when the
     /// committer falls behind, but a committer starved mid-transaction delays that).
     pub writer_priority: WriterPriority,
+    /// Keep each request's conversation text (its messages' text, images left out) in its row,
+    /// so `wattgate router train --from-ledger` can learn from this traffic's shadow verdicts
+    /// and feedback. Off by default: a ledger then holds no prompt text at all. The text lives
+    /// and dies with its row (retention, `max_rows`) and is never logged.
+    pub store_prompts: bool,
 }
 
 /// How the ledger writer competes with request threads for the CPU.
@@ -60,6 +65,7 @@ impl Default for LedgerConfig {
             // saturation and then hold the database while starved. Normal is the default for
             // that reason; its transactions are now 8 rows (README "The ledger on against off").
             writer_priority: WriterPriority::Normal,
+            store_prompts: false,
         }
     }
 }

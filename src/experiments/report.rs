@@ -457,6 +457,7 @@ mod tests {
             energy_source: "estimate".to_owned(),
             bill: Bill::default(),
             guard: None,
+            prompt: None,
         }
     }
 

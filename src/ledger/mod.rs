@@ -88,6 +88,10 @@ pub struct LedgerRow {
     /// What the quality guard did, for local answers it was asked to check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardRow>,
+    /// The conversation as the router read it (`{"role", "content"}` text messages), kept only
+    /// under `[ledger] store_prompts = true`: the training text for `router train --from-ledger`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Vec<serde_json::Value>>,
 }
 
 /// The quality guard's part of a ledger row.
@@ -110,6 +114,15 @@ pub struct GuardRow {
     pub local_output_tokens: u64,
     /// FLOPs of the local leg (2 x active parameters x its tokens).
     pub local_flops: f64,
+}
+
+/// A ledger row and the outcomes that grade it ([`Ledger::graded`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Graded {
+    /// The request.
+    pub row: LedgerRow,
+    /// Its outcomes, one per source.
+    pub outcomes: Vec<OutcomeRecord>,
 }
 
 /// Where an outcome came from.
@@ -323,6 +336,44 @@ impl Ledger {
             }
         }
         Ok(outcomes)
+    }
+
+    /// Every row that has an outcome, with its outcomes (feedback and shadow checks), oldest
+    /// row first: the labels `router train --from-ledger` learns from. Outcomes whose row is
+    /// gone (retention) or unreadable are left out.
+    pub fn graded(&self) -> Result<Vec<Graded>, LedgerError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let outcomes = txn.open_table(OUTCOMES).map_err(|e| self.error(e))?;
+        let ids = txn.open_table(REQUEST_IDS).map_err(|e| self.error(e))?;
+        let rows = txn.open_table(REQUESTS).map_err(|e| self.error(e))?;
+        let mut by_key: std::collections::BTreeMap<u64, Graded> = Default::default();
+        for entry in outcomes.iter().map_err(|e| self.error(e))? {
+            let (key, value) = entry.map_err(|e| self.error(e))?;
+            let Ok(outcome) = serde_json::from_slice::<OutcomeRecord>(value.value()) else {
+                continue;
+            };
+            let id = key.value().0;
+            let Some(row_key) = ids.get(id).map_err(|e| self.error(e))?.map(|k| k.value()) else {
+                continue;
+            };
+            if let Some(graded) = by_key.get_mut(&row_key) {
+                graded.outcomes.push(outcome);
+                continue;
+            }
+            let Some(bytes) = rows.get(row_key).map_err(|e| self.error(e))? else {
+                continue;
+            };
+            if let Ok(row) = serde_json::from_slice::<LedgerRow>(bytes.value()) {
+                by_key.insert(
+                    row_key,
+                    Graded {
+                        row,
+                        outcomes: vec![outcome],
+                    },
+                );
+            }
+        }
+        Ok(by_key.into_values().collect())
     }
 
     /// Number of rows.
@@ -571,6 +622,7 @@ mod tests {
             energy_source: "estimate".to_owned(),
             bill: Bill::default(),
             guard: None,
+            prompt: None,
         }
     }
 

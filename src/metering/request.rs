@@ -72,6 +72,8 @@ pub struct Recorder {
     pub backends: Vec<Arc<dyn Backend>>,
     /// The shadow checker, when sampling is on.
     pub shadow: Option<Arc<Shadow>>,
+    /// `[ledger] store_prompts`: rows keep the conversation's text.
+    store_prompts: bool,
     /// Set when the shutdown grace ran out: requests dropped from then on were cut, not
     /// abandoned by their clients.
     cut: AtomicBool,
@@ -85,6 +87,7 @@ impl Recorder {
         ledger: Option<LedgerSender>,
         backends: Vec<Arc<dyn Backend>>,
         shadow: Option<Arc<Shadow>>,
+        store_prompts: bool,
     ) -> Self {
         Self {
             metrics,
@@ -92,6 +95,7 @@ impl Recorder {
             ledger,
             backends,
             shadow,
+            store_prompts,
             cut: AtomicBool::new(false),
         }
     }
@@ -489,6 +493,10 @@ impl RequestMeter {
                     local_flops: self.recorder.metering.flops(local, g.local_tokens),
                 }
             }),
+            prompt: self
+                .recorder
+                .store_prompts
+                .then(|| self.request.text_messages()),
         });
     }
 }

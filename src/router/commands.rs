@@ -50,6 +50,9 @@ pub struct TrainArgs<'a> {
     pub pass_grade: f64,
     /// The own-traffic study ([`TrainOptions::own_rows`]); 0 trains normally.
     pub own_rows: usize,
+    /// Rows of the operator's own traffic ([`super::own::examples`]) and the local backend
+    /// they grade: they join the files' rows, their label first in the local preference.
+    pub own: Option<(Vec<Example>, String)>,
 }
 
 /// The candidates of `args`: the default grid, narrowed by each flag given.
@@ -77,6 +80,17 @@ fn choices(args: &TrainArgs<'_>) -> Vec<train::Choice> {
 /// `router train`: fits, prints validation by held-out source, saves to `out`.
 pub fn train(args: &TrainArgs<'_>) -> Result<(), String> {
     let mut examples = read_all(args.files)?;
+    let mut local = args.local.to_vec();
+    let mut cloud = args.cloud.to_vec();
+    if let Some((own, backend)) = &args.own {
+        // The own rows' labels come first: on them, the backend's own grade is the truth; the
+        // files' rows keep the labels named on the command line.
+        local.insert(0, super::own::local_label(backend));
+        if !cloud.is_empty() {
+            cloud.push(super::own::CLOUD_LABEL.to_owned());
+        }
+        examples.extend(own.iter().cloned());
+    }
     if !args.graded_sources.is_empty() {
         let n = data::grades_to_success(&mut examples, args.graded_sources, args.pass_grade)?;
         eprintln!(
@@ -93,7 +107,7 @@ pub fn train(args: &TrainArgs<'_>) -> Result<(), String> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "router".to_owned()),
     };
-    let mut options = TrainOptions::new(&name, args.local.to_vec(), args.cloud.to_vec());
+    let mut options = TrainOptions::new(&name, local, cloud);
     options.choices = choices(args);
     options.own_rows = args.own_rows;
     let started = std::time::Instant::now();
@@ -271,7 +285,7 @@ pub fn eval(
         .iter()
         .filter_map(|e| {
             Some(Outcome {
-                p_local: model.score(&Query::from_prompt(&e.prompt)),
+                p_local: model.score(&e.query()),
                 local: labels.local(e)?,
                 cloud: labels.cloud(e)?,
             })

@@ -19,16 +19,39 @@ pub struct Example {
     /// Optional subject or task.
     #[serde(default)]
     pub category: Option<String>,
-    /// The full prompt text.
+    /// The full prompt text (a single user turn; empty where `messages` is given).
+    #[serde(default)]
     pub prompt: String,
+    /// The conversation, for rows from a ledger (`router train --from-ledger`): OpenAI
+    /// `{"role", "content"}` messages, read the way the router reads a request.
+    #[serde(default)]
+    pub messages: Option<Vec<serde_json::Value>>,
     /// Each labeled model's score on this query, 0..1.
     pub scores: BTreeMap<String, f64>,
+    /// How much the row counts in the fit's loss (the operator's own rows count more than the
+    /// public data; see `--own-weight`). 1 for the shared files.
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Example {
     /// The scores of `local` and `cloud`, when both are labeled.
     pub fn pair(&self, local: &str, cloud: &str) -> Option<(f64, f64)> {
         Some((*self.scores.get(local)?, *self.scores.get(cloud)?))
+    }
+
+    /// The query the router reads: the conversation when the row has one, else the prompt as
+    /// a single user turn.
+    pub fn query(&self) -> crate::router::features::Query {
+        use crate::router::features::Query;
+        match &self.messages {
+            Some(messages) => Query::from_messages(messages),
+            None => Query::from_prompt(&self.prompt),
+        }
     }
 }
 
@@ -43,6 +66,21 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>, String> {
         }
         let example: Example = serde_json::from_str(&line)
             .map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        if example.prompt.is_empty() && example.messages.is_none() {
+            return Err(format!(
+                "{}:{}: the row has neither `prompt` nor `messages`",
+                path.display(),
+                i + 1
+            ));
+        }
+        if !(example.weight.is_finite() && example.weight > 0.0) {
+            return Err(format!(
+                "{}:{}: weight {} must be a finite number > 0",
+                path.display(),
+                i + 1,
+                example.weight
+            ));
+        }
         if let Some((model, score)) = example
             .scores
             .iter()
@@ -156,6 +194,8 @@ mod tests {
             category: None,
             prompt: "p".into(),
             scores: [("m".to_owned(), grade)].into(),
+            messages: None,
+            weight: 1.0,
         };
         // 0.8 parsed from JSON; 0.7 just below; another source left as it is.
         let grade: f64 = serde_json::from_str("0.8").unwrap_or_else(|e| panic!("{e}"));

@@ -5,16 +5,21 @@ use super::features::{Features, DENSE, DENSE_NAMES};
 use super::model::{sigmoid, Calibration, RouterMeta, RouterModel, FORMAT};
 use super::train::{Choice, TrainOptions};
 
-/// Fits the head on the rows `train` under `choice` (`y` already centred where it says so).
+/// Fits the head on the rows `train` under `choice` (`y` already centred where it says so),
+/// each row's loss scaled by its `weight` (the mean loss is over the weights' sum, so rows of
+/// weight 1 fit exactly as an unweighted fit does).
 pub(super) fn fit(
     features: &[Features],
     y: &[f64],
+    weight: &[f64],
     train: &[usize],
     o: &TrainOptions,
     choice: &Choice,
 ) -> RouterModel {
     let buckets = o.buckets as usize;
     let n = train.len().max(1) as f64;
+    let total_weight: f64 = train.iter().map(|&i| weight[i]).sum();
+    let mass = if total_weight > 0.0 { total_weight } else { n };
     let mut df = vec![0u32; buckets];
     for &i in train {
         for &(b, _) in &features[i].sparse {
@@ -91,7 +96,7 @@ pub(super) fn fit(
             for k in 0..DENSE {
                 z += w[buckets + k] * f64::from(dense[r][k]);
             }
-            let err = (sigmoid(z) - y[i]) / n;
+            let err = weight[i] * (sigmoid(z) - y[i]) / mass;
             for &(b, v) in &sparse[r] {
                 g[b as usize] += err * f64::from(v);
             }

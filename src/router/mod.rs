@@ -12,6 +12,7 @@ pub mod evaluation;
 pub mod features;
 mod fit;
 pub mod model;
+pub mod own;
 mod reason;
 pub mod train;
 
@@ -214,6 +215,14 @@ impl Router {
     /// The first cloud backend, the fallback target.
     pub fn cloud(&self) -> Option<usize> {
         self.first_cloud
+    }
+
+    /// Each local backend's learned router (under `policy = "router"`): backend index, the
+    /// model, its threshold.
+    pub fn heads(&self) -> impl Iterator<Item = (usize, &RouterModel, f64)> + '_ {
+        self.locals
+            .iter()
+            .filter_map(|l| l.head.as_ref().map(|(m, t)| (l.backend, m.as_ref(), *t)))
     }
 
     /// The local backends that could serve `request` at all (no hard constraint refuses it),
@@ -521,6 +530,8 @@ mod tests {
                 category: None,
                 prompt: format!("{topic} question number {i}"),
                 scores: [("small".to_owned(), label), ("big".to_owned(), 1.0)].into(),
+                messages: None,
+                weight: 1.0,
             });
         }
         let mut options = train::TrainOptions::new(name, vec!["small".into()], vec!["big".into()]);

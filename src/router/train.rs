@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::Example;
 use super::evaluation::{self, Outcome};
-use super::features::{self, Features, Query, DENSE_NAMES};
+use super::features::{self, Features, DENSE_NAMES};
 use super::fit::{fit, platt};
 use super::model::{sigmoid, Calibration, CurvePoint, RouterModel, SourceCount, SourceReport};
 
@@ -343,9 +343,10 @@ pub fn train(
     let ctx = Context {
         features: rows
             .iter()
-            .map(|(e, _)| features::extract(&Query::from_prompt(&e.prompt), options.buckets))
+            .map(|(e, _)| features::extract(&e.query(), options.buckets))
             .collect(),
         y: rows.iter().map(|(_, y)| *y).collect(),
+        weight: rows.iter().map(|(e, _)| e.weight).collect(),
         cloud: rows.iter().map(|(e, _)| labels.cloud(e)).collect(),
         source: rows.iter().map(|(e, _)| e.source.as_str()).collect(),
         group: rows
@@ -561,6 +562,8 @@ pub const MIN_SCORED: usize = 50;
 struct Context<'a> {
     features: Vec<Features>,
     y: Vec<f64>,
+    /// Each row's weight in the loss ([`Example::weight`]).
+    weight: Vec<f64>,
     cloud: Vec<Option<f64>>,
     source: Vec<&'a str>,
     group: Vec<String>,
@@ -596,7 +599,14 @@ impl Context<'_> {
         } else {
             self.y.clone()
         };
-        fit(&self.features, &y_fit, train, self.options, choice)
+        fit(
+            &self.features,
+            &y_fit,
+            &self.weight,
+            train,
+            self.options,
+            choice,
+        )
     }
 
     /// Leave-one-group-out over `rows` for every candidate (the fits side by side on
@@ -792,6 +802,8 @@ mod tests {
             category: None,
             prompt: prompt.to_owned(),
             scores: scores.iter().map(|(m, s)| ((*m).to_owned(), *s)).collect(),
+            messages: None,
+            weight: 1.0,
         }
     }
 

@@ -35,16 +35,16 @@ enum Class {
     Open,
     /// The OpenAI API (and unknown paths, so probing them reveals nothing): a client key.
     Client,
-    /// Metrics, savings, experiments, dashboard: the admin key when one is set.
+    /// Metrics, savings, experiments, dashboard, router reload, the graded-rows export: the
+    /// admin key when one is set.
     Admin,
 }
 
 fn class_of(path: &str) -> Class {
     match path {
         "/healthz" | "/readyz" => Class::Open,
-        "/metrics" | "/dashboard" | "/v1/savings" | "/v1/savings/series" | "/v1/experiments" => {
-            Class::Admin
-        }
+        "/metrics" | "/dashboard" | "/v1/savings" | "/v1/savings/series" | "/v1/experiments"
+        | "/v1/router/reload" | "/v1/ledger/graded" => Class::Admin,
         p if p.starts_with("/v1/experiments/") => Class::Admin,
         _ => Class::Client,
     }

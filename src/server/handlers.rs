@@ -528,6 +528,35 @@ pub async fn savings(State(state): State<AppState>, uri: Uri) -> Response {
     .into_response()
 }
 
+/// `POST /v1/router/reload`: re-reads the router files and swaps them in (see
+/// [`AppState::reload_routers`]); 422 naming the file when one does not load.
+pub async fn reload_routers(State(state): State<AppState>) -> Response {
+    let reloading = state.clone();
+    match tokio::task::spawn_blocking(move || reloading.reload_routers()).await {
+        Ok(Ok(loaded)) => Json(json!({
+            "object": "wattgate.router_reload",
+            "reloaded": true,
+            "routers": loaded,
+        }))
+        .into_response(),
+        Ok(Err(why)) => ApiError::unprocessable(
+            format!("Router reload refused; the routers loaded before keep serving: {why}"),
+            "router_reload_refused",
+        )
+        .into_response(),
+        Err(e) => ApiError::internal(format!("Router reload task failed: {e}.")).into_response(),
+    }
+}
+
+/// `GET /v1/ledger/graded`: every ledger row with an outcome, and its outcomes; what
+/// `wattgate router train --from-ledger` reads while the daemon holds the ledger.
+pub async fn graded(State(state): State<AppState>) -> Response {
+    match with_ledger(&state, |ledger| ledger.graded()).await {
+        Ok(rows) => Json(json!({"object": "list", "data": rows})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// Any path the gateway does not serve.
 pub async fn unknown_endpoint(method: Method, uri: Uri) -> Response {
     ApiError::unknown_endpoint(method.as_str(), uri.path()).into_response()

@@ -110,6 +110,31 @@ impl AppState {
         })
     }
 
+    /// Re-reads every router file the config names and swaps them in when all load; otherwise
+    /// the running routers keep serving and the error says why. Counted in
+    /// `wattgate_router_reloads_total` and logged either way.
+    pub fn reload_routers(&self) -> Result<Vec<crate::gateway::Loaded>, String> {
+        let result = self.inner.gateway.reload_routers();
+        let label = if result.is_ok() { "ok" } else { "refused" };
+        self.inner
+            .metrics
+            .router_reloads
+            .with_label_values(&[label])
+            .inc();
+        match &result {
+            Ok(loaded) => {
+                for l in loaded {
+                    tracing::info!(backend = %l.backend, router = %l.path, name = %l.name, threshold = l.threshold, "router reloaded");
+                }
+                tracing::info!(routers = loaded.len(), "routers reloaded");
+            }
+            Err(why) => {
+                tracing::error!("router reload refused, the running routers keep serving: {why}")
+            }
+        }
+        result
+    }
+
     /// Writes every ledger row queued so far and waits for the write.
     pub fn flush_ledger(&self) {
         if let Some(w) = &self.inner.ledger_writer {
@@ -221,6 +246,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/savings", get(handlers::savings))
         .route("/v1/savings/series", get(handlers::savings_series))
         .route("/dashboard", get(handlers::dashboard))
+        .route("/v1/router/reload", post(handlers::reload_routers))
+        .route("/v1/ledger/graded", get(handlers::graded))
         .route("/v1/feedback", post(experiments::post_feedback))
         .route("/v1/experiments", get(experiments::list_experiments))
         .route("/v1/experiments/{name}", get(experiments::get_experiment))
