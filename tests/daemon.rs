@@ -254,3 +254,64 @@ async fn shutdown_stops_waiting_at_the_grace_deadline() {
         "the hung request was cut at the deadline"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_router_files() {
+    let up = ScriptedUpstream::start("u", vec![Behavior::Reply("hi".into())])
+        .await
+        .expect("upstream");
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("router-models");
+    let routers = tempfile::tempdir().expect("tempdir");
+    let live = routers.path().join("live");
+    let install = |name: &str| {
+        std::fs::create_dir_all(&live).expect("mkdir");
+        for f in ["router.json", "weights.bin"] {
+            std::fs::copy(shipped.join(name).join(f), live.join(f)).expect("copy router");
+        }
+    };
+    install("8b-class");
+    let config = format!(
+        "[routing]\npolicy = \"router\"\nrouter_dir = \"{}\"\n{}{}",
+        routers.path().display(),
+        backend("local", "local", &up.base_url(), "router = \"live\""),
+        backend("cloud", "cloud", &up.base_url(), "")
+    );
+    let daemon = Daemon::start(&config).await;
+    let p_local = || async {
+        let response = reqwest::Client::new()
+            .post(daemon.url("/v1/chat/completions"))
+            .json(&chat_body("auto", "Explain how a bicycle stays upright."))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        support::header(&response, "x-wattgate-p-local")
+    };
+    let before = p_local().await;
+    install("llama-3.1-8b-instruct");
+    // The files alone change nothing until the daemon is told.
+    assert_eq!(p_local().await, before);
+    let ok = Command::new("kill")
+        .args(["-HUP", &daemon.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p_local().await == before {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload the router"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = reqwest::get(daemon.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("wattgate_router_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+}

@@ -206,3 +206,33 @@ pub(super) fn platt(points: &[(f64, f64)]) -> Calibration {
     }
     Calibration { a, b }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rows_weight_counts_like_that_many_copies_in_the_loss() {
+        // Two rows the head cannot tell apart, one a success and one a failure: the fitted
+        // probability is the weighted share of successes.
+        let row = Features {
+            sparse: vec![(3, 1.0)],
+            dense: [0.0; DENSE],
+        };
+        let features = vec![row.clone(), row.clone()];
+        let mut o = TrainOptions::new("t", vec!["small".into()], Vec::new());
+        o.buckets = 16;
+        o.steps = 2000;
+        let choice = Choice {
+            centre_sources: false,
+            structure: Vec::new(),
+            l2: 0.0,
+        };
+        let p = |weights: &[f64]| {
+            sigmoid(fit(&features, &[1.0, 0.0], weights, &[0, 1], &o, &choice).logit(&row))
+        };
+        let (even, tilted) = (p(&[1.0, 1.0]), p(&[3.0, 1.0]));
+        assert!((even - 0.5).abs() < 0.01, "{even}");
+        assert!((tilted - 0.75).abs() < 0.01, "{tilted}");
+    }
+}
