@@ -327,6 +327,43 @@ async fn from_ledger_learns_the_local_models_failures_from_feedback_and_shadow_c
         "{stderr}"
     );
     drop(gw.stop().await);
+
+    // An experiment A/Bs the retrained router against the public one on live traffic: each
+    // arm's requests carry its own router's p_local.
+    let head = format!(
+        "[routing]\npolicy = \"router\"\nrouter_dir = \"{}\"\n\
+         [[experiments]]\nname = \"own-router\"\nunit = \"header\"\nheader = \"x-session\"\n\
+         [[experiments.arms]]\nname = \"public\"\n\
+         [[experiments.arms]]\nname = \"retrained\"\nrouter = \"own\"\n",
+        dir.path().display()
+    );
+    let ab = Gateway::start(&format!(
+        "{head}{}{}",
+        backend("small", "local", &local.base_url(), "router = \"public\""),
+        backend("frontier", "cloud", &cloud.base_url(), ""),
+    ))
+    .await;
+    let mut seen = std::collections::BTreeMap::new();
+    for session in 0..40 {
+        let response = reqwest::Client::new()
+            .post(ab.url("/v1/chat/completions"))
+            .header("x-session", format!("s{session}"))
+            .json(&support::chat_body("auto", new_klingon))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(response.status(), 200);
+        let p = header(&response, "x-wattgate-p-local").parse::<f64>().ok();
+        let expected = match header(&response, "x-wattgate-arm").as_str() {
+            "public" => public_k,
+            "retrained" => own_k,
+            other => panic!("arm {other:?}"),
+        };
+        assert_eq!(p, Some(expected));
+        *seen.entry(header(&response, "x-wattgate-arm")).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    drop(ab.stop().await);
 }
 
 fn copy_router(from: &Path, to: &Path) {
