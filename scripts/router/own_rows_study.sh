@@ -6,6 +6,7 @@
 # summary (about 4 minutes per k on 2 cores).
 #
 # usage: scripts/router/own_rows_study.sh [ROUTER] [DATA_DIR]    (default llama-3.1-8b-instruct)
+#   OWN_WEIGHT=5 KS="0 300 1000" ...   weight each own row 5x (default 1), and only these k
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 name=${1:-llama-3.1-8b-instruct}
@@ -16,20 +17,21 @@ for m in ${line#*|}; do args+=(--local-model "$m"); done
 cargo build --release --quiet
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-for k in 0 100 300 1000; do
+ks=${KS:-0 100 300 1000}
+for k in $ks; do
   echo "== k = $k"
   target/release/wattgate router train \
     --data "$data/routellm-mmlu.jsonl" "$data/routellm-gsm8k.jsonl" "$data/mmlupro-ori-mmlu.jsonl" \
            "$data/dcrouter-train.jsonl" "$data/arenabench-chat.jsonl" "$data/mtbench-chat.jsonl" \
-    --graded-source arena-bench-v1 --graded-source mt-bench "${args[@]}" --own-rows "$k" \
+    --graded-source arena-bench-v1 --graded-source mt-bench "${args[@]}" --own-rows "$k" --own-weight "${OWN_WEIGHT:-1}" \
     --out "$tmp/k$k" 2> >(grep -v '^train:\|^read ' >&2) | tee "$tmp/k$k.txt" \
     | sed -n '/^held-out source/,/^(all held out/p'
 done
-python3 - "$tmp" <<'PY'
+python3 - "$tmp" $ks <<'PY'
 import json, sys
 from pathlib import Path
 tmp = Path(sys.argv[1])
-runs = {k: json.loads((tmp / f"k{k}" / "router.json").read_text()) for k in (0, 100, 300, 1000)}
+runs = {k: json.loads((tmp / f"k{k}" / "router.json").read_text()) for k in map(int, sys.argv[2:])}
 # Means over the sources scored at every k, so the rows compare like with like (a source too
 # small to spare k rows drops out of the larger k).
 common = set.intersection(*({s["source"] for s in m["validation"]} for m in runs.values()))

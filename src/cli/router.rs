@@ -67,8 +67,9 @@ pub enum RouterCommand {
         /// The local backend (its configured name) whose answers the ledger's labels grade.
         #[arg(long, requires = "from_ledger")]
         local_backend: Option<String>,
-        /// How much each own-traffic row counts in the fit against one row of the files.
-        #[arg(long, default_value_t = wattgate::router::own::DEFAULT_WEIGHT, requires = "from_ledger")]
+        /// How much each own-traffic row counts in the fit against one row of the files
+        /// (--from-ledger rows, and the --own-rows study's rows).
+        #[arg(long, default_value_t = wattgate::router::own::DEFAULT_WEIGHT)]
         own_weight: f64,
         #[command(flatten)]
         config: ConfigArg,
@@ -188,6 +189,7 @@ impl RouterCommand {
                     graded_sources: &graded_source,
                     pass_grade: pass_grade / 10.0,
                     own_rows,
+                    own_weight,
                     own,
                 })
             })(),

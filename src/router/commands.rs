@@ -50,6 +50,8 @@ pub struct TrainArgs<'a> {
     pub pass_grade: f64,
     /// The own-traffic study ([`TrainOptions::own_rows`]); 0 trains normally.
     pub own_rows: usize,
+    /// The weight of each study row ([`TrainOptions::own_weight`]).
+    pub own_weight: f64,
     /// Rows of the operator's own traffic ([`super::own::examples`]) and the local backend
     /// they grade: they join the files' rows, their label first in the local preference.
     pub own: Option<(Vec<Example>, String)>,
@@ -110,6 +112,7 @@ pub fn train(args: &TrainArgs<'_>) -> Result<(), String> {
     let mut options = TrainOptions::new(&name, local, cloud);
     options.choices = choices(args);
     options.own_rows = args.own_rows;
+    options.own_weight = args.own_weight;
     let started = std::time::Instant::now();
     let mut bar: Option<crate::progress::Progress> = None;
     let trained = train::train(&examples, &options, &mut |step| {
@@ -178,9 +181,11 @@ pub fn train(args: &TrainArgs<'_>) -> Result<(), String> {
         }
         if sel.own_rows > 0 {
             println!(
-                "own-traffic study: {} rows of each outer source joined its training; the rest \
-                 of it was scored (sources with fewer than {} rows left are not reported)",
+                "own-traffic study: {} rows of each outer source, weight {} each, joined its \
+                 training; the rest of it was scored (sources with fewer than {} rows left are \
+                 not reported)",
                 sel.own_rows,
+                sel.own_weight,
                 train::MIN_SCORED
             );
         }

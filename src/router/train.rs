@@ -148,6 +148,8 @@ pub struct TrainOptions {
     /// (as an operator's own labeled traffic would) and the rest of the source is scored. A
     /// source without 50 rows left to score is left out of the report. 0: plain validation.
     pub own_rows: usize,
+    /// The study's own rows count this much each in the fit (1: like any other row).
+    pub own_weight: f64,
 }
 
 impl TrainOptions {
@@ -163,6 +165,7 @@ impl TrainOptions {
             choices: default_choices(),
             threads: std::thread::available_parallelism().map_or(1, usize::from),
             own_rows: 0,
+            own_weight: 1.0,
         }
     }
 }
@@ -341,10 +344,11 @@ pub fn train(
     }
     let by_source = sources.len() >= 3;
     let ctx = Context {
-        features: rows
-            .iter()
-            .map(|(e, _)| features::extract(&e.query(), options.buckets))
-            .collect(),
+        features: std::sync::Arc::new(
+            rows.iter()
+                .map(|(e, _)| features::extract(&e.query(), options.buckets))
+                .collect(),
+        ),
         y: rows.iter().map(|(_, y)| *y).collect(),
         weight: rows.iter().map(|(e, _)| e.weight).collect(),
         cloud: rows.iter().map(|(e, _)| labels.cloud(e)).collect(),
@@ -410,13 +414,18 @@ pub fn train(
             .chain(own.iter().copied())
             .collect();
         rest.sort_unstable();
+        // This fold's own rows carry the study's weight (everywhere else, their own).
+        let mut fold = ctx.clone();
+        for &i in &own {
+            fold.weight[i] = options.own_weight;
+        }
         let (index, inner_score) = if c == 1 {
             (0, None)
         } else {
-            let selected = ctx.select(&rest);
+            let selected = fold.select(&rest);
             (selected.index, Some(selected.score))
         };
-        let head = ctx.fit(&rest, &options.choices[index]);
+        let head = fold.fit(&rest, &options.choices[index]);
         done += inner_fits + 1;
         // The head's own scale, not a calibration: a Platt fit per outer fold would move each
         // held-out source by the base rate of the *other* sources (a big easy source held out
@@ -501,6 +510,7 @@ pub fn train(
         inner_score: selected.score,
         outer: outer_choices,
         own_rows: options.own_rows,
+        own_weight: options.own_weight,
     });
     model.meta.trained_on = sources
         .iter()
@@ -549,18 +559,30 @@ pub struct Selection {
     /// Rows of each outer source that joined its training ([`TrainOptions::own_rows`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub own_rows: usize,
+    /// The weight of each of those rows ([`TrainOptions::own_weight`]).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub own_weight: f64,
 }
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(w: &f64) -> bool {
+    *w == 1.0
+}
+
 /// Rows an outer source must have left to score in the own-traffic study.
 pub const MIN_SCORED: usize = 50;
 
 /// Everything the fits share: one entry per labeled row.
+#[derive(Clone)]
 struct Context<'a> {
-    features: Vec<Features>,
+    features: std::sync::Arc<Vec<Features>>,
     y: Vec<f64>,
     /// Each row's weight in the loss ([`Example::weight`]).
     weight: Vec<f64>,
