@@ -159,26 +159,6 @@ async fn without_store_prompts_the_ledger_file_holds_no_prompt_text() {
     }
 }
 
-/// A small public file: sums are answered locally, proofs are not (three sources).
-fn public_data(path: &Path) {
-    let mut text = String::new();
-    for i in 0..60 {
-        let easy = i % 3 != 0;
-        let prompt = if easy {
-            format!("What is {i} plus {}?", i + 1)
-        } else {
-            format!("Prove theorem {i} about compact operators.")
-        };
-        let source = ["set-a", "set-b", "set-c"][(i / 3) % 3];
-        text += &format!(
-            "{}\n",
-            json!({"id": format!("q{i}"), "source": source, "prompt": prompt,
-                   "scores": {"small-model": if easy { 1.0 } else { 0.0 }, "big-model": 1.0}})
-        );
-    }
-    std::fs::write(path, text).unwrap_or_else(|e| panic!("{e}"));
-}
-
 fn train(args: &[&str]) -> (String, String) {
     let out = Command::new(BIN)
         .args(["router", "train"])
@@ -248,7 +228,7 @@ async fn from_ledger_learns_the_local_models_failures_from_feedback_and_shadow_c
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let data = dir.path().join("public.jsonl");
-    public_data(&data);
+    support::labeled_file(&data, 60);
     let (own_dir, public_dir) = (dir.path().join("own"), dir.path().join("public"));
     let common = |out: &Path| {
         vec![
@@ -366,6 +346,31 @@ async fn from_ledger_learns_the_local_models_failures_from_feedback_and_shadow_c
     drop(ab.stop().await);
 }
 
+/// The `x-wattgate-p-local` the gateway answers `text` with.
+async fn served_p_local(gw: &Gateway, text: &str) -> Option<f64> {
+    let response = post(
+        gw,
+        "/v1/chat/completions",
+        &support::chat_body("auto", text),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    header(&response, "x-wattgate-p-local").parse::<f64>().ok()
+}
+
+/// `wattgate router reload --url <gw>`: (exit code, stdout, stderr).
+fn reload_cli(gw: &Gateway) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .args(["router", "reload", "--url", &gw.url("")])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn copy_router(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("{e}"));
     for f in ["router.json", "weights.bin"] {
@@ -469,12 +474,8 @@ async fn a_reload_under_load_drops_nothing_and_a_corrupt_router_is_refused() {
 
     // A truncated weights file: refused with the reason, and the loaded router keeps serving.
     std::fs::write(live.join("weights.bin"), b"not weights").unwrap_or_else(|e| panic!("{e}"));
-    let out = Command::new(BIN)
-        .args(["router", "reload", "--url", &gw.url("")])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, _, stderr) = reload_cli(&gw);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("422")
             && stderr.contains("router_reload_refused")
@@ -482,17 +483,7 @@ async fn a_reload_under_load_drops_nothing_and_a_corrupt_router_is_refused() {
             && stderr.contains("11 bytes, expected"),
         "{stderr}"
     );
-    let response = post(
-        &gw,
-        "/v1/chat/completions",
-        &support::chat_body("auto", text),
-    )
-    .await;
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        header(&response, "x-wattgate-p-local").parse::<f64>().ok(),
-        Some(p_new)
-    );
+    assert_eq!(served_p_local(&gw, text).await, Some(p_new));
     let metrics = gw.metrics().await;
     let reloads = |result| {
         sample(
@@ -505,29 +496,12 @@ async fn a_reload_under_load_drops_nothing_and_a_corrupt_router_is_refused() {
 
     // Reload through the CLI once the files are whole again.
     copy_router(&old, &live);
-    let out = Command::new(BIN)
-        .args(["router", "reload", "--url", &gw.url("")])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, stdout, stderr) = reload_cli(&gw);
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stdout.contains("local: 8b-class") && stdout.contains("reloaded 1 router(s)"),
         "{stdout}"
     );
-    let response = post(
-        &gw,
-        "/v1/chat/completions",
-        &support::chat_body("auto", text),
-    )
-    .await;
-    assert_eq!(
-        header(&response, "x-wattgate-p-local").parse::<f64>().ok(),
-        Some(p_old)
-    );
+    assert_eq!(served_p_local(&gw, text).await, Some(p_old));
     drop(gw.stop().await);
 }

@@ -178,33 +178,11 @@ fn score_rejects_malformed_lines_with_their_number_and_leaves_no_output() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no router `no-such`"));
 }
 
-/// A small labeled file: prompts about sums are answered locally, proofs are not.
-fn labeled(path: &Path, n: usize) {
-    let mut text = String::new();
-    for i in 0..n {
-        let easy = i % 3 != 0;
-        let prompt = if easy {
-            format!("What is {i} plus {}?", i + 1)
-        } else {
-            format!("Prove theorem {i} about compact operators.")
-        };
-        // Three sources, each with sums and proofs, so nested validation has inner sources.
-        let source = ["set-a", "set-b", "set-c"][(i / 3) % 3];
-        let small = if easy { 1.0 } else { 0.0 };
-        text += &format!(
-            "{}\n",
-            json!({"id": format!("q{i}"), "source": source, "category": null, "prompt": prompt,
-                   "scores": {"small-model": small, "big-model": 1.0}})
-        );
-    }
-    write(path, &text);
-}
-
 #[test]
 fn train_then_eval_round_trip_through_the_cli() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let data = dir.path().join("data.jsonl");
-    labeled(&data, 90);
+    support::labeled_file(&data, 90);
     let out_dir = dir.path().join("my-router");
     // Two candidates (centred or raw labels; no structure measures), chosen on inner folds.
     let out = train_cli(
@@ -274,7 +252,7 @@ fn train_then_eval_round_trip_through_the_cli() {
 fn training_is_reproducible_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let data = dir.path().join("data.jsonl");
-    labeled(&data, 60);
+    support::labeled_file(&data, 60);
     let run = |name: &str| {
         let out_dir = dir.path().join(name);
         let out = train_cli(

@@ -314,3 +314,26 @@ pub fn gemma_gguf() -> std::path::PathBuf {
     })
     .clone()
 }
+
+/// A small labeled file in the shared schema: prompts about sums are answered by `small-model`,
+/// proofs are not (`big-model` answers both); three sources, each with sums and proofs, so
+/// nested validation has inner sources.
+pub fn labeled_file(path: &std::path::Path, n: usize) {
+    let mut text = String::new();
+    for i in 0..n {
+        let easy = i % 3 != 0;
+        let prompt = if easy {
+            format!("What is {i} plus {}?", i + 1)
+        } else {
+            format!("Prove theorem {i} about compact operators.")
+        };
+        let source = ["set-a", "set-b", "set-c"][(i / 3) % 3];
+        let small = if easy { 1.0 } else { 0.0 };
+        text += &format!(
+            "{}\n",
+            serde_json::json!({"id": format!("q{i}"), "source": source, "category": null,
+                               "prompt": prompt, "scores": {"small-model": small, "big-model": 1.0}})
+        );
+    }
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
