@@ -119,6 +119,23 @@ async fn requests_without_a_valid_key_get_401_and_never_reach_an_upstream() {
         3.0
     );
     assert_eq!(get(&gw, "/v1/savings", Some(ADMIN)).await.status(), 200);
+
+    // The graded-rows export (prompt text under store_prompts) and router reload are admin's.
+    expect_error(get(&gw, "/v1/ledger/graded", Some(KEY_A)).await, 403).await;
+    assert_eq!(
+        get(&gw, "/v1/ledger/graded", Some(ADMIN)).await.status(),
+        200
+    );
+    let reload = |key: &'static str| {
+        reqwest::Client::new()
+            .post(gw.url("/v1/router/reload"))
+            .bearer_auth(key)
+            .send()
+    };
+    let refused = reload(KEY_A).await.expect("gateway reachable");
+    expect_error(refused, 403).await;
+    let reloaded = reload(ADMIN).await.expect("gateway reachable");
+    assert_eq!(reloaded.status(), 200);
 }
 
 #[tokio::test]
