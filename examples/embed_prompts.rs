@@ -44,8 +44,8 @@ fn run() -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let model = candle_transformers::models::bert::BertModel::load(vb, &config)
         .map_err(|e| e.to_string())?;
-    let mut tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json"))
-        .map_err(|e| e.to_string())?;
+    let mut tokenizer =
+        tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| e.to_string())?;
     tokenizer.with_padding(None);
     tokenizer
         .with_truncation(Some(tokenizers::TruncationParams {
@@ -72,7 +72,9 @@ fn run() -> Result<(), String> {
     let mut w = std::io::BufWriter::new(std::fs::File::create(out).map_err(|e| e.to_string())?);
     let started = std::time::Instant::now();
     for (n, text) in prompts.iter().enumerate() {
-        let enc = tokenizer.encode(text.as_str(), true).map_err(|e| e.to_string())?;
+        let enc = tokenizer
+            .encode(text.as_str(), true)
+            .map_err(|e| e.to_string())?;
         let ids = Tensor::new(enc.get_ids(), &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .map_err(|e| e.to_string())?;
