@@ -510,7 +510,12 @@ pub fn train(
         inner_score: selected.score,
         outer: outer_choices,
         own_rows: options.own_rows,
-        own_weight: options.own_weight,
+        // Recorded only for the study it applies to, so a plain training's file is unchanged.
+        own_weight: if options.own_rows > 0 {
+            options.own_weight
+        } else {
+            1.0
+        },
     });
     model.meta.trained_on = sources
         .iter()
