@@ -245,17 +245,14 @@ async fn from_ledger_learns_the_local_models_failures_from_feedback_and_shadow_c
             out.display().to_string(),
         ]
     };
-    let mut args = common(&own_dir);
-    args.extend(
-        [
-            "--from-ledger",
-            "--local-backend",
-            "small",
-            "--config",
-            &config.display().to_string(),
-        ]
-        .map(str::to_owned),
-    );
+    // The same flags, reading the daemon's ledger for local backend `backend`.
+    let from_ledger = |out: &Path, backend: &str| {
+        let mut args = common(out);
+        args.extend(["--from-ledger", "--local-backend", backend, "--config"].map(str::to_owned));
+        args.push(config.display().to_string());
+        args
+    };
+    let args = from_ledger(&own_dir, "small");
     let (stdout, stderr) = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(stderr.contains("held by the running daemon"), "{stderr}");
     assert!(
@@ -283,17 +280,7 @@ async fn from_ledger_learns_the_local_models_failures_from_feedback_and_shadow_c
     );
 
     // A backend the ledger has no graded answers of is refused, naming the ones it has.
-    let mut args = common(&dir.path().join("none"));
-    args.extend(
-        [
-            "--from-ledger",
-            "--local-backend",
-            "nobody",
-            "--config",
-            &config.display().to_string(),
-        ]
-        .map(str::to_owned),
-    );
+    let args = from_ledger(&dir.path().join("none"), "nobody");
     let out = Command::new(BIN)
         .args(["router", "train"])
         .args(&args)
