@@ -1,14 +1,17 @@
 """End-to-end checks of a running wattgate with the official `openai` Python package.
 
-Usage: e2e_openai.py BASE_URL   (the gateway configured by scripts/e2e_openai_python.sh)
+Usage: e2e_openai.py BASE_URL FALLBACK_URL
+  BASE_URL      the gateway configured by scripts/e2e_openai_python.sh (local and cloud upstreams)
+  FALLBACK_URL  a gateway whose local upstream fails every request
 Prints one line per check and a closing "N passed, M failed" line; exits 1 on any failure.
 """
 import sys
 
 import openai
 
-base_url = sys.argv[1]
+base_url, fallback_url = sys.argv[1], sys.argv[2]
 client = openai.OpenAI(base_url=base_url, api_key="unused-by-the-gateway", max_retries=0)
+fallback = openai.OpenAI(base_url=fallback_url, api_key="unused-by-the-gateway", max_retries=0)
 results = []
 
 
@@ -92,6 +95,69 @@ def missing_messages_is_bad_request():
     raise AssertionError("expected BadRequestError")
 
 
+def responses_create():
+    raw = client.responses.with_raw_response.create(model="auto", input="say hello")
+    reply = raw.parse()
+    assert reply.output_text == "local says hello", reply
+    assert reply.status == "completed" and reply.id.startswith("resp_"), reply
+    assert reply.usage.input_tokens == 2 and reply.usage.output_tokens == 3, reply.usage
+    assert raw.headers["x-wattgate-route"] == "local", dict(raw.headers)
+    assert raw.headers["x-wattgate-reason"] == "prefer_local"
+
+
+def responses_stream():
+    seen = []
+    with client.responses.stream(model="auto", input="stream please", instructions="Be brief.") as stream:
+        for event in stream:
+            seen.append(event.type)
+        final = stream.get_final_response()
+    assert final.output_text == "local says hello", final
+    assert final.usage is not None and final.usage.output_tokens == 3, final.usage
+    assert seen[0] == "response.created" and seen[-1] == "response.completed", seen
+    assert seen.count("response.output_text.delta") == 3, seen
+
+
+def responses_follow_up():
+    first = client.responses.create(model="auto", input="name a colour")
+    second = client.responses.create(model="auto", input="another", previous_response_id=first.id)
+    assert second.output_text == "local says hello" and second.previous_response_id == first.id, second
+    try:
+        client.responses.create(model="auto", input="x", previous_response_id="resp_unknown")
+    except openai.NotFoundError as e:
+        assert e.body["code"] == "previous_response_not_found", e.body
+    else:
+        raise AssertionError("expected NotFoundError for an unknown previous_response_id")
+    unstored = client.responses.create(model="auto", input="forget me", store=False)
+    try:
+        client.responses.create(model="auto", input="x", previous_response_id=unstored.id)
+    except openai.NotFoundError:
+        return
+    raise AssertionError("a store=False response was kept")
+
+
+def responses_tools_refused():
+    try:
+        client.responses.create(
+            model="auto", input="x",
+            tools=[{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}],
+        )
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "tools", e.body
+        return
+    raise AssertionError("expected BadRequestError")
+
+
+def responses_fall_back_to_the_cloud():
+    raw = fallback.responses.with_raw_response.create(model="auto", input="say hello")
+    assert raw.parse().output_text == "cloud says hello"
+    assert raw.headers["x-wattgate-route"] == "cloud", dict(raw.headers)
+    assert raw.headers["x-wattgate-reason"] == "fallback_local_error"
+    assert raw.headers["x-wattgate-fallback-from"] == "local"
+    with fallback.responses.stream(model="auto", input="stream please") as stream:
+        final = stream.get_final_response()
+    assert final.output_text == "cloud says hello", final
+
+
 for name, fn in [
     ("non-streaming completion, routed local, headers", non_streaming),
     ("streaming completion with include_usage", streaming_with_usage),
@@ -100,6 +166,11 @@ for name, fn in [
     ("models list", models_list),
     ("unknown model -> NotFoundError", unknown_model_is_not_found),
     ("empty messages -> BadRequestError", missing_messages_is_bad_request),
+    ("responses.create, routed local, usage, headers", responses_create),
+    ("responses.stream: events, text, usage", responses_stream),
+    ("responses previous_response_id, unknown id, store=False", responses_follow_up),
+    ("responses with tools -> BadRequestError naming tools", responses_tools_refused),
+    ("responses fall back from a failing local to the cloud", responses_fall_back_to_the_cloud),
 ]:
     check(name, fn)
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# End-to-end check with the official Python `openai` package: starts two scripted upstreams
-# (local and cloud) and the real gateway on loopback, then runs scripts/e2e_openai.py against it.
+# End-to-end check with the official Python `openai` and `anthropic` packages: starts scripted
+# upstreams (local, cloud, and a local that fails every request) and two real gateways on
+# loopback (one of them falls back), then runs scripts/e2e_openai.py (chat and Responses) and
+# scripts/e2e_anthropic.py (Messages) against them.
 #
 #   scripts/e2e_openai_python.sh
 #
@@ -38,9 +40,18 @@ model = "cloud-model"
 parameters = 1e11
 TOML
 WATTGATE_LOG=warn run_bg "$BIN/wattgate" serve --config "$work/wattgate.toml"
-python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
 
-"$VENV/bin/python" scripts/e2e_openai.py "http://127.0.0.1:$GW_PORT/v1"
+# The same pair, with a local upstream that answers 500 to every request.
+FAILING_PORT=$(free_port); FB_PORT=$(free_port)
+run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$FAILING_PORT" --model local-model --fail-every 1 --fail-status 500 >/dev/null
+sed -e "s/127.0.0.1:$GW_PORT/127.0.0.1:$FB_PORT/" -e "s/127.0.0.1:$LOCAL_PORT/127.0.0.1:$FAILING_PORT/" \
+  -e "s#$work/ledger.redb#$work/fallback.redb#" "$work/wattgate.toml" >"$work/fallback.toml"
+WATTGATE_LOG=error run_bg "$BIN/wattgate" serve --config "$work/fallback.toml"
+python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
+python3 scripts/wait_http.py "http://127.0.0.1:$FB_PORT/healthz" 20
+
+"$VENV/bin/python" scripts/e2e_openai.py "http://127.0.0.1:$GW_PORT/v1" "http://127.0.0.1:$FB_PORT/v1"
+"$VENV/bin/python" scripts/e2e_anthropic.py "http://127.0.0.1:$GW_PORT" "http://127.0.0.1:$FB_PORT"
 
 # The embedded model's logprobs, through a second gateway whose only backend is the embedded
 # default (fetched into the model cache by the Rust tests, or here on first use).

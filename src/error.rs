@@ -86,7 +86,7 @@ impl ApiError {
         Self::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            format!("Unknown endpoint: {method} {path}. This gateway serves POST /v1/chat/completions, GET /v1/models, GET /healthz, GET /readyz and GET /metrics."),
+            format!("Unknown endpoint: {method} {path}. This gateway serves POST /v1/chat/completions, POST /v1/responses, POST /v1/messages, GET /v1/models, GET /healthz, GET /readyz and GET /metrics."),
         )
         .with_code("unknown_url")
     }

@@ -24,6 +24,9 @@ pub const ROLES: [&str; 6] = [
 ];
 
 mod answer;
+pub mod edge;
+pub mod messages;
+pub mod responses;
 pub use answer::{answer_peek, read_answer, without_logprobs, AnswerPeek};
 
 /// A validated chat-completions request.

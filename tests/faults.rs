@@ -37,17 +37,16 @@ struct Seen {
 
 /// Sends `n` requests at once, every other one streamed, each with a deadline; checks each ends
 /// in a completion or an OpenAI-shaped error.
-async fn drive(gw: &Gateway, n: usize, deadline: Duration) -> Vec<Seen> {
+async fn drive(gw: &Gateway, api: Api, n: usize, deadline: Duration) -> Vec<Seen> {
     let client = reqwest::Client::new();
-    let url = gw.url("/v1/chat/completions");
+    let url = gw.url(api.path());
     let requests = (0..n).map(|i| {
         let (client, url) = (client.clone(), url.clone());
         async move {
-            let mut body = chat_body("auto", &format!("question {i}"));
             let stream = i % 2 == 1;
-            body["stream"] = json!(stream);
+            let body = api.body(&format!("question {i}"), stream);
             let started = Instant::now();
-            let seen = tokio::time::timeout(deadline, one(&client, &url, &body, stream)).await;
+            let seen = tokio::time::timeout(deadline, one(&client, api, &url, &body, stream)).await;
             let mut seen = seen.unwrap_or_else(|_| panic!("request {i} hung past {deadline:?}"));
             seen.elapsed = started.elapsed();
             seen
@@ -56,7 +55,7 @@ async fn drive(gw: &Gateway, n: usize, deadline: Duration) -> Vec<Seen> {
     futures::future::join_all(requests).await
 }
 
-async fn one(client: &reqwest::Client, url: &str, body: &Value, stream: bool) -> Seen {
+async fn one(client: &reqwest::Client, api: Api, url: &str, body: &Value, stream: bool) -> Seen {
     let r = client
         .post(url)
         .json(body)
@@ -73,17 +72,17 @@ async fn one(client: &reqwest::Client, url: &str, body: &Value, stream: bool) ->
         elapsed: Duration::ZERO,
     };
     if status != 200 {
-        seen.code = Some(error_code(&r.json::<Value>().await.expect("error JSON")));
+        seen.code = Some(api.error_code(&r.json::<Value>().await.expect("error JSON")));
         return seen;
     }
     if !stream {
-        let v: Value = r.json().await.expect("completion JSON");
-        assert!(
-            v["choices"][0]["message"]["content"]
-                .as_str()
-                .is_some_and(|c| !c.is_empty()),
-            "{v}"
-        );
+        let v: Value = r.json().await.expect("answer JSON");
+        let text = match api {
+            Api::Chat => &v["choices"][0]["message"]["content"],
+            Api::Responses => &v["output"][0]["content"][0]["text"],
+            Api::Messages => &v["content"][0]["text"],
+        };
+        assert!(text.as_str().is_some_and(|c| !c.is_empty()), "{v}");
         seen.complete = true;
         return seen;
     }
@@ -91,6 +90,12 @@ async fn one(client: &reqwest::Client, url: &str, body: &Value, stream: bool) ->
     let mut frames = r.bytes_stream();
     while let Some(bytes) = frames.next().await {
         text.push_str(&String::from_utf8_lossy(&bytes.expect("stream bytes")));
+    }
+    if api != Api::Chat {
+        let (complete, code) = api.read_events(&text);
+        seen.complete = complete;
+        seen.code = code;
+        return seen;
     }
     let data: Vec<&str> = text
         .split("\n\n")
@@ -113,6 +118,140 @@ async fn one(client: &reqwest::Client, url: &str, body: &Value, stream: bool) ->
     }
     seen
 }
+
+/// The API a scenario's clients speak: every row of the matrix runs once per API (a test
+/// module per scenario, one test per API), so `/v1/responses` and `/v1/messages` keep the
+/// promises `/v1/chat/completions` makes, each in its own shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Responses,
+    Messages,
+}
+
+impl Api {
+    fn path(self) -> &'static str {
+        match self {
+            Api::Chat => "/v1/chat/completions",
+            Api::Responses => "/v1/responses",
+            Api::Messages => "/v1/messages",
+        }
+    }
+
+    fn body(self, text: &str, stream: bool) -> Value {
+        match self {
+            Api::Chat => {
+                let mut body = chat_body("auto", text);
+                body["stream"] = json!(stream);
+                body
+            }
+            Api::Responses => json!({"model": "auto", "input": text, "stream": stream}),
+            Api::Messages => json!({"model": "auto", "max_tokens": 64, "stream": stream,
+                "messages": [{"role": "user", "content": text}]}),
+        }
+    }
+
+    /// The gateway's error code from an error body, after checking the API's shape: OpenAI's
+    /// four fields, or Anthropic's `{"type":"error","error":{"type","message"}}` with the code
+    /// at the end of the message.
+    fn error_code(self, body: &Value) -> String {
+        if self != Api::Messages {
+            return error_code(body);
+        }
+        assert_eq!(body["type"], "error", "{body}");
+        let e = body["error"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{body}"));
+        let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["message", "type"], "{body}");
+        assert!(
+            e["type"].as_str().is_some_and(|t| t.ends_with("_error")),
+            "{body}"
+        );
+        let message = e["message"].as_str().unwrap_or_default();
+        message
+            .rsplit_once("(code: ")
+            .and_then(|(_, c)| c.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("no code in {message:?}"))
+            .to_owned()
+    }
+
+    /// Reads a Responses or Messages event stream: whether it completed (text deltas, then the
+    /// API's closing event), else the failure's code.
+    fn read_events(self, text: &str) -> (bool, Option<String>) {
+        let mut events = Vec::new();
+        for frame in text.split("\n\n").map(str::trim).filter(|f| !f.is_empty()) {
+            if frame.starts_with(':') {
+                continue;
+            }
+            let (name, data) = frame
+                .strip_prefix("event: ")
+                .and_then(|f| f.split_once("\ndata: "))
+                .unwrap_or_else(|| panic!("not an event: {frame:?}"));
+            let data: Value = serde_json::from_str(data).expect("event JSON");
+            if self == Api::Responses {
+                assert_eq!(data["type"], name, "{frame}");
+            }
+            events.push((name.to_owned(), data));
+        }
+        let deltas = events
+            .iter()
+            .filter(|(n, _)| n == "response.output_text.delta" || n == "content_block_delta")
+            .count();
+        let Some((last, data)) = events.last() else {
+            panic!("empty stream: {text:?}")
+        };
+        match (self, last.as_str()) {
+            (Api::Responses, "response.completed") | (Api::Messages, "message_stop") => {
+                (deltas > 0, None)
+            }
+            (Api::Responses, "response.failed") => {
+                let code = data["response"]["error"]["code"].as_str().expect("code");
+                (false, Some(code.to_owned()))
+            }
+            (Api::Messages, "error") => (false, Some(self.error_code(data))),
+            _ => panic!("stream ended with {last}: {text}"),
+        }
+    }
+}
+
+/// One test per API for a scenario `async fn NAME(api: Api)`: `NAME::chat`, `NAME::responses`,
+/// `NAME::messages`.
+macro_rules! for_each_api {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn chat() {
+                super::$name(super::Api::Chat).await
+            }
+            #[tokio::test]
+            async fn responses() {
+                super::$name(super::Api::Responses).await
+            }
+            #[tokio::test]
+            async fn messages() {
+                super::$name(super::Api::Messages).await
+            }
+        }
+    )*};
+}
+
+for_each_api!(
+    cloud_500s_are_retried_until_they_succeed,
+    cloud_500s_that_persist_end_in_502s_then_the_breaker_fails_fast,
+    cloud_429_waits_the_retry_after_then_succeeds,
+    a_slow_cloud_times_out_within_the_deadline,
+    a_cloud_that_resets_connections_is_a_502_after_retries,
+    garbage_from_the_cloud_is_a_502_and_not_retried,
+    a_truncated_stream_ends_in_an_error_frame_and_is_never_retried,
+    a_local_backend_that_panics_falls_back_to_the_cloud,
+    a_local_backend_that_panics_mid_stream_ends_the_stream_with_an_error_frame,
+    a_held_stream_that_breaks_before_the_client_saw_it_is_answered_by_the_cloud,
+    a_hanging_local_backend_falls_back_at_its_first_byte_timeout,
+    an_open_local_breaker_routes_to_the_cloud_until_a_probe_succeeds,
+    an_open_cloud_breaker_serves_locally_whatever_the_policy_says,
+);
 
 /// The `code` of an OpenAI error body, after checking its shape.
 fn error_code(body: &Value) -> String {
@@ -178,8 +317,7 @@ async fn cycling(script: Vec<Behavior>) -> ScriptedUpstream {
         .expect("upstream")
 }
 
-#[tokio::test]
-async fn cloud_500s_are_retried_until_they_succeed() {
+async fn cloud_500s_are_retried_until_they_succeed(api: Api) {
     // Every third attempt fails (below the breaker's 50%): with 2 retries, every request
     // succeeds.
     let cloud = cycling(vec![
@@ -193,7 +331,7 @@ async fn cloud_500s_are_retried_until_they_succeed() {
     // no request can meet three in a row.
     let mut seen = Vec::new();
     for _ in 0..10 {
-        seen.extend(drive(&gw, 2, Duration::from_secs(5)).await);
+        seen.extend(drive(&gw, api, 2, Duration::from_secs(5)).await);
     }
     assert!(seen.iter().all(|s| s.complete), "{seen:?}");
     let m = gw.metrics().await;
@@ -208,8 +346,7 @@ async fn cloud_500s_are_retried_until_they_succeed() {
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn cloud_500s_that_persist_end_in_502s_then_the_breaker_fails_fast() {
+async fn cloud_500s_that_persist_end_in_502s_then_the_breaker_fails_fast(api: Api) {
     let cloud = upstream(vec![Behavior::server_error("down")]).await;
     let gw = Gateway::start(&cloud_only(
         &cloud.base_url(),
@@ -219,7 +356,7 @@ async fn cloud_500s_that_persist_end_in_502s_then_the_breaker_fails_fast() {
     // Sequential, so the breaker's opening point is exact: 3 requests x 3 attempts = 9 failures.
     let mut seen = Vec::new();
     for _ in 0..3 {
-        seen.extend(drive(&gw, 1, Duration::from_secs(5)).await);
+        seen.extend(drive(&gw, api, 1, Duration::from_secs(5)).await);
     }
     assert!(
         seen.iter().all(|s| s.status == 502),
@@ -228,15 +365,20 @@ async fn cloud_500s_that_persist_end_in_502s_then_the_breaker_fails_fast() {
     assert_eq!(cloud.hits(), 9);
     // Now open: no attempt is made; a fast 503 with Retry-After names the breaker.
     let started = Instant::now();
-    let r = gw.post_chat(&chat_body("auto", "more")).await;
+    let r = reqwest::Client::new()
+        .post(gw.url(api.path()))
+        .json(&api.body("more", false))
+        .send()
+        .await
+        .expect("gateway reachable");
     assert_eq!(r.status().as_u16(), 503);
     let retry_after: u64 = header(&r, "retry-after").parse().expect("Retry-After");
     assert!((55..=60).contains(&retry_after), "{retry_after}");
-    let code = error_code(&r.json().await.expect("JSON"));
+    let code = api.error_code(&r.json().await.expect("JSON"));
     assert_eq!(code, "backend_unhealthy");
     assert!(started.elapsed() < Duration::from_millis(500));
     assert_eq!(cloud.hits(), 9, "no upstream call while open");
-    let more = drive(&gw, 6, Duration::from_secs(2)).await;
+    let more = drive(&gw, api, 6, Duration::from_secs(2)).await;
     assert!(more.iter().all(|s| s.status == 503), "{more:?}");
     let m = gw.metrics().await;
     assert_eq!(
@@ -258,15 +400,14 @@ async fn cloud_500s_that_persist_end_in_502s_then_the_breaker_fails_fast() {
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn cloud_429_waits_the_retry_after_then_succeeds() {
+async fn cloud_429_waits_the_retry_after_then_succeeds(api: Api) {
     let cloud = upstream(vec![
         Behavior::rate_limited(1),
         Behavior::Reply("after the wait".into()),
     ])
     .await;
     let gw = Gateway::start(&cloud_only(&cloud.base_url(), "")).await;
-    let seen = drive(&gw, 1, Duration::from_secs(5)).await;
+    let seen = drive(&gw, api, 1, Duration::from_secs(5)).await;
     assert!(seen[0].complete, "{seen:?}");
     assert!(
         seen[0].elapsed >= Duration::from_secs(1),
@@ -277,8 +418,7 @@ async fn cloud_429_waits_the_retry_after_then_succeeds() {
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn a_slow_cloud_times_out_within_the_deadline() {
+async fn a_slow_cloud_times_out_within_the_deadline(api: Api) {
     let cloud = upstream(vec![Behavior::slow(Duration::from_secs(60), "late")]).await;
     let gw = Gateway::start(&format!(
         "{FAST_RETRIES}\n{}",
@@ -290,7 +430,7 @@ async fn a_slow_cloud_times_out_within_the_deadline() {
         )
     ))
     .await;
-    let seen = drive(&gw, 6, Duration::from_secs(3)).await;
+    let seen = drive(&gw, api, 6, Duration::from_secs(3)).await;
     for s in &seen {
         assert_eq!(s.status, 504, "{s:?}");
         assert_eq!(s.code.as_deref(), Some("upstream_timeout"));
@@ -300,11 +440,10 @@ async fn a_slow_cloud_times_out_within_the_deadline() {
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn a_cloud_that_resets_connections_is_a_502_after_retries() {
+async fn a_cloud_that_resets_connections_is_a_502_after_retries(api: Api) {
     let cloud = ResetUpstream::start().await.expect("reset upstream");
     let gw = Gateway::start(&cloud_only(&cloud.base_url(), "")).await;
-    let seen = drive(&gw, 4, Duration::from_secs(5)).await;
+    let seen = drive(&gw, api, 4, Duration::from_secs(5)).await;
     for s in &seen {
         assert_eq!(s.status, 502, "{s:?}");
         assert_eq!(s.code.as_deref(), Some("upstream_unreachable"));
@@ -313,11 +452,10 @@ async fn a_cloud_that_resets_connections_is_a_502_after_retries() {
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn garbage_from_the_cloud_is_a_502_and_not_retried() {
+async fn garbage_from_the_cloud_is_a_502_and_not_retried(api: Api) {
     let cloud = upstream(vec![Behavior::Garbage]).await;
     let gw = Gateway::start(&cloud_only(&cloud.base_url(), "")).await;
-    let seen = drive(&gw, 6, Duration::from_secs(5)).await;
+    let seen = drive(&gw, api, 6, Duration::from_secs(5)).await;
     for s in &seen {
         assert_eq!(s.status, 502, "{s:?}");
         assert_eq!(s.code.as_deref(), Some("upstream_protocol_error"));
@@ -326,11 +464,10 @@ async fn garbage_from_the_cloud_is_a_502_and_not_retried() {
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn a_truncated_stream_ends_in_an_error_frame_and_is_never_retried() {
+async fn a_truncated_stream_ends_in_an_error_frame_and_is_never_retried(api: Api) {
     let cloud = upstream(vec![Behavior::TruncatedStream { chunks: 2 }]).await;
     let gw = Gateway::start(&cloud_only(&cloud.base_url(), "")).await;
-    let seen = drive(&gw, 8, Duration::from_secs(5)).await;
+    let seen = drive(&gw, api, 8, Duration::from_secs(5)).await;
     for (i, s) in seen.iter().enumerate() {
         if i % 2 == 1 {
             // Streamed: the client had bytes already, so the failure is an error frame.
@@ -414,10 +551,9 @@ async fn panicking_local(
     (local, cloud, gw)
 }
 
-#[tokio::test]
-async fn a_local_backend_that_panics_falls_back_to_the_cloud() {
+async fn a_local_backend_that_panics_falls_back_to_the_cloud(api: Api) {
     let (_local, cloud, gw) = panicking_local(false, "").await;
-    let seen = drive(&gw, 10, Duration::from_secs(5)).await;
+    let seen = drive(&gw, api, 10, Duration::from_secs(5)).await;
     for s in &seen {
         assert!(s.complete, "{s:?}");
         assert_eq!(s.reason, "fallback_local_error");
@@ -451,11 +587,10 @@ async fn a_local_backend_that_panics_falls_back_to_the_cloud() {
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn a_local_backend_that_panics_mid_stream_ends_the_stream_with_an_error_frame() {
+async fn a_local_backend_that_panics_mid_stream_ends_the_stream_with_an_error_frame(api: Api) {
     // Unguarded, the stream is relayed as it comes: the failure reaches the client.
     let (_local, _cloud, gw) = panicking_local(true, "mode = \"off\"").await;
-    let seen = drive(&gw, 10, Duration::from_secs(5)).await;
+    let seen = drive(&gw, api, 10, Duration::from_secs(5)).await;
     for (i, s) in seen.iter().enumerate() {
         if i % 2 == 1 {
             assert_eq!(s.status, 200);
@@ -468,12 +603,11 @@ async fn a_local_backend_that_panics_mid_stream_ends_the_stream_with_an_error_fr
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn a_held_stream_that_breaks_before_the_client_saw_it_is_answered_by_the_cloud() {
+async fn a_held_stream_that_breaks_before_the_client_saw_it_is_answered_by_the_cloud(api: Api) {
     // Under the guard's hold nothing of the local stream has reached the client when it
     // breaks, so the cloud answers the whole request.
     let (_local, cloud, gw) = panicking_local(true, "stream = \"hold\"").await;
-    let seen = drive(&gw, 10, Duration::from_secs(5)).await;
+    let seen = drive(&gw, api, 10, Duration::from_secs(5)).await;
     for (i, s) in seen.iter().enumerate() {
         assert!(s.complete, "{s:?}");
         // A held stream's headers leave before the verdict, with the route as decided.
@@ -498,8 +632,7 @@ async fn a_held_stream_that_breaks_before_the_client_saw_it_is_answered_by_the_c
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn a_hanging_local_backend_falls_back_at_its_first_byte_timeout() {
+async fn a_hanging_local_backend_falls_back_at_its_first_byte_timeout(api: Api) {
     let local = upstream(vec![Behavior::slow(Duration::from_secs(60), "never")]).await;
     let cloud = upstream(vec![Behavior::Reply("cloud answer".into())]).await;
     let gw = Gateway::start(&format!(
@@ -513,7 +646,7 @@ async fn a_hanging_local_backend_falls_back_at_its_first_byte_timeout() {
         backend("cloud", "cloud", &cloud.base_url(), "")
     ))
     .await;
-    let seen = drive(&gw, 8, Duration::from_secs(3)).await;
+    let seen = drive(&gw, api, 8, Duration::from_secs(3)).await;
     for s in &seen {
         assert!(s.complete, "{s:?}");
         assert_eq!(s.reason, "fallback_local_timeout");
@@ -522,8 +655,7 @@ async fn a_hanging_local_backend_falls_back_at_its_first_byte_timeout() {
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn an_open_local_breaker_routes_to_the_cloud_until_a_probe_succeeds() {
+async fn an_open_local_breaker_routes_to_the_cloud_until_a_probe_succeeds(api: Api) {
     // The local backend fails 6 times, then recovers.
     let mut script: Vec<Behavior> = (0..6).map(|_| Behavior::server_error("boom")).collect();
     script.push(Behavior::Reply("local is back".into()));
@@ -537,11 +669,11 @@ async fn an_open_local_breaker_routes_to_the_cloud_until_a_probe_succeeds() {
     .await;
     let mut seen = Vec::new();
     for _ in 0..6 {
-        seen.extend(drive(&gw, 1, Duration::from_secs(3)).await);
+        seen.extend(drive(&gw, api, 1, Duration::from_secs(3)).await);
     }
     assert!(seen.iter().all(|s| s.reason == "fallback_local_error"));
     // Open: the router's local choice is overridden without trying the local backend.
-    let open = drive(&gw, 6, Duration::from_secs(3)).await;
+    let open = drive(&gw, api, 6, Duration::from_secs(3)).await;
     for s in &open {
         assert!(s.complete, "{s:?}");
         assert_eq!(s.reason, "local_unhealthy");
@@ -549,9 +681,9 @@ async fn an_open_local_breaker_routes_to_the_cloud_until_a_probe_succeeds() {
     assert_eq!(local.hits(), 6);
     // After the open period one request probes the local backend, which has recovered.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let probe = drive(&gw, 1, Duration::from_secs(3)).await;
+    let probe = drive(&gw, api, 1, Duration::from_secs(3)).await;
     assert_eq!(probe[0].reason, "prefer_local");
-    let closed = drive(&gw, 4, Duration::from_secs(3)).await;
+    let closed = drive(&gw, api, 4, Duration::from_secs(3)).await;
     assert!(
         closed.iter().all(|s| s.reason == "prefer_local"),
         "{closed:?}"
@@ -574,8 +706,7 @@ async fn an_open_local_breaker_routes_to_the_cloud_until_a_probe_succeeds() {
     reconcile(gw, &seen).await;
 }
 
-#[tokio::test]
-async fn an_open_cloud_breaker_serves_locally_whatever_the_policy_says() {
+async fn an_open_cloud_breaker_serves_locally_whatever_the_policy_says(api: Api) {
     let local = upstream(vec![Behavior::Reply("local answer".into())]).await;
     let cloud = upstream(vec![Behavior::server_error("cloud down")]).await;
     let gw = Gateway::start(&format!(
@@ -586,10 +717,10 @@ async fn an_open_cloud_breaker_serves_locally_whatever_the_policy_says() {
     .await;
     let mut seen = Vec::new();
     for _ in 0..3 {
-        seen.extend(drive(&gw, 1, Duration::from_secs(3)).await);
+        seen.extend(drive(&gw, api, 1, Duration::from_secs(3)).await);
     }
     assert!(seen.iter().all(|s| s.status == 502), "{seen:?}");
-    let served = drive(&gw, 6, Duration::from_secs(3)).await;
+    let served = drive(&gw, api, 6, Duration::from_secs(3)).await;
     for s in &served {
         assert!(s.complete, "{s:?}");
         assert_eq!(s.reason, "cloud_unhealthy");

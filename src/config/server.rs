@@ -34,6 +34,11 @@ pub struct ServerConfig {
     /// Open connections one client IP may hold; more are refused with 503 and counted in
     /// `wattgate_connections_refused_total{reason="per_ip"}`. 0: no cap.
     pub max_connections_per_ip: usize,
+    /// Responses API conversations kept in memory for `previous_response_id` (oldest dropped
+    /// first); 0 keeps none, so every `previous_response_id` is a 404.
+    pub responses_stored: usize,
+    /// Seconds a stored Responses conversation can be continued.
+    pub responses_ttl_s: u64,
 }
 
 /// Log line format.
@@ -65,6 +70,11 @@ impl Default for ServerConfig {
             // client pool opens by default (httpx: 100 max, reqwest/hyper: unbounded but idle
             // ones are reused), so one client's pool fits and a flood from one address does not.
             max_connections_per_ip: 256,
+            // OpenAI keeps stored responses for 30 days (platform.openai.com/docs/api-reference/
+            // responses/create, `store`); a gateway in memory keeps a day, and 10,000
+            // conversations of a few KB each stay under ~100 MB.
+            responses_stored: 10_000,
+            responses_ttl_s: 86_400,
         }
     }
 }

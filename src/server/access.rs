@@ -114,9 +114,19 @@ impl Access {
     }
 }
 
-/// The bearer token of `Authorization: Bearer <key>`.
+/// The presented key: the bearer token of `Authorization: Bearer <key>`, else `x-api-key`
+/// (how Anthropic's SDKs send theirs).
 fn bearer(request: &Request) -> Option<&str> {
-    let value = request.headers().get(AUTHORIZATION)?.to_str().ok()?.trim();
+    let Some(value) = request.headers().get(AUTHORIZATION) else {
+        return request
+            .headers()
+            .get("x-api-key")?
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|k| !k.is_empty());
+    };
+    let value = value.to_str().ok()?.trim();
     let (scheme, key) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -153,7 +163,8 @@ pub async fn authenticate(
         (Some(admin), Some(p)) => bool::from(admin.ct_eq(p)),
         _ => false,
     };
-    let missing = "No API key provided. Send it as `Authorization: Bearer <key>`.";
+    let missing =
+        "No API key provided. Send it as `Authorization: Bearer <key>` (or `x-api-key: <key>`).";
     let wrong = "Incorrect API key provided. Keys are configured in [auth] as SHA-256 digests.";
     match class {
         Class::Open => {}

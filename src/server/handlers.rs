@@ -9,10 +9,12 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::json;
 
+use super::edges::{hold_until_end, Api, Edge};
 use super::{AppState, RequestContext};
 use crate::config::GuardMode;
 use crate::config::Role;
@@ -32,6 +34,38 @@ pub async fn chat_completions(
     Extension(client): Extension<Client>,
     request: Request,
 ) -> Response {
+    serve(state, ctx, client, request, Api::Chat).await
+}
+
+/// `POST /v1/responses`: OpenAI's Responses API, translated to chat at the edge ([`Edge`]).
+pub async fn responses(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestContext>,
+    Extension(client): Extension<Client>,
+    request: Request,
+) -> Response {
+    serve(state, ctx, client, request, Api::Responses).await
+}
+
+/// `POST /v1/messages`: Anthropic's Messages API, translated to chat at the edge ([`Edge`]).
+pub async fn messages(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestContext>,
+    Extension(client): Extension<Client>,
+    request: Request,
+) -> Response {
+    serve(state, ctx, client, request, Api::Messages).await
+}
+
+/// One request of any API through the pipeline: headers, the bounded body, its translation
+/// into chat, the concurrency slot, the gateway, and its answer written back in the API's shape.
+async fn serve(
+    state: AppState,
+    ctx: RequestContext,
+    client: Client,
+    request: Request,
+    api: Api,
+) -> Response {
     let (parts, body) = request.into_parts();
     let overrides = match overrides(&parts.headers) {
         Ok(o) => o,
@@ -39,6 +73,10 @@ pub async fn chat_completions(
     };
     let body = match read_body(body, state.inner.max_body_bytes, state.inner.body_timeout).await {
         Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
+    let edge = match Edge::translate(api, body, &state.inner.conversations) {
+        Ok(edge) => edge,
         Err(e) => return e.into_response(),
     };
     // Only now, with the whole body in: a slot taken before would be held by a client that
@@ -62,21 +100,17 @@ pub async fn chat_completions(
         id: &ctx.id,
         client: &client,
     };
-    match state.inner.gateway.chat(&body, inbound).await {
+    match state.inner.gateway.chat(edge.chat(), inbound).await {
         Ok(mut answer) => {
+            let body = std::mem::replace(&mut answer.body, AnswerBody::Json(Bytes::new()));
+            answer.body = edge.answer(body, &state.inner.conversations);
             // A stream holds its concurrency slot until its last frame.
-            if let (AnswerBody::Stream(frames), Some(slot)) = (&mut answer.body, slot) {
-                let taken = std::mem::replace(frames, futures::stream::empty().boxed());
-                *frames = taken
-                    .map(move |frame| {
-                        let _held = &slot;
-                        frame
-                    })
-                    .boxed();
+            if let Some(slot) = slot {
+                hold_until_end(&mut answer.body, slot);
             }
             answer_response(answer)
         }
-        Err(e) => e.into_response(),
+        Err(e) => edge.error(e).into_response(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! every path that does not exist, ends in an [`ApiError`].
 
 mod access;
+mod edges;
 mod experiments;
 mod handlers;
 mod layers;
@@ -51,6 +52,7 @@ struct Shared {
     baseline_backend: Option<String>,
     experiments: Vec<crate::config::ExperimentConfig>,
     access: access::Access,
+    conversations: Arc<crate::wire::responses::Conversations>,
 }
 
 impl AppState {
@@ -106,6 +108,10 @@ impl AppState {
                 idle,
                 experiments: config.experiments.clone(),
                 access: access::Access::new(&config.auth, &config.limits),
+                conversations: Arc::new(crate::wire::responses::Conversations::new(
+                    config.server.responses_stored,
+                    Duration::from_secs(config.server.responses_ttl_s),
+                )),
             }),
         })
     }
@@ -238,6 +244,8 @@ pub fn app(state: AppState) -> Router {
         ));
     Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/responses", post(handlers::responses))
+        .route("/v1/messages", post(handlers::messages))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{*id}", get(handlers::get_model))
         .route("/healthz", get(handlers::healthz))
@@ -256,6 +264,8 @@ pub fn app(state: AppState) -> Router {
         // The handlers read bodies with their own limits (`read_body`).
         .layer(DefaultBodyLimit::disable())
         .layer(stack)
+        // Outermost: errors on /v1/messages, from any layer, in Anthropic's shape.
+        .layer(axum::middleware::from_fn(edges::anthropic_errors))
         .with_state(state)
 }
 

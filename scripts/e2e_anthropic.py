@@ -1,0 +1,101 @@
+"""End-to-end checks of a running wattgate with the official `anthropic` Python package.
+
+Usage: e2e_anthropic.py BASE_URL FALLBACK_URL   (gateway roots, without /v1)
+  BASE_URL      the gateway configured by scripts/e2e_openai_python.sh (local and cloud upstreams)
+  FALLBACK_URL  a gateway whose local upstream fails every request
+Prints one line per check and a closing "N passed, M failed" line; exits 1 on any failure.
+"""
+import sys
+
+import anthropic
+
+base_url, fallback_url = sys.argv[1], sys.argv[2]
+client = anthropic.Anthropic(base_url=base_url, api_key="unused-by-the-gateway", max_retries=0)
+fallback = anthropic.Anthropic(base_url=fallback_url, api_key="unused-by-the-gateway", max_retries=0)
+results = []
+
+
+def check(name, fn):
+    try:
+        fn()
+        results.append(True)
+        print(f"ok    {name}")
+    except Exception as e:  # report every failure, keep going
+        results.append(False)
+        print(f"FAIL  {name}: {type(e).__name__}: {e}")
+
+
+def create():
+    raw = client.messages.with_raw_response.create(
+        model="auto", max_tokens=64, messages=[{"role": "user", "content": "say hello"}]
+    )
+    message = raw.parse()
+    assert message.content[0].text == "local says hello", message
+    assert message.role == "assistant" and message.stop_reason == "end_turn", message
+    assert message.usage.input_tokens == 2 and message.usage.output_tokens == 3, message.usage
+    assert raw.headers["x-wattgate-route"] == "local", dict(raw.headers)
+    assert raw.headers["x-wattgate-reason"] == "prefer_local"
+
+
+def stream():
+    with client.messages.stream(
+        model="auto",
+        max_tokens=64,
+        system="Be brief.",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "stream please"}]}],
+    ) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == "local says hello", text
+    assert final.content[0].text == "local says hello", final
+    assert final.usage.output_tokens == 3 and final.stop_reason == "end_turn", final
+
+
+def unknown_model_is_not_found():
+    try:
+        client.messages.create(model="claude-nope", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    except anthropic.NotFoundError as e:
+        assert e.body["type"] == "error" and e.body["error"]["type"] == "not_found_error", e.body
+        assert "model_not_found" in e.body["error"]["message"], e.body
+        return
+    raise AssertionError("expected NotFoundError")
+
+
+def tools_are_refused():
+    try:
+        client.messages.create(
+            model="auto", max_tokens=8, messages=[{"role": "user", "content": "x"}],
+            tools=[{"name": "f", "input_schema": {"type": "object"}}],
+        )
+    except anthropic.BadRequestError as e:
+        assert e.body["error"]["type"] == "invalid_request_error", e.body
+        assert "`tools`" in e.body["error"]["message"], e.body
+        return
+    raise AssertionError("expected BadRequestError")
+
+
+def falls_back_to_the_cloud():
+    raw = fallback.messages.with_raw_response.create(
+        model="auto", max_tokens=64, messages=[{"role": "user", "content": "say hello"}]
+    )
+    assert raw.parse().content[0].text == "cloud says hello"
+    assert raw.headers["x-wattgate-route"] == "cloud", dict(raw.headers)
+    assert raw.headers["x-wattgate-reason"] == "fallback_local_error"
+    with fallback.messages.stream(
+        model="auto", max_tokens=64, messages=[{"role": "user", "content": "stream please"}]
+    ) as s:
+        assert "".join(s.text_stream) == "cloud says hello"
+
+
+for name, fn in [
+    ("messages.create, routed local, usage, headers", create),
+    ("messages.stream with a system prompt: text, usage, stop reason", stream),
+    ("unknown model -> NotFoundError in Anthropic's shape", unknown_model_is_not_found),
+    ("tools -> BadRequestError naming tools", tools_are_refused),
+    ("messages fall back from a failing local to the cloud", falls_back_to_the_cloud),
+]:
+    check(name, fn)
+
+passed, failed = results.count(True), results.count(False)
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)
