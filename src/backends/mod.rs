@@ -5,6 +5,7 @@
 //! already produced its first chunk, so a failure up to that point is still invisible to the
 //! client and the gateway can retry elsewhere.
 
+pub mod anthropic;
 pub mod candle;
 pub mod openai;
 
@@ -370,7 +371,9 @@ pub fn build_all(
         .iter()
         .map(|c| -> anyhow::Result<Arc<dyn Backend>> {
             match c.kind {
-                BackendKind::Openai => Ok(Arc::new(openai::OpenAiBackend::new(c)?)),
+                BackendKind::Openai | BackendKind::Anthropic => {
+                    Ok(Arc::new(openai::OpenAiBackend::new(c)?))
+                }
                 BackendKind::Embedded => {
                     Ok(Arc::new(candle::backend::EmbeddedBackend::new(c, models)?))
                 }

@@ -1,5 +1,7 @@
 //! A backend that speaks the OpenAI chat-completions protocol over HTTP: OpenAI itself and the
-//! local servers that imitate it (llama.cpp's `llama-server`, Ollama, vLLM, LM Studio...).
+//! local servers that imitate it (llama.cpp's `llama-server`, Ollama, vLLM, LM Studio...); and,
+//! with the same transport, timeouts and caps, Anthropic's Messages API (`kind = "anthropic"`,
+//! translated by [`super::anthropic`]).
 
 use std::time::Duration;
 
@@ -10,10 +12,11 @@ use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use serde::Deserialize;
 use tokio::time::{timeout, timeout_at, Instant};
 
+use super::anthropic;
 use super::{
     Backend, BackendError, BackendInfo, Chunk, Completion, OpenedStream, Reply, TimeoutPhase,
 };
-use crate::config::{secs, BackendConfig};
+use crate::config::{secs, BackendConfig, BackendKind};
 use crate::wire::{read_answer, upstream_error_message, AnswerPeek, ChatRequest, ChunkPeek, Usage};
 
 /// How long a readiness probe may take before the backend counts as not ready.
@@ -34,6 +37,19 @@ pub struct OpenAiBackend {
     stream_usage: bool,
     /// Ask for `logprobs` when the guard will check the answer (`confidence = "logprobs"`).
     reads_logprobs: bool,
+    protocol: Protocol,
+}
+
+/// The wire protocol behind the shared HTTP exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Protocol {
+    /// OpenAI chat completions: `POST {base}/chat/completions`, `Authorization: Bearer`.
+    OpenAi,
+    /// Anthropic Messages: `POST {base}/messages`, `x-api-key`, `anthropic-version`.
+    Anthropic {
+        /// The `anthropic-version` header.
+        version: String,
+    },
 }
 
 impl OpenAiBackend {
@@ -67,10 +83,23 @@ impl OpenAiBackend {
             .ok_or_else(|| anyhow::anyhow!("backend `{}` has no base_url", c.name))?
             .as_str()
             .trim_end_matches('/');
+        let protocol = match c.kind {
+            BackendKind::Anthropic => Protocol::Anthropic {
+                version: c
+                    .anthropic_version
+                    .clone()
+                    .unwrap_or_else(|| anthropic::DEFAULT_VERSION.to_owned()),
+            },
+            _ => Protocol::OpenAi,
+        };
+        let path = match protocol {
+            Protocol::OpenAi => "chat/completions",
+            Protocol::Anthropic { .. } => "messages",
+        };
         Ok(Self {
             info: BackendInfo::from_config(c),
             client,
-            chat_url: format!("{base}/chat/completions"),
+            chat_url: format!("{base}/{path}"),
             models_url: format!("{base}/models"),
             api_key,
             connect_timeout_s: c.connect_timeout_s,
@@ -78,8 +107,31 @@ impl OpenAiBackend {
             total_timeout_s: c.total_timeout_s,
             max_response_bytes: c.max_response_bytes,
             stream_usage: c.stream_usage,
-            reads_logprobs: c.reads_logprobs(),
+            reads_logprobs: c.reads_logprobs() && protocol == Protocol::OpenAi,
+            protocol,
         })
+    }
+
+    /// The key and version headers of this backend's protocol.
+    fn authorize(
+        &self,
+        mut builder: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, BackendError> {
+        let key = self.key()?;
+        match &self.protocol {
+            Protocol::OpenAi => {
+                if let Some(key) = key {
+                    builder = builder.bearer_auth(key);
+                }
+            }
+            Protocol::Anthropic { version } => {
+                builder = builder.header("anthropic-version", version.as_str());
+                if let Some(key) = key {
+                    builder = builder.header("x-api-key", key);
+                }
+            }
+        }
+        Ok(builder)
     }
 
     fn key(&self) -> Result<Option<&str>, BackendError> {
@@ -130,14 +182,18 @@ impl Backend for OpenAiBackend {
         let reads = self.reads_logprobs && request.wants_signals();
         let forced_logprobs = reads && !request.client_logprobs();
 
-        let mut builder = self
+        let body = match self.protocol {
+            Protocol::OpenAi => {
+                request.upstream_body(&self.info.model, self.stream_usage, forced_logprobs)
+            }
+            Protocol::Anthropic { .. } => anthropic::request_body(request, &self.info.model)?,
+        };
+        let builder = self
             .client
             .post(&self.chat_url)
             .header(CONTENT_TYPE, "application/json")
-            .body(request.upstream_body(&self.info.model, self.stream_usage, forced_logprobs));
-        if let Some(key) = self.key()? {
-            builder = builder.bearer_auth(key);
-        }
+            .body(body);
+        let builder = self.authorize(builder)?;
         let response = match timeout_at(first_byte_deadline, builder.send()).await {
             Err(_) => return Err(self.timeout(TimeoutPhase::FirstByte)),
             Ok(Err(e)) => return Err(self.transport_error(&self.chat_url, &e)),
@@ -177,6 +233,10 @@ impl Backend for OpenAiBackend {
                     }
                     Ok(Ok(b)) => b,
                 };
+            let body = match self.protocol {
+                Protocol::OpenAi => body,
+                Protocol::Anthropic { .. } => anthropic::completion(&body)?,
+            };
             let usage = completion_usage(&body)?;
             let (peek, stripped) = if reads {
                 read_answer(&body, forced_logprobs)
@@ -193,9 +253,11 @@ impl Backend for OpenAiBackend {
         }
 
         let mut events = Box::pin(line_capped(response.bytes_stream()).eventsource());
+        let mut messages = matches!(self.protocol, Protocol::Anthropic { .. })
+            .then(anthropic::StreamReader::default);
         let first = match timeout_at(
             first_byte_deadline,
-            next_chunk(&mut events, reads, forced_logprobs),
+            read_next(&mut events, &mut messages, reads, forced_logprobs),
         )
         .await
         {
@@ -225,6 +287,7 @@ impl Backend for OpenAiBackend {
             finished: false,
             read_logprobs: reads,
             strip_logprobs: forced_logprobs,
+            messages,
         };
         Ok(Reply::Stream(OpenedStream {
             first,
@@ -233,11 +296,9 @@ impl Backend for OpenAiBackend {
     }
 
     async fn probe(&self) -> Result<(), String> {
-        let key = self.key().map_err(|e| e.to_string())?;
-        let mut builder = self.client.get(&self.models_url);
-        if let Some(key) = key {
-            builder = builder.bearer_auth(key);
-        }
+        let builder = self
+            .authorize(self.client.get(&self.models_url))
+            .map_err(|e| e.to_string())?;
         match timeout(PROBE_TIMEOUT, builder.send()).await {
             Err(_) => Err(format!(
                 "GET {} did not answer within {}s",
@@ -270,6 +331,8 @@ struct RestOfStream {
     finished: bool,
     read_logprobs: bool,
     strip_logprobs: bool,
+    /// The Messages reader, for `kind = "anthropic"`.
+    messages: Option<anthropic::StreamReader>,
 }
 
 impl RestOfStream {
@@ -279,7 +342,12 @@ impl RestOfStream {
         }
         let item = match timeout_at(
             self.deadline,
-            next_chunk(&mut self.events, self.read_logprobs, self.strip_logprobs),
+            read_next(
+                &mut self.events,
+                &mut self.messages,
+                self.read_logprobs,
+                self.strip_logprobs,
+            ),
         )
         .await
         {
@@ -416,6 +484,42 @@ impl StreamFailure {
                 detail: format!("stream from {url} broke: {}", error_chain(&e)),
             },
             StreamFailure::Protocol(detail) => BackendError::Protocol { detail },
+        }
+    }
+}
+
+/// The next chunk in either protocol: a Messages stream through its reader, else
+/// [`next_chunk`].
+async fn read_next<S>(
+    events: &mut std::pin::Pin<Box<S>>,
+    messages: &mut Option<anthropic::StreamReader>,
+    read_logprobs: bool,
+    strip_logprobs: bool,
+) -> Result<Next, StreamFailure>
+where
+    S: EventSource + ?Sized,
+{
+    let Some(reader) = messages else {
+        return next_chunk(events, read_logprobs, strip_logprobs).await;
+    };
+    loop {
+        if let Some(chunk) = reader.pop() {
+            return Ok(Next::Chunk(chunk));
+        }
+        if reader.finished() {
+            return Ok(Next::Done);
+        }
+        let event = match events.next().await {
+            None => return Ok(Next::Eof),
+            Some(Err(EventStreamError::Transport(e))) => return Err(e.into()),
+            Some(Err(e)) => return Err(StreamFailure::Protocol(format!("invalid SSE: {e}"))),
+            Some(Ok(event)) => event,
+        };
+        let data = event.data.trim();
+        if !data.is_empty() {
+            reader
+                .event(&event.event, data)
+                .map_err(StreamFailure::Protocol)?;
         }
     }
 }

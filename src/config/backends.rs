@@ -35,6 +35,9 @@ pub enum BackendKind {
     Openai,
     /// A GGUF model run in-process with candle (no other server).
     Embedded,
+    /// Anthropic's Messages API (`{base_url}/messages`, e.g. `https://api.anthropic.com/v1`):
+    /// chat requests are translated to it and its answers back.
+    Anthropic,
 }
 
 /// One upstream model.
@@ -47,7 +50,8 @@ pub struct BackendConfig {
     pub kind: BackendKind,
     /// `local` or `cloud`.
     pub role: Role,
-    /// Base URL including the version prefix, e.g. `https://api.openai.com/v1` (`openai` only).
+    /// Base URL including the version prefix, e.g. `https://api.openai.com/v1` or
+    /// `https://api.anthropic.com/v1` (`openai`, `anthropic`).
     #[serde(default)]
     pub base_url: Option<Url>,
     /// The model name sent upstream (`openai`), or the catalog model to load (`embedded`).
@@ -71,9 +75,13 @@ pub struct BackendConfig {
     /// `embedded`: default and ceiling of `max_tokens`.
     #[serde(default = "default_max_tokens")]
     pub max_tokens: usize,
-    /// Environment variable holding the upstream API key; none means no Authorization header.
+    /// Environment variable holding the upstream API key; none means no Authorization header
+    /// (`x-api-key` for `anthropic`).
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// `anthropic`: the `anthropic-version` header; default `2023-06-01`.
+    #[serde(default)]
+    pub anthropic_version: Option<String>,
     /// Total parameter count of the model (for compute metering).
     pub parameters: f64,
     /// Parameters active per token (mixture-of-experts); defaults to `parameters`.
@@ -235,6 +243,7 @@ pub(super) fn default_backends() -> Vec<BackendConfig> {
             base_url: None,
             model: "gemma-3-270m".to_owned(),
             api_key_env: None,
+            anthropic_version: None,
             // Gemma 3 270M: 268M parameters (Google's Gemma 3 model card).
             parameters: 268e6,
             active_parameters: None,
@@ -268,6 +277,7 @@ pub(super) fn default_backends() -> Vec<BackendConfig> {
             base_url: Some(parse("https://api.openai.com/v1")),
             model: "gpt-4.1".to_owned(),
             api_key_env: Some("OPENAI_API_KEY".to_owned()),
+            anthropic_version: None,
             // OpenAI publishes no parameter count. Assumption: the IPW paper's cloud reference,
             // Qwen3-235B-A22B (235B total, 22B active; arXiv 2511.07885). Set your own.
             parameters: 235e9,
@@ -344,7 +354,13 @@ impl BackendConfig {
                     "is required for kind = \"openai\"",
                 ))
             }
-            (BackendKind::Openai, Some(url)) => {
+            (BackendKind::Anthropic, None) => {
+                return Err(invalid(
+                    key("base_url"),
+                    "is required for kind = \"anthropic\" (Anthropic's own API: \"https://api.anthropic.com/v1\")",
+                ))
+            }
+            (BackendKind::Openai | BackendKind::Anthropic, Some(url)) => {
                 if !matches!(url.scheme(), "http" | "https") {
                     return Err(invalid(
                         key("base_url"),

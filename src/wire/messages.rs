@@ -183,11 +183,13 @@ fn system_text(value: &Value) -> Result<String, ApiError> {
                             ))
                         }
                     },
-                    _ => return Err(ApiError::invalid_request(format!(
+                    _ => {
+                        return Err(ApiError::invalid_request(format!(
                         "`{param}` must be a text block (`{{\"type\": \"text\", \"text\": ...}}`)."
                     ))
-                    .with_param(&param)
-                    .with_code("invalid_value")),
+                        .with_param(&param)
+                        .with_code("invalid_value"))
+                    }
                 }
             }
             Ok(text)

@@ -195,6 +195,7 @@ impl ScriptedUpstream {
         let addr = listener.local_addr()?;
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/messages", post(messages))
             .route("/v1/models", get(models))
             .with_state(shared.clone());
         let task = tokio::spawn(async move {
@@ -240,6 +241,18 @@ async fn models(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let (behavior, body) = take(&shared, "/v1/chat/completions", headers, &body);
+    respond(&shared.name, &body, behavior).await
+}
+
+/// `POST /v1/messages`: the same script, answered in Anthropic's Messages protocol.
+async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let (behavior, body) = take(&shared, "/v1/messages", headers, &body);
+    respond_messages(&shared.name, &body, behavior).await
+}
+
+/// The next scripted behaviour, and the request recorded.
+fn take(shared: &Shared, path: &str, headers: HeaderMap, body: &[u8]) -> (Behavior, Value) {
     let n = shared.next.fetch_add(1, Ordering::SeqCst);
     let len = shared.script.len();
     let behavior = shared.script[if shared.cycle {
@@ -248,17 +261,144 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         n.min(len - 1)
     }]
     .clone();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     if shared.record {
         if let Ok(mut r) = shared.requests.lock() {
             r.push(RecordedRequest {
-                path: "/v1/chat/completions".to_owned(),
+                path: path.to_owned(),
                 headers,
                 body: body.clone(),
             });
         }
     }
-    respond(&shared.name, &body, behavior).await
+    (behavior, body)
+}
+
+/// One named SSE event of Anthropic's protocol.
+fn event(name: &str, data: Value) -> String {
+    format!("event: {name}\ndata: {data}\n\n")
+}
+
+/// A reply in Anthropic's Messages protocol: a message, or its event stream (one text delta
+/// per word; input tokens are the prompt's words, system included, output tokens the reply's).
+/// A truncated stream stops after `chunks` deltas; an in-band error is an `error` event.
+async fn respond_messages(model: &str, request: &Value, behavior: Behavior) -> Response {
+    let mut behavior = behavior;
+    while let Behavior::Delay(d, inner) = behavior {
+        tokio::time::sleep(d).await;
+        behavior = *inner;
+    }
+    let stream = request.get("stream").and_then(Value::as_bool) == Some(true);
+    let system = match request.get("system") {
+        Some(Value::String(s)) => s.split_whitespace().count() as u64,
+        _ => 0,
+    };
+    let input = count_prompt_words(request) + system;
+    let eight = || "one two three four five six seven eight".to_owned();
+    let stall = matches!(behavior, Behavior::StalledStream { .. });
+    let (content, cut, error) = match behavior {
+        Behavior::Reply(content) => (content, usize::MAX, None),
+        Behavior::Confident { content, .. } => (content, usize::MAX, None),
+        Behavior::TruncatedStream { chunks } | Behavior::StalledStream { chunks } => {
+            (eight(), chunks, None)
+        }
+        Behavior::InBandError { chunks, message } => (eight(), chunks, Some(message)),
+        Behavior::Status {
+            status,
+            body,
+            retry_after,
+        } => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = (code, axum::Json(body)).into_response();
+            if let Some(v) = retry_after.and_then(|v| v.parse().ok()) {
+                response.headers_mut().insert("retry-after", v);
+            }
+            return response;
+        }
+        Behavior::Garbage => return (StatusCode::OK, "<html>not json</html>").into_response(),
+        Behavior::Oversize { .. } | Behavior::Delay(..) => {
+            return (
+                StatusCode::NOT_IMPLEMENTED,
+                "not scripted for the Messages protocol",
+            )
+                .into_response()
+        }
+    };
+    let words: Vec<&str> = content.split_whitespace().collect();
+    let output = words.len() as u64;
+    if !stream {
+        return axum::Json(json!({
+            "id": "msg_testkit", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": content}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": output}
+        }))
+        .into_response();
+    }
+    let mut frames = vec![
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": {
+            "id": "msg_testkit", "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": 1}}}),
+        ),
+        event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}}),
+        ),
+        event("ping", json!({"type": "ping"})),
+    ];
+    for (i, w) in words.iter().enumerate().take(cut) {
+        let text = if i == 0 {
+            (*w).to_owned()
+        } else {
+            format!(" {w}")
+        };
+        frames.push(event(
+            "content_block_delta",
+            json!({"type": "content_block_delta",
+            "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        ));
+    }
+    if let Some(message) = error {
+        frames.push(event(
+            "error",
+            json!({"type": "error",
+            "error": {"type": "overloaded_error", "message": message}}),
+        ));
+        return sse(frames);
+    }
+    if cut < words.len() {
+        // Truncated: the frames so far, then the end of the body (or, stalled, silence).
+        let body = futures::stream::iter(
+            frames
+                .into_iter()
+                .map(|f| Ok::<_, std::convert::Infallible>(Bytes::from(f))),
+        );
+        let body = if stall {
+            Body::from_stream(body.chain(futures::stream::pending()))
+        } else {
+            Body::from_stream(body)
+        };
+        return Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(body)
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    frames.push(event(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    frames.push(event(
+        "message_delta",
+        json!({"type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+        "usage": {"output_tokens": output}}),
+    ));
+    frames.push(event("message_stop", json!({"type": "message_stop"})));
+    sse(frames)
 }
 
 async fn respond(model: &str, request: &Value, behavior: Behavior) -> Response {
