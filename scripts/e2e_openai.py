@@ -1,15 +1,21 @@
 """End-to-end checks of a running wattgate with the official `openai` Python package.
 
-Usage: e2e_openai.py BASE_URL FALLBACK_URL
+Usage: e2e_openai.py BASE_URL FALLBACK_URL MINILM_DIR
   BASE_URL      the gateway configured by scripts/e2e_openai_python.sh (local and cloud upstreams)
   FALLBACK_URL  a gateway whose local upstream fails every request
+  MINILM_DIR    all-MiniLM-L6-v2's files (scripts/fetch_minilm.sh), for the numpy reference
 Prints one line per check and a closing "N passed, M failed" line; exits 1 on any failure.
 """
+import math
 import sys
+from pathlib import Path
 
 import openai
 
-base_url, fallback_url = sys.argv[1], sys.argv[2]
+sys.path.insert(0, str(Path(__file__).parent))
+from minilm_reference import MiniLM  # noqa: E402
+
+base_url, fallback_url, minilm_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 client = openai.OpenAI(base_url=base_url, api_key="unused-by-the-gateway", max_retries=0)
 fallback = openai.OpenAI(base_url=fallback_url, api_key="unused-by-the-gateway", max_retries=0)
 results = []
@@ -74,7 +80,7 @@ def pinned_cloud():
 
 def models_list():
     ids = [m.id for m in client.models.list()]
-    assert ids == ["auto", "local", "cloud"], ids
+    assert ids == ["auto", "local", "cloud", "all-minilm-l6-v2"], ids
 
 
 def unknown_model_is_not_found():
@@ -158,6 +164,50 @@ def responses_fall_back_to_the_cloud():
     assert final.output_text == "cloud says hello", final
 
 
+def cosine(a, b):
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def embeddings():
+    texts = [
+        "A man is playing a guitar.",
+        "Someone is playing the guitar.",
+        "The central bank raised interest rates again.",
+    ]
+    # The SDK asks for base64 unless told otherwise, and decodes it.
+    raw = client.embeddings.with_raw_response.create(model="all-minilm-l6-v2", input=texts)
+    reply = raw.parse()
+    vectors = [d.embedding for d in reply.data]
+    assert [len(v) for v in vectors] == [384, 384, 384], [len(v) for v in vectors]
+    same, other = cosine(vectors[0], vectors[1]), cosine(vectors[0], vectors[2])
+    assert same > other, (same, other)
+    reference = MiniLM(minilm_dir).embed(texts)
+    worst = max(abs(a - b) for v, r in zip(vectors, reference) for a, b in zip(v, r))
+    assert worst < 1e-4, f"largest difference from the numpy reference: {worst}"
+    tokens = sum(len(MiniLM.tokens(minilm_dir, t)) for t in texts)
+    assert reply.usage.prompt_tokens == tokens, (reply.usage, tokens)
+    assert raw.headers["x-wattgate-energy"] in ("measured", "estimated"), dict(raw.headers)
+    assert float(raw.headers["x-wattgate-energy-joules"]) >= 0
+    floats = client.embeddings.create(model="all-minilm-l6-v2", input=texts[0], encoding_format="float")
+    assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, vectors[0])) < 1e-6
+    print(f"      cosine paraphrase {same:.4f} > unrelated {other:.4f}; max |wattgate - numpy| = {worst:.2e}")
+
+
+def embeddings_refusals():
+    try:
+        client.embeddings.create(model="all-minilm-l6-v2", input="x", dimensions=256)
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "dimensions", e.body
+    else:
+        raise AssertionError("dimensions=256 accepted by a 384-dimension model")
+    try:
+        client.embeddings.create(model="auto", input="x")
+    except openai.NotFoundError as e:
+        assert e.body["code"] == "model_not_found", e.body
+        return
+    raise AssertionError("a chat model embedded")
+
+
 for name, fn in [
     ("non-streaming completion, routed local, headers", non_streaming),
     ("streaming completion with include_usage", streaming_with_usage),
@@ -171,6 +221,8 @@ for name, fn in [
     ("responses previous_response_id, unknown id, store=False", responses_follow_up),
     ("responses with tools -> BadRequestError naming tools", responses_tools_refused),
     ("responses fall back from a failing local to the cloud", responses_fall_back_to_the_cloud),
+    ("embeddings: 384 dims, paraphrases closer, equal to a numpy reference to 1e-4", embeddings),
+    ("embeddings: dimensions refused, chat model not found", embeddings_refusals),
 ]:
     check(name, fn)
 

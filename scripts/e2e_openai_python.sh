@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end check with the official Python `openai` and `anthropic` packages: starts scripted
 # upstreams (local, cloud, and a local that fails every request) and two real gateways on
-# loopback (one of them falls back), then runs scripts/e2e_openai.py (chat and Responses) and
+# loopback (one of them falls back), then runs scripts/e2e_openai.py (chat, Responses and
+# embeddings, the last against scripts/minilm_reference.py) and
 # scripts/e2e_anthropic.py (Messages) against them.
 #
 #   scripts/e2e_openai_python.sh
@@ -50,7 +51,9 @@ WATTGATE_LOG=error run_bg "$BIN/wattgate" serve --config "$work/fallback.toml"
 python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
 python3 scripts/wait_http.py "http://127.0.0.1:$FB_PORT/healthz" 20
 
-"$VENV/bin/python" scripts/e2e_openai.py "http://127.0.0.1:$GW_PORT/v1" "http://127.0.0.1:$FB_PORT/v1"
+# The embeddings check compares the gateway's vectors with a numpy reference on the same files.
+MINILM_DIR=$(scripts/fetch_minilm.sh)
+"$VENV/bin/python" scripts/e2e_openai.py "http://127.0.0.1:$GW_PORT/v1" "http://127.0.0.1:$FB_PORT/v1" "$MINILM_DIR"
 "$VENV/bin/python" scripts/e2e_anthropic.py "http://127.0.0.1:$GW_PORT" "http://127.0.0.1:$FB_PORT"
 
 # The embedded model's logprobs, through a second gateway whose only backend is the embedded

@@ -3,8 +3,8 @@
 #   $work            a temporary folder, removed on exit
 #   run_bg CMD...    starts CMD in the background; every such process is killed on exit
 #   free_port        prints a free TCP port on 127.0.0.1
-#   openai_venv      makes target/e2e-venv with the official `openai` and `anthropic` packages;
-#                    sets $VENV
+#   openai_venv      makes target/e2e-venv with the official `openai` and `anthropic` packages
+#                    (and numpy + tokenizers for the embeddings reference); sets $VENV
 work=$(mktemp -d)
 _wattgate_pids=()
 _wattgate_cleanup() {
@@ -20,7 +20,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 openai_venv() {
   VENV=target/e2e-venv
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'openai>=1.66,<3' 'anthropic>=0.40,<1'
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'openai>=1.66,<3' 'anthropic>=0.40,<1' \
+    'numpy>=1.26' 'tokenizers>=0.19'
 }
 
 # wrk_json LABEL CONNECTIONS PORT

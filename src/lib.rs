@@ -7,6 +7,7 @@
 
 pub mod backends;
 pub mod config;
+pub mod embeddings;
 pub mod error;
 pub mod experiments;
 pub mod gateway;

@@ -123,6 +123,14 @@ pub struct Metrics {
     pub ledger_catchups: prometheus::IntCounter,
     /// Router reloads (`POST /v1/router/reload`, SIGHUP), by result (`ok`, `refused`).
     pub router_reloads: IntCounterVec,
+    /// `/v1/embeddings` requests, by model and outcome (`ok`, `error`).
+    pub embeddings_requests: IntCounterVec,
+    /// Tokens embedded, by model.
+    pub embeddings_tokens: IntCounterVec,
+    /// Joules charged to embeddings requests, by model and energy source.
+    pub embeddings_energy: CounterVec,
+    /// What the embedded tokens would have cost at the configured cloud price, by model.
+    pub embeddings_counterfactual_cost: CounterVec,
 }
 
 impl Metrics {
@@ -354,6 +362,26 @@ impl Metrics {
                 "wattgate_rejected_requests_total",
                 "Requests refused before any backend, by reason (unauthorized|forbidden|rate_limited_requests|rate_limited_tokens|too_many_concurrent).",
                 &["reason"],
+            )?,
+            embeddings_requests: counter(
+                "wattgate_embeddings_requests_total",
+                "POST /v1/embeddings requests, by model and outcome (ok|error).",
+                &["model", "outcome"],
+            )?,
+            embeddings_tokens: counter(
+                "wattgate_embeddings_tokens_total",
+                "Tokens embedded (word pieces, [CLS] and [SEP] included, for the embedded encoder; the upstream's count for a passed-through model), by model.",
+                &["model"],
+            )?,
+            embeddings_energy: float_counter(
+                "wattgate_embeddings_energy_joules_total",
+                "Joules charged to embeddings requests served in-process, by model and energy source (measured: nvml|rapl; estimated: estimate).",
+                &["model", "source"],
+            )?,
+            embeddings_counterfactual_cost: float_counter(
+                "wattgate_embeddings_counterfactual_cost_dollars_total",
+                "What the embedded tokens would have cost at the model's cloud_usd_per_million_tokens (an estimate from a published price), by model.",
+                &["model"],
             )?,
             router_reloads: counter(
                 "wattgate_router_reloads_total",

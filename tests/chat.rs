@@ -187,8 +187,22 @@ async fn models_lists_the_alias_and_every_backend() {
     let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
     let list = gw.openai().models().list().await.expect("models");
     let ids: Vec<&str> = list.data.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids, ["auto", "local", "cloud"]);
+    assert_eq!(ids, ["auto", "local", "cloud", "all-minilm-l6-v2"]);
     assert_eq!(list.data[2].owned_by, "wattgate-cloud");
+    assert_eq!(list.data[3].owned_by, "wattgate-embeddings");
+    let raw: serde_json::Value = reqwest::get(gw.url("/v1/models"))
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("JSON");
+    let kinds: Vec<&str> = raw["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["chat", "chat", "chat", "embeddings"]);
     let one = gw
         .openai()
         .models()

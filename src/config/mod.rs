@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 mod auth;
 mod backends;
+mod embeddings;
 mod experiments;
 mod guard;
 mod ledger;
@@ -27,6 +28,8 @@ mod server;
 pub use auth::{AuthConfig, ClientKeyConfig};
 use backends::default_backends;
 pub use backends::{BackendConfig, BackendKind, ConfidenceSource, PromptStyle, Role};
+use embeddings::default_embeddings;
+pub use embeddings::{EmbeddingsConfig, EmbeddingsKind};
 pub use experiments::{ArmConfig, ExperimentConfig, ExperimentUnit, ShadowConfig};
 pub use guard::{
     GuardConfig, GuardMode, GuardStream, DEFAULT_MAX_QUALITY_LOSS, DEFAULT_RULE_THRESHOLD,
@@ -49,6 +52,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Upstream models, in order of preference within their role.
     pub backends: Vec<BackendConfig>,
+    /// The models `POST /v1/embeddings` serves (`[[embeddings]]`).
+    pub embeddings: Vec<EmbeddingsConfig>,
     /// Where model weights are cached and how they are fetched.
     pub models: ModelsConfig,
     /// How energy, compute and money are measured and priced.
@@ -75,6 +80,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             routing: RoutingConfig::default(),
             backends: default_backends(),
+            embeddings: default_embeddings(),
             models: ModelsConfig::default(),
             metering: MeteringConfig::default(),
             ledger: LedgerConfig::default(),
@@ -167,6 +173,18 @@ impl Config {
         self.routing.validate(&self.backends)?;
         for (i, b) in self.backends.iter().enumerate() {
             b.validate(i, &self.backends[..i], &self.routing.alias)?;
+        }
+        for (i, e) in self.embeddings.iter().enumerate() {
+            e.validate(i, &self.embeddings[..i])?;
+            if self.backends.iter().any(|b| b.name == e.name) || e.name == self.routing.alias {
+                return Err(invalid(
+                    format!("embeddings[{i}].name"),
+                    format!(
+                        "\"{}\" is already a chat backend or the routing alias",
+                        e.name
+                    ),
+                ));
+            }
         }
         self.validate_metering()?;
         self.ledger.validate()?;

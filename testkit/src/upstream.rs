@@ -196,6 +196,7 @@ impl ScriptedUpstream {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/messages", post(messages))
+            .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
             .with_state(shared.clone());
         let task = tokio::spawn(async move {
@@ -249,6 +250,40 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
 async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let (behavior, body) = take(&shared, "/v1/messages", headers, &body);
     respond_messages(&shared.name, &body, behavior).await
+}
+
+/// `POST /v1/embeddings`: one 3-dimensional vector per input (`[i, words, 1]`), usage counting
+/// words; a `Status` behaviour answers its status instead.
+async fn embeddings(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (behavior, body) = take(&shared, "/v1/embeddings", headers, &body);
+    if let Behavior::Status { status, body, .. } = behavior {
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (code, axum::Json(body)).into_response();
+    }
+    let inputs: Vec<String> = match body.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().unwrap_or("").to_owned())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let words: usize = inputs.iter().map(|t| t.split_whitespace().count()).sum();
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"object": "embedding", "index": i,
+            "embedding": [i as f64, t.split_whitespace().count() as f64, 1.0]})
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data, "model": shared.name,
+        "usage": {"prompt_tokens": words, "total_tokens": words}}))
+    .into_response()
 }
 
 /// The next scripted behaviour, and the request recorded.

@@ -1,0 +1,548 @@
+//! `POST /v1/embeddings`: vectors from an encoder run in-process (all-MiniLM-L6-v2 by default,
+//! fetched and loaded on the first request) or from an OpenAI-compatible upstream, metered like
+//! chat: the joules the encoder was charged, and what the same tokens cost at a cloud price.
+//!
+//! Embeddings are not routed: a vector space is a property of its model, so a client's vectors
+//! are only comparable when one model made all of them. The client names the model; the
+//! gateway never swaps it.
+
+pub mod encoder;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tokio::sync::{OnceCell, Semaphore};
+
+use crate::config::{Config, EmbeddingsConfig, EmbeddingsKind};
+use crate::error::ApiError;
+use crate::metering::{Metering, Tokens};
+use crate::metrics::Metrics;
+use crate::models::pull::PipOptions;
+use crate::models::{find_encoder, pull_encoder, EncoderSpec};
+use encoder::Encoder;
+
+/// OpenAI's limit on inputs per embeddings request (its API reference, `input`).
+pub const MAX_INPUTS: usize = 2048;
+
+/// The configured embeddings models.
+pub struct Embeddings {
+    models: Vec<Model>,
+    metering: Arc<Metering>,
+    metrics: Arc<Metrics>,
+}
+
+struct Model {
+    config: EmbeddingsConfig,
+    serve: Serve,
+}
+
+enum Serve {
+    Embedded {
+        spec: Box<EncoderSpec>,
+        cache_dir: Option<PathBuf>,
+        pip: PipOptions,
+        encoder: OnceCell<Arc<Encoder>>,
+        /// One encoding at a time: candle already spreads one batch over every core.
+        busy: Arc<Semaphore>,
+    },
+    Upstream {
+        client: reqwest::Client,
+        url: String,
+        key: Result<Option<String>, String>,
+    },
+}
+
+/// One input, as the client sent it.
+enum Input {
+    Text(String),
+    Ids(Vec<u64>),
+}
+
+/// What an embeddings request produced.
+pub struct Served {
+    /// The OpenAI-shaped body.
+    pub body: Bytes,
+    /// The model's configured name.
+    pub model: String,
+    /// Joules charged (in-process only) and what kind of figure it is.
+    pub joules: Option<(f64, &'static str)>,
+}
+
+impl Embeddings {
+    /// The models of `[[embeddings]]`; nothing is fetched or loaded until a request needs it.
+    pub fn new(
+        config: &Config,
+        metering: Arc<Metering>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let mut models = Vec::with_capacity(config.embeddings.len());
+        for c in &config.embeddings {
+            let serve = match c.kind {
+                EmbeddingsKind::Embedded => Serve::Embedded {
+                    spec: Box::new(find_encoder(&c.model).ok_or_else(|| {
+                        anyhow::anyhow!("embeddings `{}`: unknown encoder {}", c.name, c.model)
+                    })?),
+                    cache_dir: config.models.cache_dir.clone(),
+                    pip: PipOptions::from_config(&config.models),
+                    encoder: OnceCell::new(),
+                    busy: Arc::new(Semaphore::new(1)),
+                },
+                EmbeddingsKind::Openai => {
+                    let base = c
+                        .base_url
+                        .as_ref()
+                        .map(|u| u.as_str().trim_end_matches('/').to_owned())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("embeddings `{}` has no base_url", c.name)
+                        })?;
+                    let key = match &c.api_key_env {
+                        None => Ok(None),
+                        Some(var) => match std::env::var(var) {
+                            Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_owned())),
+                            _ => Err(format!(
+                                "environment variable {var} (its api_key_env) is not set"
+                            )),
+                        },
+                    };
+                    Serve::Upstream {
+                        client: reqwest::Client::builder()
+                            .timeout(Duration::from_secs_f64(c.timeout_s))
+                            .build()?,
+                        url: format!("{base}/embeddings"),
+                        key,
+                    }
+                }
+            };
+            models.push(Model {
+                config: c.clone(),
+                serve,
+            });
+        }
+        Ok(Self {
+            models,
+            metering,
+            metrics,
+        })
+    }
+
+    /// The configured model names, for `/v1/models`.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.models.iter().map(|m| m.config.name.as_str())
+    }
+
+    /// Serves one embeddings request body.
+    pub async fn embed(&self, body: &[u8]) -> Result<Served, ApiError> {
+        let request = parse(body)?;
+        let model_name = request
+            .get("model")
+            .and_then(Value::as_str)
+            .ok_or_else(|| missing("model", "is required"))?;
+        let Some(model) = self.models.iter().find(|m| m.config.name == model_name) else {
+            let names: Vec<&str> = self.names().collect();
+            let mut e = ApiError::model_not_found(model_name, &names);
+            e.message = format!(
+                "{} (Embeddings models are configured in [[embeddings]]; chat models cannot embed.)",
+                e.message
+            );
+            return Err(e);
+        };
+        let name = model.config.name.clone();
+        let result = match &model.serve {
+            Serve::Embedded {
+                spec,
+                cache_dir,
+                pip,
+                encoder,
+                busy,
+            } => {
+                let encoder = encoder
+                    .get_or_try_init(|| load((**spec).clone(), cache_dir.clone(), pip.clone()))
+                    .await?
+                    .clone();
+                self.embedded(model, encoder, busy.clone(), &request).await
+            }
+            Serve::Upstream { client, url, key } => {
+                self.upstream(model, client, url, key, request).await
+            }
+        };
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .embeddings_requests
+            .with_label_values(&[name.as_str(), outcome])
+            .inc();
+        result
+    }
+
+    async fn embedded(
+        &self,
+        model: &Model,
+        encoder: Arc<Encoder>,
+        busy: Arc<Semaphore>,
+        request: &serde_json::Map<String, Value>,
+    ) -> Result<Served, ApiError> {
+        let base64 = encoding_format(request)?;
+        if let Some(d) = request.get("dimensions").filter(|d| !d.is_null()) {
+            if d.as_u64() != Some(encoder.dimensions() as u64) {
+                return Err(ApiError::invalid_request(format!(
+                    "`dimensions`: {} makes {}-dimensional vectors and cannot shorten them; omit `dimensions` or send {}.",
+                    model.config.name,
+                    encoder.dimensions(),
+                    encoder.dimensions()
+                ))
+                .with_param("dimensions")
+                .with_code("unsupported_dimensions"));
+            }
+        }
+        let inputs = inputs(request)?;
+        let mut tokenized = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.iter().enumerate() {
+            tokenized.push(match input {
+                Input::Text(t) => encoder.tokenize(t).map_err(ApiError::internal)?,
+                Input::Ids(ids) => encoder.wrap_ids(ids).map_err(|bad| {
+                    ApiError::invalid_request(format!(
+                        "`input[{i}]` holds token id {bad}, outside {}'s vocabulary of {} word pieces.",
+                        model.config.name,
+                        encoder.vocab()
+                    ))
+                    .with_param("input")
+                    .with_code("invalid_value")
+                })?,
+            });
+        }
+        let tokens: u64 = tokenized.iter().map(|t| t.len() as u64).sum();
+        let _permit = busy
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::internal("the encoder's queue closed"))?;
+        let ticket = self.metering.begin();
+        let batch = model.config.max_batch;
+        let run = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(tokenized.len());
+            for chunk in tokenized.chunks(batch) {
+                out.extend(encoder.embed(chunk)?);
+            }
+            Ok::<_, String>(out)
+        })
+        .await;
+        let bill = self.metering.end(
+            ticket,
+            usize::MAX,
+            Tokens {
+                input: tokens,
+                output: 0,
+            },
+        );
+        let vectors = match run {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(ApiError::internal(format!("Embedding failed: {e}."))),
+            Err(e) => return Err(ApiError::internal(format!("The encoder task failed: {e}."))),
+        };
+        let name = model.config.name.as_str();
+        let source = self.metering.source();
+        self.metrics
+            .embeddings_tokens
+            .with_label_values(&[name])
+            .inc_by(tokens);
+        self.metrics
+            .embeddings_energy
+            .with_label_values(&[name, source.as_str()])
+            .inc_by(bill.local_joules);
+        self.metrics
+            .embeddings_counterfactual_cost
+            .with_label_values(&[name])
+            .inc_by(tokens as f64 * model.config.cloud_usd_per_million_tokens / 1e6);
+        let data: Vec<Value> = vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let embedding = if base64 {
+                    json!(base64_f32(v))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": embedding})
+            })
+            .collect();
+        let body = json!({"object": "list", "data": data, "model": name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
+        Ok(Served {
+            body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+            model: name.to_owned(),
+            joules: Some((
+                bill.local_joules,
+                if source.is_measured() {
+                    "measured"
+                } else {
+                    "estimated"
+                },
+            )),
+        })
+    }
+
+    async fn upstream(
+        &self,
+        model: &Model,
+        client: &reqwest::Client,
+        url: &str,
+        key: &Result<Option<String>, String>,
+        mut request: serde_json::Map<String, Value>,
+    ) -> Result<Served, ApiError> {
+        let name = model.config.name.as_str();
+        let key = key.as_ref().map_err(|why| {
+            ApiError::unavailable(
+                format!("Embeddings model `{name}` is not usable: {why}."),
+                "backend_not_configured",
+            )
+        })?;
+        request.insert("model".into(), json!(model.config.model));
+        let mut builder = client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(&request).unwrap_or_default());
+        if let Some(key) = key {
+            builder = builder.bearer_auth(key);
+        }
+        let response = builder.send().await.map_err(|e| {
+            if e.is_timeout() {
+                ApiError::gateway_timeout(format!(
+                    "Embeddings upstream of `{name}` did not answer within {} s (timeout_s).",
+                    model.config.timeout_s
+                ))
+            } else {
+                ApiError::bad_gateway(
+                    format!("Embeddings upstream of `{name}` is unreachable: {e}."),
+                    "upstream_unreachable",
+                )
+            }
+        })?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| {
+            ApiError::bad_gateway(
+                format!("Embeddings upstream of `{name}` broke off: {e}."),
+                "upstream_unreachable",
+            )
+        })?;
+        if !status.is_success() {
+            let message = crate::wire::upstream_error_message(&body)
+                .and_then(|e| e.message)
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(300).collect());
+            let e = if matches!(status.as_u16(), 400 | 404 | 413 | 422 | 429) {
+                ApiError::relayed(
+                    status,
+                    if status.as_u16() == 429 {
+                        "rate_limit_error"
+                    } else {
+                        "invalid_request_error"
+                    },
+                    format!("Embeddings upstream of `{name}` rejected the request ({status}): {message}"),
+                )
+            } else {
+                ApiError::bad_gateway(
+                    format!("Embeddings upstream of `{name}` failed with HTTP {status}: {message}"),
+                    &format!("upstream_http_{}", status.as_u16()),
+                )
+            };
+            return Err(e);
+        }
+        let tokens = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.pointer("/usage/prompt_tokens").and_then(Value::as_u64))
+            .unwrap_or(0);
+        self.metrics
+            .embeddings_tokens
+            .with_label_values(&[name])
+            .inc_by(tokens);
+        Ok(Served {
+            body,
+            model: name.to_owned(),
+            joules: None,
+        })
+    }
+}
+
+/// Fetches (when missing) and loads an encoder, off the async runtime.
+async fn load(
+    spec: EncoderSpec,
+    cache_dir: Option<PathBuf>,
+    pip: PipOptions,
+) -> Result<Arc<Encoder>, ApiError> {
+    let name = spec.name;
+    let loaded = tokio::task::spawn_blocking(move || {
+        let cache = crate::models::ModelCache::new(cache_dir.as_deref())
+            .map_err(|e| format!("the model cache: {e}"))?;
+        tracing::info!(
+            encoder = spec.name,
+            "fetching and verifying the encoder in {}",
+            cache.dir().display()
+        );
+        let dir = pull_encoder(&spec, cache.dir(), &pip).map_err(|e| e.to_string())?;
+        let started = std::time::Instant::now();
+        let encoder = Encoder::load(&dir, &spec)?;
+        tracing::info!(
+            encoder = spec.name,
+            seconds = started.elapsed().as_secs_f64(),
+            "encoder loaded"
+        );
+        Ok::<_, String>(Arc::new(encoder))
+    })
+    .await;
+    match loaded {
+        Ok(Ok(e)) => Ok(e),
+        Ok(Err(why)) => {
+            tracing::error!(encoder = name, "encoder could not be loaded: {why}");
+            Err(ApiError::unavailable(
+                format!(
+                    "The encoder {name} could not be loaded (the next request tries again): {why}"
+                ),
+                "model_unavailable",
+            ))
+        }
+        Err(e) => Err(ApiError::internal(format!(
+            "The encoder load task failed: {e}."
+        ))),
+    }
+}
+
+fn parse(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_request(format!("Could not parse the JSON body: {e}."))
+            .with_code("invalid_json")
+    })?;
+    match value {
+        Value::Object(o) => Ok(o),
+        other => Err(ApiError::invalid_request(format!(
+            "The request body must be a JSON object, got {}.",
+            crate::wire::type_name(&other)
+        ))
+        .with_code("invalid_json")),
+    }
+}
+
+fn missing(param: &str, problem: &str) -> ApiError {
+    ApiError::invalid_request(format!("`{param}` {problem}."))
+        .with_param(param)
+        .with_code("invalid_value")
+}
+
+/// `encoding_format`: true for base64.
+fn encoding_format(request: &serde_json::Map<String, Value>) -> Result<bool, ApiError> {
+    match request.get("encoding_format") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::String(f)) if f == "float" => Ok(false),
+        Some(Value::String(f)) if f == "base64" => Ok(true),
+        Some(_) => Err(ApiError::invalid_request(
+            "`encoding_format` must be \"float\" or \"base64\".",
+        )
+        .with_param("encoding_format")
+        .with_code("invalid_value")),
+    }
+}
+
+/// `input`: a string, an array of strings, an array of token ids, or an array of those.
+fn inputs(request: &serde_json::Map<String, Value>) -> Result<Vec<Input>, ApiError> {
+    let bad = |what: &str| {
+        ApiError::invalid_request(format!(
+            "`input` {what}; it must be a string, an array of strings, an array of token ids, or an array of token-id arrays."
+        ))
+        .with_param("input")
+        .with_code("invalid_value")
+    };
+    let ids = |v: &Vec<Value>| -> Option<Vec<u64>> { v.iter().map(Value::as_u64).collect() };
+    let list = match request.get("input") {
+        None | Some(Value::Null) => return Err(missing("input", "is required")),
+        Some(Value::String(s)) => return Ok(vec![Input::Text(s.clone())]),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(bad("has the wrong type")),
+    };
+    if list.is_empty() {
+        return Err(bad("is empty"));
+    }
+    if list.len() > MAX_INPUTS {
+        return Err(bad(&format!(
+            "has {} items, more than the {MAX_INPUTS} one request may hold",
+            list.len()
+        )));
+    }
+    if list.iter().all(Value::is_number) {
+        return ids(list)
+            .map(|ids| vec![Input::Ids(ids)])
+            .ok_or_else(|| bad("holds a number that is not a token id (a non-negative integer)"));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::String(s) => Ok(Input::Text(s.clone())),
+            Value::Array(a) if !a.is_empty() => ids(a)
+                .map(Input::Ids)
+                .ok_or_else(|| bad(&format!("item {i} holds something other than token ids"))),
+            _ => Err(bad(&format!(
+                "item {i} is neither a string nor a token-id array"
+            ))),
+        })
+        .collect()
+}
+
+/// Little-endian f32 bytes in standard base64, as OpenAI's `encoding_format: "base64"`.
+fn base64_f32(v: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (k, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            if k <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard_alphabet_and_padding() {
+        // 1.0f32 = 00 00 80 3f
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32(&[1.0, -2.0]), "AACAPwAAAMA=");
+    }
+
+    fn input_of(v: Value) -> Result<Vec<Input>, ApiError> {
+        inputs(json!({ "input": v }).as_object().unwrap())
+    }
+
+    #[test]
+    fn every_input_form_reads_and_wrong_ones_name_input() {
+        assert_eq!(input_of(json!("a")).unwrap().len(), 1);
+        assert_eq!(input_of(json!(["a", "b"])).unwrap().len(), 2);
+        assert!(
+            matches!(&input_of(json!([1, 2, 3])).unwrap()[..], [Input::Ids(ids)] if ids == &[1, 2, 3])
+        );
+        assert_eq!(input_of(json!([[1, 2], [3]])).unwrap().len(), 2);
+        for bad in [
+            json!([]),
+            json!([1.5]),
+            json!([-1]),
+            json!([{}]),
+            json!(3),
+            json!([[]]),
+        ] {
+            let e = input_of(bad.clone())
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert_eq!(e.param.as_deref(), Some("input"), "{bad}");
+        }
+    }
+}
