@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
+use support::apis::Api;
 use support::{backend, header, Gateway};
 use wattgate::ledger::Ledger;
 use wattgate_testkit::{Behavior, ScriptedUpstream};
@@ -45,35 +46,12 @@ async fn post(gw: &Gateway, path: &str, body: &Value) -> (u16, reqwest::header::
     (status, headers, text)
 }
 
-/// The answer's text in each API's shape, whole or streamed.
-fn answer_text(path: &str, stream: bool, body: &str) -> String {
-    if !stream {
-        let v: Value = serde_json::from_str(body).expect("JSON answer");
-        let text = match path {
-            "/v1/chat/completions" => &v["choices"][0]["message"]["content"],
-            "/v1/responses" => &v["output"][0]["content"][0]["text"],
-            _ => &v["content"][0]["text"],
-        };
-        return text.as_str().unwrap_or_else(|| panic!("{v}")).to_owned();
+fn api_of(path: &str) -> Api {
+    match path {
+        "/v1/chat/completions" => Api::Chat,
+        "/v1/responses" => Api::Responses,
+        _ => Api::Messages,
     }
-    let mut out = String::new();
-    for frame in body.split("\n\n") {
-        let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data: ")) else {
-            continue;
-        };
-        if data == "[DONE]" {
-            continue;
-        }
-        let v: Value = serde_json::from_str(data).expect("event JSON");
-        let piece = match path {
-            "/v1/chat/completions" => v["choices"][0]["delta"]["content"].as_str(),
-            "/v1/responses" if v["type"] == "response.output_text.delta" => v["delta"].as_str(),
-            "/v1/messages" if v["type"] == "content_block_delta" => v["delta"]["text"].as_str(),
-            _ => None,
-        };
-        out.push_str(piece.unwrap_or_default());
-    }
-    out
 }
 
 fn body_for(path: &str, text: &str, stream: bool) -> Value {
@@ -121,7 +99,7 @@ async fn every_endpoint_falls_back_from_a_failing_local_to_an_anthropic_cloud() 
             assert_eq!(h("x-wattgate-reason"), "fallback_local_error");
             assert_eq!(h("x-wattgate-fallback-from"), "local");
             assert_eq!(
-                answer_text(path, stream, &body),
+                api_of(path).text_of(stream, &body),
                 "claude says hello",
                 "{path} {stream}"
             );
@@ -177,7 +155,7 @@ async fn an_overloaded_anthropic_529_is_retried_after_its_retry_after() {
     let started = Instant::now();
     let (status, _, body) = post(&gw, "/v1/messages", &body_for("/v1/messages", "hi", false)).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(answer_text("/v1/messages", false, &body), "fine now");
+    assert_eq!(Api::Messages.text_of(false, &body), "fine now");
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "waited its Retry-After"

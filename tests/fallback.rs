@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_openai::error::OpenAIError;
 use serde_json::json;
+use support::apis::{for_each_api, Api};
 use support::{backend, chat_body, expect_error, header, local_and_cloud, sample, Gateway};
 use wattgate_testkit::{refused_base_url, Behavior, ResetUpstream, ScriptedUpstream};
 
@@ -399,3 +400,191 @@ async fn a_client_that_disconnects_mid_stream_is_counted_as_cancelled() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// The rows above, per API: `/v1/responses` and `/v1/messages` (and chat again, through the
+// same helper) fall back, fail and break off mid-stream exactly as chat does, each in its own
+// shape. One module per scenario, one test per API (`support::apis::for_each_api`).
+
+/// Every local failure before the first byte is served by the cloud, whole and streamed.
+async fn every_local_failure_falls_back(api: Api) {
+    let slow = local_with(vec![Behavior::slow(Duration::from_secs(30), "too late")]).await;
+    let failing = [
+        (
+            local_with(vec![Behavior::server_error("model crashed")]).await,
+            "",
+            "fallback_local_error",
+        ),
+        (
+            local_with(vec![Behavior::rate_limited(1)]).await,
+            "",
+            "fallback_local_error",
+        ),
+        (
+            local_with(vec![Behavior::Garbage]).await,
+            "",
+            "fallback_local_error",
+        ),
+    ];
+    let reset = ResetUpstream::start().await.expect("reset upstream");
+    let refused = refused_base_url().expect("port");
+    let mut cases: Vec<(String, &str, &str)> = failing
+        .iter()
+        .map(|(u, extra, reason)| (u.base_url(), *extra, *reason))
+        .collect();
+    cases.push((reset.base_url(), "", "fallback_local_unreachable"));
+    cases.push((refused, "", "fallback_local_unreachable"));
+    cases.push((
+        slow.base_url(),
+        "first_byte_timeout_s = 0.3",
+        "fallback_local_timeout",
+    ));
+    for (url, extra, reason) in cases {
+        let cloud = cloud_ok().await;
+        let gw = Gateway::start(&local_and_cloud("", &url, &cloud.base_url(), extra)).await;
+        for stream in [false, true] {
+            let sent = api.send(&gw, "hi", stream).await;
+            assert_eq!(
+                sent.status, 200,
+                "{api:?} {reason} stream={stream}: {}",
+                sent.body
+            );
+            assert_eq!(sent.header("x-wattgate-route"), "cloud");
+            assert_eq!(sent.header("x-wattgate-reason"), reason);
+            assert_eq!(sent.header("x-wattgate-fallback-from"), "local");
+            assert_eq!(api.text_of(stream, &sent.body), "cloud saved the day");
+        }
+        assert_eq!(cloud.hits(), 2);
+    }
+}
+
+/// Cloud failures before the first byte: the status and code chat gives, in the API's shape.
+async fn every_cloud_failure_keeps_its_status_and_code(api: Api) {
+    let refused = refused_base_url().expect("port");
+    let cases: Vec<(Vec<Behavior>, &str, &str, u16, &str)> = vec![
+        (
+            vec![Behavior::server_error("overloaded, try later")],
+            "",
+            "",
+            502,
+            "upstream_http_500",
+        ),
+        (
+            vec![Behavior::rate_limited(7)],
+            "[resilience]\nretry_deadline_s = 5.0\n",
+            "",
+            429,
+            "upstream_http_429",
+        ),
+        (
+            vec![Behavior::slow(Duration::from_secs(30), "late")],
+            "",
+            "first_byte_timeout_s = 0.3",
+            504,
+            "upstream_timeout",
+        ),
+    ];
+    for (script, head, extra, status, code) in cases {
+        let cloud = ScriptedUpstream::start("cloud-upstream", script)
+            .await
+            .expect("cloud");
+        let gw = Gateway::start(&format!(
+            "{head}{}",
+            backend("cloud", "cloud", &cloud.base_url(), extra)
+        ))
+        .await;
+        for stream in [false, true] {
+            let sent = api.send(&gw, "hi", stream).await;
+            assert_eq!(
+                sent.status, status,
+                "{api:?} {code} stream={stream}: {}",
+                sent.body
+            );
+            assert_eq!(
+                api.failure_code(&sent, stream).as_deref(),
+                Some(code),
+                "{}",
+                sent.body
+            );
+            if status == 429 {
+                assert_eq!(sent.header("retry-after"), "7");
+            }
+        }
+    }
+    let gw = Gateway::start(&backend("cloud", "cloud", &refused, "")).await;
+    for stream in [false, true] {
+        let sent = api.send(&gw, "hi", stream).await;
+        assert_eq!(sent.status, 502);
+        assert_eq!(
+            api.failure_code(&sent, stream).as_deref(),
+            Some("upstream_unreachable")
+        );
+        assert!(
+            sent.body.to_lowercase().contains("refused"),
+            "{}",
+            sent.body
+        );
+    }
+}
+
+/// A stream that breaks after its first byte (truncated, stalled past `total_timeout_s`, an
+/// in-band error) ends in the API's error event with the code chat's error frame carries.
+async fn a_stream_that_breaks_ends_in_the_apis_error_event(api: Api) {
+    for (script, extra, code) in [
+        (
+            vec![Behavior::TruncatedStream { chunks: 2 }],
+            "",
+            "upstream_protocol_error",
+        ),
+        (
+            vec![Behavior::StalledStream { chunks: 1 }],
+            "total_timeout_s = 0.5\nfirst_byte_timeout_s = 0.5",
+            "upstream_timeout",
+        ),
+    ] {
+        let (_cloud, gw) = cloud_only_gateway(script, extra).await;
+        let sent = api.send(&gw, "hi", true).await;
+        assert_eq!(sent.status, 200, "headers were already committed");
+        assert_eq!(
+            api.failure_code(&sent, true).as_deref(),
+            Some(code),
+            "{}",
+            sent.body
+        );
+    }
+}
+
+/// A client that leaves mid-stream is counted `cancelled` whichever API it spoke.
+async fn a_client_that_leaves_mid_stream_is_cancelled(api: Api) {
+    let (_cloud, gw) = cloud_only_gateway(vec![Behavior::StalledStream { chunks: 2 }], "").await;
+    let mut response = reqwest::Client::new()
+        .post(gw.url(api.path()))
+        .json(&api.body("hi", true))
+        .send()
+        .await
+        .expect("gateway reachable");
+    assert_eq!(response.status(), 200);
+    assert!(response.chunk().await.expect("read").is_some());
+    drop(response);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let m = gw.metrics().await;
+        let cancelled: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("wattgate_chat_requests_total{"))
+            .filter(|l| l.contains("outcome=\"cancelled\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        if cancelled == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never counted cancelled:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+for_each_api!(
+    every_local_failure_falls_back,
+    every_cloud_failure_keeps_its_status_and_code,
+    a_stream_that_breaks_ends_in_the_apis_error_event,
+    a_client_that_leaves_mid_stream_is_cancelled,
+);

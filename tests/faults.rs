@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
+use support::apis::{error_code, for_each_api, Api};
 use support::{backend, chat_body, header, sample, Gateway};
 use wattgate::backends::openai::OpenAiBackend;
 use wattgate::backends::{Backend, BackendError, BackendInfo, Reply};
@@ -119,124 +120,6 @@ async fn one(client: &reqwest::Client, api: Api, url: &str, body: &Value, stream
     seen
 }
 
-/// The API a scenario's clients speak: every row of the matrix runs once per API (a test
-/// module per scenario, one test per API), so `/v1/responses` and `/v1/messages` keep the
-/// promises `/v1/chat/completions` makes, each in its own shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Api {
-    Chat,
-    Responses,
-    Messages,
-}
-
-impl Api {
-    fn path(self) -> &'static str {
-        match self {
-            Api::Chat => "/v1/chat/completions",
-            Api::Responses => "/v1/responses",
-            Api::Messages => "/v1/messages",
-        }
-    }
-
-    fn body(self, text: &str, stream: bool) -> Value {
-        match self {
-            Api::Chat => {
-                let mut body = chat_body("auto", text);
-                body["stream"] = json!(stream);
-                body
-            }
-            Api::Responses => json!({"model": "auto", "input": text, "stream": stream}),
-            Api::Messages => json!({"model": "auto", "max_tokens": 64, "stream": stream,
-                "messages": [{"role": "user", "content": text}]}),
-        }
-    }
-
-    /// The gateway's error code from an error body, after checking the API's shape: OpenAI's
-    /// four fields, or Anthropic's `{"type":"error","error":{"type","message"}}` with the code
-    /// at the end of the message.
-    fn error_code(self, body: &Value) -> String {
-        if self != Api::Messages {
-            return error_code(body);
-        }
-        assert_eq!(body["type"], "error", "{body}");
-        let e = body["error"]
-            .as_object()
-            .unwrap_or_else(|| panic!("{body}"));
-        let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        assert_eq!(keys, ["message", "type"], "{body}");
-        assert!(
-            e["type"].as_str().is_some_and(|t| t.ends_with("_error")),
-            "{body}"
-        );
-        let message = e["message"].as_str().unwrap_or_default();
-        message
-            .rsplit_once("(code: ")
-            .and_then(|(_, c)| c.strip_suffix(')'))
-            .unwrap_or_else(|| panic!("no code in {message:?}"))
-            .to_owned()
-    }
-
-    /// Reads a Responses or Messages event stream: whether it completed (text deltas, then the
-    /// API's closing event), else the failure's code.
-    fn read_events(self, text: &str) -> (bool, Option<String>) {
-        let mut events = Vec::new();
-        for frame in text.split("\n\n").map(str::trim).filter(|f| !f.is_empty()) {
-            if frame.starts_with(':') {
-                continue;
-            }
-            let (name, data) = frame
-                .strip_prefix("event: ")
-                .and_then(|f| f.split_once("\ndata: "))
-                .unwrap_or_else(|| panic!("not an event: {frame:?}"));
-            let data: Value = serde_json::from_str(data).expect("event JSON");
-            if self == Api::Responses {
-                assert_eq!(data["type"], name, "{frame}");
-            }
-            events.push((name.to_owned(), data));
-        }
-        let deltas = events
-            .iter()
-            .filter(|(n, _)| n == "response.output_text.delta" || n == "content_block_delta")
-            .count();
-        let Some((last, data)) = events.last() else {
-            panic!("empty stream: {text:?}")
-        };
-        match (self, last.as_str()) {
-            (Api::Responses, "response.completed") | (Api::Messages, "message_stop") => {
-                (deltas > 0, None)
-            }
-            (Api::Responses, "response.failed") => {
-                let code = data["response"]["error"]["code"].as_str().expect("code");
-                (false, Some(code.to_owned()))
-            }
-            (Api::Messages, "error") => (false, Some(self.error_code(data))),
-            _ => panic!("stream ended with {last}: {text}"),
-        }
-    }
-}
-
-/// One test per API for a scenario `async fn NAME(api: Api)`: `NAME::chat`, `NAME::responses`,
-/// `NAME::messages`.
-macro_rules! for_each_api {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn chat() {
-                super::$name(super::Api::Chat).await
-            }
-            #[tokio::test]
-            async fn responses() {
-                super::$name(super::Api::Responses).await
-            }
-            #[tokio::test]
-            async fn messages() {
-                super::$name(super::Api::Messages).await
-            }
-        }
-    )*};
-}
-
 for_each_api!(
     cloud_500s_are_retried_until_they_succeed,
     cloud_500s_that_persist_end_in_502s_then_the_breaker_fails_fast,
@@ -252,18 +135,6 @@ for_each_api!(
     an_open_local_breaker_routes_to_the_cloud_until_a_probe_succeeds,
     an_open_cloud_breaker_serves_locally_whatever_the_policy_says,
 );
-
-/// The `code` of an OpenAI error body, after checking its shape.
-fn error_code(body: &Value) -> String {
-    let e = body["error"]
-        .as_object()
-        .unwrap_or_else(|| panic!("not an error object: {body}"));
-    let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
-    keys.sort_unstable();
-    assert_eq!(keys, ["code", "message", "param", "type"], "{body}");
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
-    e["code"].as_str().unwrap_or("").to_owned()
-}
 
 /// Checks the counters and the ledger against what the clients saw; stops the gateway.
 async fn reconcile(gw: Gateway, seen: &[Seen]) {

@@ -2,6 +2,8 @@
 //! scripted upstreams, and make clients (async-openai without retries, raw reqwest).
 #![allow(dead_code)]
 
+pub mod apis;
+
 use std::net::SocketAddr;
 
 use async_openai::config::OpenAIConfig;
