@@ -2,10 +2,14 @@
 
 Usage: e2e_anthropic.py BASE_URL FALLBACK_URL   (gateway roots, without /v1)
   BASE_URL      the gateway configured by scripts/e2e_openai_python.sh (local and cloud upstreams)
-  FALLBACK_URL  a gateway whose local upstream fails every request
+  FALLBACK_URL  a gateway whose local upstream fails every request and whose cloud is a
+                kind = "anthropic" backend ("claude") on a scripted Messages upstream
 Prints one line per check and a closing "N passed, M failed" line; exits 1 on any failure.
 """
+import json
 import sys
+import time
+import urllib.request
 
 import anthropic
 
@@ -74,17 +78,39 @@ def tools_are_refused():
     raise AssertionError("expected BadRequestError")
 
 
-def falls_back_to_the_cloud():
+def savings_by_backend():
+    with urllib.request.urlopen(f"{fallback_url}/v1/savings") as r:
+        return json.load(r)["savings"]["by_backend"]
+
+
+def falls_back_to_an_anthropic_cloud():
+    before = savings_by_backend().get("claude", {"requests": 0, "input_tokens": 0, "output_tokens": 0})
     raw = fallback.messages.with_raw_response.create(
         model="auto", max_tokens=64, messages=[{"role": "user", "content": "say hello"}]
     )
-    assert raw.parse().content[0].text == "cloud says hello"
+    message = raw.parse()
+    assert message.content[0].text == "cloud says hello", message
+    assert message.usage.input_tokens == 2 and message.usage.output_tokens == 3, message.usage
     assert raw.headers["x-wattgate-route"] == "cloud", dict(raw.headers)
+    assert raw.headers["x-wattgate-backend"] == "claude"
     assert raw.headers["x-wattgate-reason"] == "fallback_local_error"
+    assert raw.headers["x-wattgate-fallback-from"] == "local"
     with fallback.messages.stream(
         model="auto", max_tokens=64, messages=[{"role": "user", "content": "stream please"}]
     ) as s:
         assert "".join(s.text_stream) == "cloud says hello"
+        final = s.get_final_message()
+    assert final.usage.input_tokens == 2 and final.usage.output_tokens == 3, final.usage
+    # Both requests are in the ledger with Claude's usage (it is flushed every 0.2 s).
+    deadline = time.time() + 5
+    while True:
+        after = savings_by_backend().get("claude", {"requests": 0})
+        if after["requests"] - before["requests"] >= 2:
+            break
+        assert time.time() < deadline, after
+        time.sleep(0.1)
+    assert after["input_tokens"] - before["input_tokens"] == 4, after
+    assert after["output_tokens"] - before["output_tokens"] == 6, after
 
 
 for name, fn in [
@@ -92,7 +118,7 @@ for name, fn in [
     ("messages.stream with a system prompt: text, usage, stop reason", stream),
     ("unknown model -> NotFoundError in Anthropic's shape", unknown_model_is_not_found),
     ("tools -> BadRequestError naming tools", tools_are_refused),
-    ("messages fall back from a failing local to the cloud", falls_back_to_the_cloud),
+    ("messages fall back from a failing local to an Anthropic cloud: headers, usage, ledger", falls_back_to_an_anthropic_cloud),
 ]:
     check(name, fn)
 

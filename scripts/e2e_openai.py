@@ -2,7 +2,8 @@
 
 Usage: e2e_openai.py BASE_URL FALLBACK_URL MINILM_DIR
   BASE_URL      the gateway configured by scripts/e2e_openai_python.sh (local and cloud upstreams)
-  FALLBACK_URL  a gateway whose local upstream fails every request
+  FALLBACK_URL  a gateway whose local upstream fails every request and whose cloud is a
+                kind = "anthropic" backend
   MINILM_DIR    all-MiniLM-L6-v2's files (scripts/fetch_minilm.sh), for the numpy reference
 Prints one line per check and a closing "N passed, M failed" line; exits 1 on any failure.
 """
@@ -155,7 +156,10 @@ def responses_tools_refused():
 
 def responses_fall_back_to_the_cloud():
     raw = fallback.responses.with_raw_response.create(model="auto", input="say hello")
-    assert raw.parse().output_text == "cloud says hello"
+    reply = raw.parse()
+    assert reply.output_text == "cloud says hello"
+    assert reply.usage.input_tokens == 2 and reply.usage.output_tokens == 3, reply.usage
+    assert raw.headers["x-wattgate-backend"] == "claude", "the fallback gateway's cloud is Anthropic's protocol"
     assert raw.headers["x-wattgate-route"] == "cloud", dict(raw.headers)
     assert raw.headers["x-wattgate-reason"] == "fallback_local_error"
     assert raw.headers["x-wattgate-fallback-from"] == "local"
@@ -220,7 +224,7 @@ for name, fn in [
     ("responses.stream: events, text, usage", responses_stream),
     ("responses previous_response_id, unknown id, store=False", responses_follow_up),
     ("responses with tools -> BadRequestError naming tools", responses_tools_refused),
-    ("responses fall back from a failing local to the cloud", responses_fall_back_to_the_cloud),
+    ("responses fall back from a failing local to an Anthropic cloud", responses_fall_back_to_the_cloud),
     ("embeddings: 384 dims, paraphrases closer, equal to a numpy reference to 1e-4", embeddings),
     ("embeddings: dimensions refused, chat model not found", embeddings_refusals),
 ]:

@@ -42,11 +42,35 @@ parameters = 1e11
 TOML
 WATTGATE_LOG=warn run_bg "$BIN/wattgate" serve --config "$work/wattgate.toml"
 
-# The same pair, with a local upstream that answers 500 to every request.
+# A second gateway: its local upstream answers 500 to every request, and its cloud speaks
+# Anthropic's Messages API (kind = "anthropic", the same scripted upstream's /v1/messages).
 FAILING_PORT=$(free_port); FB_PORT=$(free_port)
 run_bg "$BIN/wattgate-upstream" --listen "127.0.0.1:$FAILING_PORT" --model local-model --fail-every 1 --fail-status 500 >/dev/null
-sed -e "s/127.0.0.1:$GW_PORT/127.0.0.1:$FB_PORT/" -e "s/127.0.0.1:$LOCAL_PORT/127.0.0.1:$FAILING_PORT/" \
-  -e "s#$work/ledger.redb#$work/fallback.redb#" "$work/wattgate.toml" >"$work/fallback.toml"
+cat >"$work/fallback.toml" <<TOML
+[server]
+listen = "127.0.0.1:$FB_PORT"
+[ledger]
+path = "$work/fallback.redb"
+flush_interval_s = 0.2
+
+[[backends]]
+name = "local"
+kind = "openai"
+role = "local"
+base_url = "http://127.0.0.1:$FAILING_PORT/v1"
+model = "local-model"
+parameters = 1e9
+
+[[backends]]
+name = "claude"
+kind = "anthropic"
+role = "cloud"
+base_url = "http://127.0.0.1:$CLOUD_PORT/v1"
+model = "claude-test"
+parameters = 1e11
+usd_per_million_input_tokens = 3.0
+usd_per_million_output_tokens = 15.0
+TOML
 WATTGATE_LOG=error run_bg "$BIN/wattgate" serve --config "$work/fallback.toml"
 python3 scripts/wait_http.py "http://127.0.0.1:$GW_PORT/healthz" 20
 python3 scripts/wait_http.py "http://127.0.0.1:$FB_PORT/healthz" 20
