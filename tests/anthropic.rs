@@ -324,3 +324,29 @@ async fn a_follow_up_response_sends_the_whole_conversation_upstream() {
         "the second turn carries the first (without its instructions, as OpenAI documents)"
     );
 }
+
+#[tokio::test]
+async fn an_image_block_routes_to_the_cloud_as_an_image_part() {
+    let local = upstream("local-model", vec![Behavior::Reply("local".into())]).await;
+    let cloud = upstream("cloud-model", vec![Behavior::Reply("a red square".into())]).await;
+    let gw = Gateway::start(&support::local_and_cloud(
+        "",
+        &local.base_url(),
+        &cloud.base_url(),
+        "",
+    ))
+    .await;
+    let body = json!({"model": "auto", "max_tokens": 50, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]});
+    let sent = Api::Messages.send_body(&gw, &body).await;
+    assert_eq!(sent.status, 200, "{}", sent.body);
+    assert_eq!(sent.header("x-wattgate-route"), "cloud");
+    assert_eq!(sent.header("x-wattgate-reason"), "needs_images");
+    assert_eq!(Api::Messages.text_of(false, &sent.body), "a red square");
+    assert_eq!(local.hits(), 0);
+    assert_eq!(
+        cloud.requests()[0].body["messages"][0]["content"][1],
+        json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}})
+    );
+}
