@@ -35,7 +35,8 @@ pub struct ServerConfig {
     /// `wattgate_connections_refused_total{reason="per_ip"}`. 0: no cap.
     pub max_connections_per_ip: usize,
     /// Responses API conversations kept in memory for `previous_response_id` (oldest dropped
-    /// first); 0 keeps none, so every `previous_response_id` is a 404.
+    /// first); 0 keeps none, so every `previous_response_id` is a 404. With
+    /// `ledger.store_prompts` they are also kept in the ledger, across restarts.
     pub responses_stored: usize,
     /// Seconds a stored Responses conversation can be continued.
     pub responses_ttl_s: u64,

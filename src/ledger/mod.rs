@@ -36,6 +36,11 @@ const REQUEST_IDS: TableDefinition<&str, u64> = TableDefinition::new("request_id
 /// a repeated `POST /v1/feedback` replaces rather than adds.
 const OUTCOMES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("outcomes");
 
+/// Responses API response id -> the conversation it ended, as JSON `{"time_us", "messages"}`:
+/// what `previous_response_id` continues after a restart (written only with
+/// `ledger.store_prompts`, since it is message text; removed by retention like rows).
+const CONVERSATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("conversations");
+
 /// How often retention runs, at most.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
@@ -285,6 +290,8 @@ impl Ledger {
         txn.open_table(REQUEST_IDS)
             .map_err(|e| other(e.to_string()))?;
         txn.open_table(OUTCOMES).map_err(|e| other(e.to_string()))?;
+        txn.open_table(CONVERSATIONS)
+            .map_err(|e| other(e.to_string()))?;
         txn.open_table(rollups::MINUTES)
             .map_err(|e| other(e.to_string()))?;
         txn.open_table(rollups::HOURS)
@@ -382,6 +389,40 @@ impl Ledger {
     }
 
     /// The rows table in a read transaction of its own.
+    /// Keeps the conversation a Responses API answer `id` ended (see [`CONVERSATIONS`]).
+    pub(super) fn store_conversation(&self, id: &str, record: &[u8]) -> Result<(), String> {
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        txn.open_table(CONVERSATIONS)
+            .map_err(|e| e.to_string())?
+            .insert(id, record)
+            .map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())
+    }
+
+    /// The conversation stored for response `id`: when it was stored (microseconds since the
+    /// epoch) and its messages.
+    pub fn conversation(
+        &self,
+        id: &str,
+    ) -> Result<Option<(u64, Vec<serde_json::Value>)>, LedgerError> {
+        let txn = self.db.begin_read().map_err(|e| self.error(e))?;
+        let table = txn.open_table(CONVERSATIONS).map_err(|e| self.error(e))?;
+        let Some(value) = table.get(id).map_err(|e| self.error(e))? else {
+            return Ok(None);
+        };
+        let record: serde_json::Value =
+            serde_json::from_slice(value.value()).map_err(|e| self.error(e))?;
+        let time_us = record
+            .get("time_us")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let messages = match record.get("messages") {
+            Some(serde_json::Value::Array(m)) => m.clone(),
+            _ => return Err(self.error(format!("conversation {id} has no messages"))),
+        };
+        Ok(Some((time_us, messages)))
+    }
+
     fn read_table(&self) -> Result<redb::ReadOnlyTable<u64, &'static [u8]>, LedgerError> {
         let txn = self.db.begin_read().map_err(|e| self.error(e))?;
         txn.open_table(REQUESTS).map_err(|e| self.error(e))
@@ -549,6 +590,27 @@ impl Ledger {
                 removed += 1;
             }
             drop((table, ids, outcomes));
+            // Conversations past the age limit (they are few beside rows: one per stored
+            // Responses answer, and only with store_prompts).
+            if max_age.is_some() {
+                let mut conversations = txn.open_table(CONVERSATIONS).map_err(|e| e.to_string())?;
+                let mut old: Vec<String> = Vec::new();
+                for entry in conversations.iter().map_err(|e| e.to_string())? {
+                    let (key, value) = entry.map_err(|e| e.to_string())?;
+                    let time_us = serde_json::from_slice::<serde_json::Value>(value.value())
+                        .ok()
+                        .and_then(|v| v.get("time_us").and_then(serde_json::Value::as_u64))
+                        .unwrap_or(0);
+                    if time_us < cutoff {
+                        old.push(key.value().to_owned());
+                    }
+                }
+                for id in &old {
+                    conversations
+                        .remove(id.as_str())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
             let rows: Vec<&LedgerRow> = doomed.iter().filter_map(|(_, r)| r.as_ref()).collect();
             rollups::subtract(&txn, &rows)?;
         }
@@ -719,6 +781,34 @@ mod tests {
         // Rolled up once: a second open adds nothing.
         let ledger = Ledger::open(&path).expect("reopen");
         assert_eq!(ledger.savings_since(0).expect("savings").total.requests, 3);
+    }
+
+    #[test]
+    fn retention_removes_conversations_past_the_age_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = Ledger::open(&dir.path().join("l.redb")).expect("open");
+        let record = |time_us: u64| {
+            serde_json::to_vec(&serde_json::json!({"time_us": time_us, "messages": [{"role": "user", "content": "x"}]}))
+                .expect("json")
+        };
+        ledger
+            .store_conversation("resp_old", &record(1))
+            .expect("store");
+        ledger
+            .store_conversation("resp_new", &record(now_us()))
+            .expect("store");
+        ledger
+            .retain(Some(Duration::from_secs(86_400)), 0)
+            .expect("retain");
+        assert!(ledger.conversation("resp_old").expect("read").is_none());
+        let (_, messages) = ledger
+            .conversation("resp_new")
+            .expect("read")
+            .expect("kept");
+        assert_eq!(messages.len(), 1);
+        // Without an age limit (retention by count only) conversations are not touched.
+        ledger.retain(None, 1).expect("retain");
+        assert!(ledger.conversation("resp_new").expect("read").is_some());
     }
 
     #[test]

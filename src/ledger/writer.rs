@@ -43,6 +43,8 @@ use crate::savings::Idle;
 enum Message {
     /// Write the rows queued so far, then the outcome, then answer (if anyone waits).
     Outcome(Box<OutcomeRecord>, Option<OutcomeReply>),
+    /// Keep a Responses conversation (response id, its JSON record).
+    Conversation(String, Vec<u8>),
     /// Write everything queued now, then acknowledge.
     Flush(Sender<()>),
     /// Write everything queued now, acknowledge, and stop (releasing the database file).
@@ -106,6 +108,17 @@ impl LedgerSender {
             return;
         }
         p.idle.push((time_us, idle));
+    }
+
+    /// Queues a Responses conversation for the ledger (`{"time_us", "messages"}` under its
+    /// response id); never blocks: with the control queue full it is not kept on disk (the
+    /// in-memory copy still serves follow-ups), logged.
+    pub fn record_conversation(&self, id: String, messages: &[serde_json::Value]) {
+        let record = serde_json::json!({"time_us": super::now_us(), "messages": messages});
+        let bytes = serde_json::to_vec(&record).unwrap_or_default();
+        if self.tx.try_send(Message::Conversation(id, bytes)).is_err() {
+            tracing::warn!("ledger control queue full or stopped: a Responses conversation was not written to the ledger");
+        }
     }
 
     /// Stores an outcome after every row queued before it (so feedback on a request just
@@ -246,6 +259,16 @@ fn receive(
                 shared.close();
                 let _ = done.send(());
                 return;
+            }
+            Ok(Message::Conversation(id, record)) => {
+                let stored = shared.commit_then(|ledger| {
+                    ledger
+                        .store_conversation(&id, &record)
+                        .map_err(OutcomeError::Storage)
+                });
+                if let Err(e) = stored {
+                    tracing::warn!(response_id = %id, error = %e, "conversation not stored");
+                }
             }
             Ok(Message::Outcome(outcome, reply)) => {
                 let result = shared.commit_then(|ledger| ledger.store_outcome(&outcome));

@@ -90,6 +90,14 @@ impl AppState {
         .map_err(anyhow::Error::msg)?;
         let embeddings =
             crate::embeddings::Embeddings::new(config, metering.clone(), metrics.clone())?;
+        // Conversations are message text: on disk only where the operator keeps prompts.
+        let mut conversations = crate::wire::responses::Conversations::new(
+            config.server.responses_stored,
+            Duration::from_secs(config.server.responses_ttl_s),
+        );
+        if let (true, Some(l), Some(w)) = (config.ledger.store_prompts, &ledger, &ledger_writer) {
+            conversations = conversations.persisted(l.clone(), w.clone());
+        }
         let idle = ledger_writer
             .clone()
             .map(|w| crate::metering::idle::IdleRecorder::spawn(metering.clone(), w));
@@ -112,10 +120,7 @@ impl AppState {
                 experiments: config.experiments.clone(),
                 access: access::Access::new(&config.auth, &config.limits),
                 embeddings,
-                conversations: Arc::new(crate::wire::responses::Conversations::new(
-                    config.server.responses_stored,
-                    Duration::from_secs(config.server.responses_ttl_s),
-                )),
+                conversations: Arc::new(conversations),
             }),
         })
     }

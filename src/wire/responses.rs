@@ -624,12 +624,15 @@ impl StreamEdge for ResponsesStream {
 }
 
 /// Recent conversations by response id, for `previous_response_id`: bounded in count and age,
-/// oldest dropped first. Held in memory: a restart forgets them (the client then gets the 404
-/// OpenAI documents for an unknown id, and can resend the conversation).
+/// oldest dropped first. Held in memory, and with [`Conversations::persisted`] also written to
+/// the ledger, so a follow-up finds its conversation after a restart (or once memory dropped
+/// it) while `responses_ttl_s` and the ledger's retention allow. Without the ledger a restart
+/// forgets them: the client gets the 404 OpenAI documents for an unknown id.
 pub struct Conversations {
     capacity: usize,
     ttl: Duration,
     inner: Mutex<Stored>,
+    ledger: Option<(crate::ledger::Ledger, crate::ledger::LedgerSender)>,
 }
 
 #[derive(Default)]
@@ -645,14 +648,41 @@ impl Conversations {
             capacity,
             ttl,
             inner: Mutex::new(Stored::default()),
+            ledger: None,
         }
+    }
+
+    /// Also keeps every conversation in `ledger` (written through its writer thread) and reads
+    /// the ones memory does not hold from it.
+    pub fn persisted(
+        mut self,
+        ledger: crate::ledger::Ledger,
+        writer: crate::ledger::LedgerSender,
+    ) -> Self {
+        self.ledger = Some((ledger, writer));
+        self
     }
 
     /// The conversation the response `id` ended, its answer included.
     pub fn get(&self, id: &str) -> Option<Arc<Vec<Value>>> {
-        let stored = self.inner.lock().ok()?;
-        let (at, messages) = stored.by_id.get(id)?;
-        (at.elapsed() < self.ttl).then(|| messages.clone())
+        if let Ok(stored) = self.inner.lock() {
+            if let Some((at, messages)) = stored.by_id.get(id) {
+                return (at.elapsed() < self.ttl).then(|| messages.clone());
+            }
+        }
+        // A point read of one key: microseconds from redb's page cache.
+        let (ledger, _) = self.ledger.as_ref()?;
+        match ledger.conversation(id) {
+            Ok(Some((time_us, messages))) => {
+                let age = crate::ledger::now_us().saturating_sub(time_us);
+                (age < self.ttl.as_micros() as u64).then(|| Arc::new(messages))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(response_id = id, error = %e, "could not read a stored conversation");
+                None
+            }
+        }
     }
 
     /// Keeps `history` plus the assistant's `answer` as the conversation of response `id`.
@@ -661,6 +691,9 @@ impl Conversations {
             return;
         }
         history.push(json!({"role": "assistant", "content": answer}));
+        if let Some((_, writer)) = &self.ledger {
+            writer.record_conversation(id.clone(), &history);
+        }
         let Ok(mut stored) = self.inner.lock() else {
             return;
         };
