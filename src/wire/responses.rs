@@ -637,8 +637,25 @@ pub struct Conversations {
 
 #[derive(Default)]
 struct Stored {
-    by_id: HashMap<String, (Instant, Arc<Vec<Value>>)>,
+    /// Each conversation with when it was kept and its size in bytes (as JSON).
+    by_id: HashMap<String, (Instant, Arc<Vec<Value>>, usize)>,
     order: VecDeque<String>,
+    bytes: usize,
+}
+
+/// The most bytes of conversation (as JSON) kept in memory, whatever `responses_stored` says:
+/// conversations may carry inline images of megabytes each, and 10,000 of those would not fit.
+/// Past it the oldest go first (with the ledger on, they can still be read from there).
+pub const MAX_STORED_BYTES: usize = 256 << 20;
+
+impl Stored {
+    fn pop_oldest(&mut self) {
+        if let Some(old) = self.order.pop_front() {
+            if let Some((_, _, size)) = self.by_id.remove(&old) {
+                self.bytes = self.bytes.saturating_sub(size);
+            }
+        }
+    }
 }
 
 impl Conversations {
@@ -666,7 +683,7 @@ impl Conversations {
     /// The conversation the response `id` ended, its answer included.
     pub fn get(&self, id: &str) -> Option<Arc<Vec<Value>>> {
         if let Ok(stored) = self.inner.lock() {
-            if let Some((at, messages)) = stored.by_id.get(id) {
+            if let Some((at, messages, _)) = stored.by_id.get(id) {
                 return (at.elapsed() < self.ttl).then(|| messages.clone());
             }
         }
@@ -694,26 +711,32 @@ impl Conversations {
         if let Some((_, writer)) = &self.ledger {
             writer.record_conversation(id.clone(), &history);
         }
+        let size = serde_json::to_vec(&history).map_or(0, |b| b.len());
+        if size > MAX_STORED_BYTES {
+            return;
+        }
         let Ok(mut stored) = self.inner.lock() else {
             return;
         };
-        while stored.order.len() >= self.capacity {
-            if let Some(old) = stored.order.pop_front() {
-                stored.by_id.remove(&old);
+        while stored.order.len() >= self.capacity
+            || stored.bytes.saturating_add(size) > MAX_STORED_BYTES
+        {
+            if stored.order.is_empty() {
+                break;
             }
+            stored.pop_oldest();
         }
         while let Some(front) = stored.order.front() {
             match stored.by_id.get(front) {
-                Some((at, _)) if at.elapsed() < self.ttl => break,
-                _ => {
-                    if let Some(old) = stored.order.pop_front() {
-                        stored.by_id.remove(&old);
-                    }
-                }
+                Some((at, _, _)) if at.elapsed() < self.ttl => break,
+                _ => stored.pop_oldest(),
             }
         }
+        stored.bytes += size;
         stored.order.push_back(id.clone());
-        stored.by_id.insert(id, (Instant::now(), Arc::new(history)));
+        stored
+            .by_id
+            .insert(id, (Instant::now(), Arc::new(history), size));
     }
 }
 
