@@ -8,25 +8,18 @@ Prints one line per check and a closing "N passed, M failed" line; exits 1 on an
 """
 import json
 import sys
+from pathlib import Path
 import time
 import urllib.request
 
 import anthropic
 
+sys.path.insert(0, str(Path(__file__).parent))
+from e2e_checks import run  # noqa: E402
+
 base_url, fallback_url = sys.argv[1], sys.argv[2]
 client = anthropic.Anthropic(base_url=base_url, api_key="unused-by-the-gateway", max_retries=0)
 fallback = anthropic.Anthropic(base_url=fallback_url, api_key="unused-by-the-gateway", max_retries=0)
-results = []
-
-
-def check(name, fn):
-    try:
-        fn()
-        results.append(True)
-        print(f"ok    {name}")
-    except Exception as e:  # report every failure, keep going
-        results.append(False)
-        print(f"FAIL  {name}: {type(e).__name__}: {e}")
 
 
 def create():
@@ -113,15 +106,12 @@ def falls_back_to_an_anthropic_cloud():
     assert after["output_tokens"] - before["output_tokens"] == 6, after
 
 
-for name, fn in [
-    ("messages.create, routed local, usage, headers", create),
-    ("messages.stream with a system prompt: text, usage, stop reason", stream),
-    ("unknown model -> NotFoundError in Anthropic's shape", unknown_model_is_not_found),
-    ("tools -> BadRequestError naming tools", tools_are_refused),
-    ("messages fall back from a failing local to an Anthropic cloud: headers, usage, ledger", falls_back_to_an_anthropic_cloud),
-]:
-    check(name, fn)
-
-passed, failed = results.count(True), results.count(False)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+run(
+    [
+        ("messages.create, routed local, usage, headers", create),
+        ("messages.stream with a system prompt: text, usage, stop reason", stream),
+        ("unknown model -> NotFoundError in Anthropic's shape", unknown_model_is_not_found),
+        ("tools -> BadRequestError naming tools", tools_are_refused),
+        ("messages fall back from a failing local to an Anthropic cloud: headers, usage, ledger", falls_back_to_an_anthropic_cloud),
+    ]
+)

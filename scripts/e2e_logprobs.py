@@ -5,22 +5,15 @@ Prints one line per check and a closing "N passed, M failed" line; exits 1 on an
 """
 import math
 import sys
+from pathlib import Path
 
 import openai
 
+sys.path.insert(0, str(Path(__file__).parent))
+from e2e_checks import run  # noqa: E402
+
 client = openai.OpenAI(base_url=sys.argv[1], api_key="unused-by-the-gateway", max_retries=0)
-results = []
 ASK = [{"role": "user", "content": "Name three colours of the rainbow."}]
-
-
-def check(name, fn):
-    try:
-        fn()
-        results.append(True)
-        print(f"ok    {name}")
-    except Exception as e:  # report every failure, keep going
-        results.append(False)
-        print(f"FAIL  {name}: {type(e).__name__}: {e}")
 
 
 def assert_greedy_entries(entries, answer):
@@ -76,14 +69,11 @@ def too_many_top_logprobs():
     raise AssertionError("expected BadRequestError")
 
 
-for name, fn in [
-    ("embedded logprobs, JSON: tokens join to the answer, top-1 = sampled at T=0", json_logprobs),
-    ("embedded logprobs, stream: the same over chunks", stream_logprobs),
-    ("no logprobs unless asked", no_logprobs_unless_asked),
-    ("top_logprobs = 21 -> BadRequestError naming the field", too_many_top_logprobs),
-]:
-    check(name, fn)
-
-passed, failed = results.count(True), results.count(False)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+run(
+    [
+        ("embedded logprobs, JSON: tokens join to the answer, top-1 = sampled at T=0", json_logprobs),
+        ("embedded logprobs, stream: the same over chunks", stream_logprobs),
+        ("no logprobs unless asked", no_logprobs_unless_asked),
+        ("top_logprobs = 21 -> BadRequestError naming the field", too_many_top_logprobs),
+    ]
+)

@@ -14,22 +14,12 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).parent))
+from e2e_checks import run  # noqa: E402
 from minilm_reference import MiniLM  # noqa: E402
 
 base_url, fallback_url, minilm_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 client = openai.OpenAI(base_url=base_url, api_key="unused-by-the-gateway", max_retries=0)
 fallback = openai.OpenAI(base_url=fallback_url, api_key="unused-by-the-gateway", max_retries=0)
-results = []
-
-
-def check(name, fn):
-    try:
-        fn()
-        results.append(True)
-        print(f"ok    {name}")
-    except Exception as e:  # report every failure, keep going
-        results.append(False)
-        print(f"FAIL  {name}: {type(e).__name__}: {e}")
 
 
 def non_streaming():
@@ -212,24 +202,21 @@ def embeddings_refusals():
     raise AssertionError("a chat model embedded")
 
 
-for name, fn in [
-    ("non-streaming completion, routed local, headers", non_streaming),
-    ("streaming completion with include_usage", streaming_with_usage),
-    ("streaming completion without usage", streaming_without_usage),
-    ("pinned cloud model", pinned_cloud),
-    ("models list", models_list),
-    ("unknown model -> NotFoundError", unknown_model_is_not_found),
-    ("empty messages -> BadRequestError", missing_messages_is_bad_request),
-    ("responses.create, routed local, usage, headers", responses_create),
-    ("responses.stream: events, text, usage", responses_stream),
-    ("responses previous_response_id, unknown id, store=False", responses_follow_up),
-    ("responses with tools -> BadRequestError naming tools", responses_tools_refused),
-    ("responses fall back from a failing local to an Anthropic cloud", responses_fall_back_to_the_cloud),
-    ("embeddings: 384 dims, paraphrases closer, equal to a numpy reference to 1e-4", embeddings),
-    ("embeddings: dimensions refused, chat model not found", embeddings_refusals),
-]:
-    check(name, fn)
-
-passed, failed = results.count(True), results.count(False)
-print(f"{passed} passed, {failed} failed")
-sys.exit(1 if failed else 0)
+run(
+    [
+        ("non-streaming completion, routed local, headers", non_streaming),
+        ("streaming completion with include_usage", streaming_with_usage),
+        ("streaming completion without usage", streaming_without_usage),
+        ("pinned cloud model", pinned_cloud),
+        ("models list", models_list),
+        ("unknown model -> NotFoundError", unknown_model_is_not_found),
+        ("empty messages -> BadRequestError", missing_messages_is_bad_request),
+        ("responses.create, routed local, usage, headers", responses_create),
+        ("responses.stream: events, text, usage", responses_stream),
+        ("responses previous_response_id, unknown id, store=False", responses_follow_up),
+        ("responses with tools -> BadRequestError naming tools", responses_tools_refused),
+        ("responses fall back from a failing local to an Anthropic cloud", responses_fall_back_to_the_cloud),
+        ("embeddings: 384 dims, paraphrases closer, equal to a numpy reference to 1e-4", embeddings),
+        ("embeddings: dimensions refused, chat model not found", embeddings_refusals),
+    ]
+)

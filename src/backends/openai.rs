@@ -488,6 +488,21 @@ impl StreamFailure {
     }
 }
 
+/// The next SSE event of an upstream body; `None` at its end.
+async fn next_event<S>(
+    events: &mut std::pin::Pin<Box<S>>,
+) -> Result<Option<eventsource_stream::Event>, StreamFailure>
+where
+    S: EventSource + ?Sized,
+{
+    match events.next().await {
+        None => Ok(None),
+        Some(Err(EventStreamError::Transport(e))) => Err(e.into()),
+        Some(Err(e)) => Err(StreamFailure::Protocol(format!("invalid SSE: {e}"))),
+        Some(Ok(event)) => Ok(Some(event)),
+    }
+}
+
 /// The next chunk in either protocol: a Messages stream through its reader, else
 /// [`next_chunk`].
 async fn read_next<S>(
@@ -509,11 +524,8 @@ where
         if reader.finished() {
             return Ok(Next::Done);
         }
-        let event = match events.next().await {
-            None => return Ok(Next::Eof),
-            Some(Err(EventStreamError::Transport(e))) => return Err(e.into()),
-            Some(Err(e)) => return Err(StreamFailure::Protocol(format!("invalid SSE: {e}"))),
-            Some(Ok(event)) => event,
+        let Some(event) = next_event(events).await? else {
+            return Ok(Next::Eof);
         };
         let data = event.data.trim();
         if !data.is_empty() {
@@ -536,11 +548,8 @@ where
     S: EventSource + ?Sized,
 {
     loop {
-        let event = match events.next().await {
-            None => return Ok(Next::Eof),
-            Some(Err(EventStreamError::Transport(e))) => return Err(e.into()),
-            Some(Err(e)) => return Err(StreamFailure::Protocol(format!("invalid SSE: {e}"))),
-            Some(Ok(event)) => event,
+        let Some(event) = next_event(events).await? else {
+            return Ok(Next::Eof);
         };
         let data = event.data.trim();
         if data.is_empty() {

@@ -135,7 +135,7 @@ impl Embeddings {
 
     /// Serves one embeddings request body.
     pub async fn embed(&self, body: &[u8]) -> Result<Served, ApiError> {
-        let request = parse(body)?;
+        let request = crate::wire::edge::object(body)?;
         let model_name = request
             .get("model")
             .and_then(Value::as_str)
@@ -403,21 +403,6 @@ async fn load(
         Err(e) => Err(ApiError::internal(format!(
             "The encoder load task failed: {e}."
         ))),
-    }
-}
-
-fn parse(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_request(format!("Could not parse the JSON body: {e}."))
-            .with_code("invalid_json")
-    })?;
-    match value {
-        Value::Object(o) => Ok(o),
-        other => Err(ApiError::invalid_request(format!(
-            "The request body must be a JSON object, got {}.",
-            crate::wire::type_name(&other)
-        ))
-        .with_code("invalid_json")),
     }
 }
 

@@ -27,34 +27,21 @@ use crate::router::Overrides;
 /// clients (which write the whole body before reading) see the 413 instead of a reset.
 const OVERSIZE_DRAIN_BYTES: usize = 32 * 1024 * 1024;
 
-/// `POST /v1/chat/completions`.
-pub async fn chat_completions(
+/// `POST /v1/chat/completions`, `POST /v1/responses` (OpenAI's Responses API) and
+/// `POST /v1/messages` (Anthropic's Messages API): one handler, the API read from the path;
+/// the latter two are translated to chat at the edge ([`Edge`]).
+pub async fn chat_apis(
     State(state): State<AppState>,
     Extension(ctx): Extension<RequestContext>,
     Extension(client): Extension<Client>,
     request: Request,
 ) -> Response {
-    serve(state, ctx, client, request, Api::Chat).await
-}
-
-/// `POST /v1/responses`: OpenAI's Responses API, translated to chat at the edge ([`Edge`]).
-pub async fn responses(
-    State(state): State<AppState>,
-    Extension(ctx): Extension<RequestContext>,
-    Extension(client): Extension<Client>,
-    request: Request,
-) -> Response {
-    serve(state, ctx, client, request, Api::Responses).await
-}
-
-/// `POST /v1/messages`: Anthropic's Messages API, translated to chat at the edge ([`Edge`]).
-pub async fn messages(
-    State(state): State<AppState>,
-    Extension(ctx): Extension<RequestContext>,
-    Extension(client): Extension<Client>,
-    request: Request,
-) -> Response {
-    serve(state, ctx, client, request, Api::Messages).await
+    let api = match request.uri().path() {
+        "/v1/responses" => Api::Responses,
+        "/v1/messages" => Api::Messages,
+        _ => Api::Chat,
+    };
+    serve(state, ctx, client, request, api).await
 }
 
 static ENERGY: HeaderName = HeaderName::from_static("x-wattgate-energy-joules");

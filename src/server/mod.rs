@@ -252,9 +252,9 @@ pub fn app(state: AppState) -> Router {
             access::authenticate,
         ));
     Router::new()
-        .route("/v1/chat/completions", post(handlers::chat_completions))
-        .route("/v1/responses", post(handlers::responses))
-        .route("/v1/messages", post(handlers::messages))
+        .route("/v1/chat/completions", post(handlers::chat_apis))
+        .route("/v1/responses", post(handlers::chat_apis))
+        .route("/v1/messages", post(handlers::chat_apis))
         .route("/v1/embeddings", post(handlers::embeddings))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{*id}", get(handlers::get_model))

@@ -247,8 +247,45 @@ pub(super) fn required(param: &str, problem: &str) -> ApiError {
     super::missing(param, problem)
 }
 
+/// A message's `content` in chat's form: a string as it is, an array with each part mapped by
+/// `part` (given the part's parameter path); anything else a 400 naming `{param}.content`.
+pub(super) fn content(
+    param: &str,
+    content: Option<&Value>,
+    parts_are: &str,
+    part: impl Fn(&str, &Value) -> Result<Value, ApiError>,
+) -> Result<Value, ApiError> {
+    match content {
+        Some(Value::String(s)) => Ok(Value::String(s.clone())),
+        Some(Value::Array(list)) => list
+            .iter()
+            .enumerate()
+            .map(|(j, p)| part(&format!("{param}.content[{j}]"), p))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array),
+        Some(other) => Err(wrong(
+            &format!("{param}.content"),
+            &format!("a string or an array of {parts_are}"),
+            other,
+        )),
+        None => Err(required(&format!("{param}.content"), "is required")),
+    }
+}
+
+/// A part's `text` as a chat text part (400 naming `{param}.text` when it is not a string).
+pub(super) fn text_part(param: &str, part: &Value) -> Result<Value, ApiError> {
+    match part.get("text") {
+        Some(Value::String(t)) => Ok(serde_json::json!({"type": "text", "text": t})),
+        other => Err(wrong(
+            &format!("{param}.text"),
+            "a string",
+            other.unwrap_or(&Value::Null),
+        )),
+    }
+}
+
 /// Parses a request body as a JSON object, with the chat parser's errors.
-pub(super) fn object(bytes: &[u8]) -> Result<Object, ApiError> {
+pub fn object(bytes: &[u8]) -> Result<Object, ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {
         ApiError::invalid_request(format!("Could not parse the JSON body: {e}."))
             .with_code("invalid_json")

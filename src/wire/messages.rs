@@ -217,24 +217,7 @@ fn message(i: usize, m: &Value) -> Result<Value, ApiError> {
             .with_code("invalid_value"))
         }
     };
-    let content = match m.get("content") {
-        Some(Value::String(s)) => json!(s),
-        Some(Value::Array(blocks)) => {
-            let mut parts = Vec::with_capacity(blocks.len());
-            for (j, block) in blocks.iter().enumerate() {
-                parts.push(content_block(&format!("{param}.content[{j}]"), block)?);
-            }
-            Value::Array(parts)
-        }
-        Some(other) => {
-            return Err(edge::wrong(
-                &format!("{param}.content"),
-                "a string or an array of content blocks",
-                other,
-            ))
-        }
-        None => return Err(edge::required(&format!("{param}.content"), "is required")),
-    };
+    let content = edge::content(&param, m.get("content"), "content blocks", content_block)?;
     Ok(json!({"role": role, "content": content}))
 }
 
@@ -243,14 +226,7 @@ fn message(i: usize, m: &Value) -> Result<Value, ApiError> {
 fn content_block(param: &str, block: &Value) -> Result<Value, ApiError> {
     let kind = block.get("type").and_then(Value::as_str);
     match kind {
-        Some("text") => match block.get("text") {
-            Some(Value::String(t)) => Ok(json!({"type": "text", "text": t})),
-            other => Err(edge::wrong(
-                &format!("{param}.text"),
-                "a string",
-                other.unwrap_or(&Value::Null),
-            )),
-        },
+        Some("text") => edge::text_part(param, block),
         Some("image") => {
             let source = block.get("source");
             let field = |k: &str| source.and_then(|s| s.get(k)).and_then(Value::as_str);

@@ -316,45 +316,20 @@ fn input_item(i: usize, item: &Value) -> Result<Value, ApiError> {
             .with_code("invalid_value"))
         }
     };
-    let content = match item.get("content") {
-        Some(Value::String(s)) => json!(s),
-        Some(Value::Array(parts)) => {
-            let mut out = Vec::with_capacity(parts.len());
-            for (j, part) in parts.iter().enumerate() {
-                out.push(content_part(&format!("{param}.content[{j}]"), part)?);
-            }
-            // An assistant turn is plain text in chat.
-            if role == "assistant" {
-                json!(out
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<String>())
-            } else {
-                Value::Array(out)
-            }
-        }
-        Some(other) => {
-            return Err(edge::wrong(
-                &format!("{param}.content"),
-                "a string or an array of content parts",
-                other,
-            ))
-        }
-        None => return Err(edge::required(&format!("{param}.content"), "is required")),
-    };
+    let mut content = edge::content(&param, item.get("content"), "content parts", content_part)?;
+    // An assistant turn is plain text in chat.
+    if let (true, Value::Array(parts)) = (role == "assistant", &content) {
+        content = json!(parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<String>());
+    }
     Ok(json!({"role": role, "content": content}))
 }
 
 fn content_part(param: &str, part: &Value) -> Result<Value, ApiError> {
     match part.get("type").and_then(Value::as_str) {
-        Some("input_text" | "output_text") => match part.get("text") {
-            Some(Value::String(t)) => Ok(json!({"type": "text", "text": t})),
-            other => Err(edge::wrong(
-                &format!("{param}.text"),
-                "a string",
-                other.unwrap_or(&Value::Null),
-            )),
-        },
+        Some("input_text" | "output_text") => edge::text_part(param, part),
         Some("input_image") => match part.get("image_url") {
             Some(Value::String(url)) => {
                 let mut image = json!({"url": url});

@@ -260,9 +260,13 @@ async fn embeddings(
     body: Bytes,
 ) -> Response {
     let (behavior, body) = take(&shared, "/v1/embeddings", headers, &body);
-    if let Behavior::Status { status, body, .. } = behavior {
-        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return (code, axum::Json(body)).into_response();
+    if let Behavior::Status {
+        status,
+        body,
+        retry_after,
+    } = behavior
+    {
+        return status_response(status, body, retry_after);
     }
     let inputs: Vec<String> = match body.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
@@ -309,6 +313,16 @@ fn take(shared: &Shared, path: &str, headers: HeaderMap, body: &[u8]) -> (Behavi
     (behavior, body)
 }
 
+/// A scripted error status with its JSON body and optional `Retry-After`.
+fn status_response(status: u16, body: Value, retry_after: Option<String>) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (code, axum::Json(body)).into_response();
+    if let Some(v) = retry_after.and_then(|v| v.parse().ok()) {
+        response.headers_mut().insert("retry-after", v);
+    }
+    response
+}
+
 /// One named SSE event of Anthropic's protocol.
 fn event(name: &str, data: Value) -> String {
     format!("event: {name}\ndata: {data}\n\n")
@@ -342,14 +356,7 @@ async fn respond_messages(model: &str, request: &Value, behavior: Behavior) -> R
             status,
             body,
             retry_after,
-        } => {
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut response = (code, axum::Json(body)).into_response();
-            if let Some(v) = retry_after.and_then(|v| v.parse().ok()) {
-                response.headers_mut().insert("retry-after", v);
-            }
-            return response;
-        }
+        } => return status_response(status, body, retry_after),
         Behavior::Garbage => return (StatusCode::OK, "<html>not json</html>").into_response(),
         Behavior::Oversize { .. } | Behavior::Delay(..) => {
             return (
@@ -517,14 +524,7 @@ async fn respond(model: &str, request: &Value, behavior: Behavior) -> Response {
             status,
             body,
             retry_after,
-        } => {
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut response = (code, axum::Json(body)).into_response();
-            if let Some(v) = retry_after.and_then(|v| v.parse().ok()) {
-                response.headers_mut().insert("retry-after", v);
-            }
-            response
-        }
+        } => status_response(status, body, retry_after),
         Behavior::Garbage => (StatusCode::OK, "<html>not json</html>").into_response(),
         Behavior::Oversize { bytes } => {
             const PIECE: usize = 64 * 1024;
