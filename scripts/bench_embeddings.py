@@ -1,7 +1,8 @@
 """Embeddings throughput: wattgate's /v1/embeddings against sentence-transformers, same texts.
 
 usage: bench_embeddings.py BASE_URL MODEL_DIR N   (run by scripts/bench_embeddings.sh)
-Prints one line per measurement and the ratios; texts are the first N chat prompts of
+Prints one line per measurement and the ratios. Both sides get the same units of work: at batch
+B, requests (wattgate) or encode calls (sentence-transformers) of B texts each. Texts are the first N chat prompts of
 ../shared/data/traffic/chat-prompts.jsonl (cut at 256 word pieces by both, as the model was
 trained). Each side gets a warm-up pass first.
 """
@@ -30,7 +31,10 @@ st = SentenceTransformer(model_dir, device="cpu")
 
 
 def reference(batch, texts=texts):
-    st.encode(texts, batch_size=batch, normalize_embeddings=True)
+    # The same unit of work as a request: `batch` texts per call, sorted and padded by the
+    # library within the call.
+    for i in range(0, len(texts), batch):
+        st.encode(texts[i : i + batch], batch_size=batch, normalize_embeddings=True)
 
 
 results = {}
@@ -45,4 +49,5 @@ for name, run in (("wattgate", wattgate), ("sentence-transformers", reference)):
 for batch in (1, 32):
     ratio = results[("wattgate", batch)] / results[("sentence-transformers", batch)]
     print(f"batch {batch:>2}: wattgate / sentence-transformers = {ratio:.2f}x")
-print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+import sentence_transformers
+print(f"sentence-transformers {sentence_transformers.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}")

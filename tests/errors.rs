@@ -169,7 +169,10 @@ async fn unknown_endpoints_are_404_and_wrong_methods_405() {
     )
     .await;
     assert_eq!(e["code"], "unknown_url");
-    assert!(support::message(&e).contains("POST /v1/audio/speech"), "{e}");
+    assert!(
+        support::message(&e).contains("POST /v1/audio/speech"),
+        "{e}"
+    );
     expect_error(client.get(gw.url("/")).send().await.expect("send"), 404).await;
     let e = expect_error(
         client

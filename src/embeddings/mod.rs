@@ -219,14 +219,8 @@ impl Embeddings {
             .map_err(|_| ApiError::internal("the encoder's queue closed"))?;
         let ticket = self.metering.begin();
         let batch = model.config.max_batch;
-        let run = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::with_capacity(tokenized.len());
-            for chunk in tokenized.chunks(batch) {
-                out.extend(encoder.embed(chunk)?);
-            }
-            Ok::<_, String>(out)
-        })
-        .await;
+        let run =
+            tokio::task::spawn_blocking(move || embed_sorted(&encoder, tokenized, batch)).await;
         let bill = self.metering.end(
             ticket,
             usize::MAX,
@@ -361,6 +355,38 @@ impl Embeddings {
             joules: None,
         })
     }
+}
+
+/// Word pieces one encoder batch holds, padding included (the longest input times the batch
+/// size). Measured on this 2-core VM (`examples/encoder_batch.rs`, equal lengths): batching
+/// 32 inputs of 16 pieces runs 3.2x the texts/s of one at a time, of 64 pieces 1.7x, of 256
+/// pieces 0.8x; 512 pieces per batch keeps the gains and avoids the loss.
+const BATCH_TOKENS: usize = 512;
+
+/// Embeds `inputs` longest first, in batches of similar length (as sentence-transformers sorts
+/// them) of at most `batch` inputs and [`BATCH_TOKENS`] padded pieces, so that little is
+/// padding; vectors come back in input order.
+fn embed_sorted(
+    encoder: &Encoder,
+    inputs: Vec<Vec<u32>>,
+    batch: usize,
+) -> Result<Vec<Vec<f32>>, String> {
+    let mut order: Vec<usize> = (0..inputs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(inputs[i].len()));
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
+    let mut start = 0;
+    while start < order.len() {
+        // Sorted longest first: the batch's first input sets its padded length.
+        let longest = inputs[order[start]].len().max(1);
+        let size = (BATCH_TOKENS / longest).clamp(1, batch.max(1));
+        let chunk = &order[start..(start + size).min(order.len())];
+        let group: Vec<Vec<u32>> = chunk.iter().map(|&i| inputs[i].clone()).collect();
+        for (&i, v) in chunk.iter().zip(encoder.embed(&group)?) {
+            out[i] = v;
+        }
+        start += chunk.len();
+    }
+    Ok(out)
 }
 
 /// Fetches (when missing) and loads an encoder, off the async runtime.
