@@ -582,7 +582,89 @@ async fn a_client_that_leaves_mid_stream_is_cancelled(api: Api) {
     }
 }
 
+/// Failures that are not fallen back from (a pinned backend, fallback off) and a cloud that
+/// fails after the local did: the upstream's status and words, in the API's shape.
+async fn failures_that_do_not_fall_back_keep_the_upstreams_words(api: Api) {
+    let local = local_with(vec![Behavior::server_error("model crashed")]).await;
+    let cloud = cloud_ok().await;
+    let gw = Gateway::pair(&local.base_url(), &cloud.base_url()).await;
+    for stream in [false, true] {
+        let mut body = api.body("hi", stream);
+        body["model"] = json!("local");
+        let sent = api.send_body(&gw, &body).await;
+        assert_eq!(sent.status, 502, "pinned: {}", sent.body);
+        assert_eq!(sent.header("x-wattgate-reason"), "pinned");
+        assert_eq!(
+            api.failure_code(&sent, stream).as_deref(),
+            Some("upstream_http_500")
+        );
+        assert!(sent.body.contains("model crashed"), "{}", sent.body);
+    }
+    assert_eq!(cloud.hits(), 0);
+    let off = Gateway::start(&local_and_cloud(
+        "[routing]\nfallback_to_cloud = false",
+        &local.base_url(),
+        &cloud.base_url(),
+        "",
+    ))
+    .await;
+    let sent = api.send(&off, "hi", false).await;
+    assert_eq!(
+        (sent.status, sent.header("x-wattgate-route")),
+        (502, "local")
+    );
+    assert_eq!(cloud.hits(), 0);
+    let down = ScriptedUpstream::start("c", vec![Behavior::server_error("cloud down too")])
+        .await
+        .expect("cloud");
+    let both = Gateway::start(&format!(
+        "[resilience]\ninitial_backoff_s = 0.01\nmax_backoff_s = 0.02\n{}",
+        local_and_cloud("", &local.base_url(), &down.base_url(), "")
+    ))
+    .await;
+    let sent = api.send(&both, "hi", false).await;
+    assert_eq!(sent.status, 502);
+    assert_eq!(sent.header("x-wattgate-reason"), "fallback_local_error");
+    assert!(sent.body.contains("cloud down too"), "{}", sent.body);
+}
+
+/// An upstream's in-band `{"error": ...}` chunk: chat relays it as sent; Responses and
+/// Messages end their stream with their failure event carrying its message. The ledger row is
+/// an error either way.
+async fn an_in_band_error_chunk_fails_the_stream(api: Api) {
+    let (_cloud, gw) = cloud_only_gateway(
+        vec![Behavior::InBandError {
+            chunks: 2,
+            message: "CUDA out of memory".into(),
+        }],
+        "",
+    )
+    .await;
+    let sent = api.send(&gw, "hi", true).await;
+    assert_eq!(sent.status, 200);
+    assert!(sent.body.contains("CUDA out of memory"), "{}", sent.body);
+    if api != Api::Chat {
+        assert!(api.failure_code(&sent, true).is_some(), "{}", sent.body);
+        let completed = ["response.completed", "message_stop"];
+        assert!(
+            !completed.iter().any(|e| sent.body.contains(e)),
+            "{}",
+            sent.body
+        );
+    }
+    let path = gw.ledger.clone();
+    let _dir = gw.stop().await;
+    let rows = wattgate::ledger::Ledger::open(&path)
+        .expect("ledger")
+        .rows_since(0)
+        .expect("rows");
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].status, rows[0].outcome.as_str()), (200, "error"));
+}
+
 for_each_api!(
+    failures_that_do_not_fall_back_keep_the_upstreams_words,
+    an_in_band_error_chunk_fails_the_stream,
     every_local_failure_falls_back,
     every_cloud_failure_keeps_its_status_and_code,
     a_stream_that_breaks_ends_in_the_apis_error_event,

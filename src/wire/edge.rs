@@ -224,7 +224,12 @@ pub fn write_event(out: &mut Vec<u8>, name: &str, data: &Value) {
 pub fn error_parts(error: &Value) -> (String, String, String) {
     let inner = error.get("error").unwrap_or(error);
     let field = |k: &str| str_at(inner, k).unwrap_or_default().to_owned();
-    (field("message"), field("type"), field("code"))
+    // An upstream's in-band error may carry a numeric code (vLLM sends the HTTP status).
+    let code = match inner.get("code") {
+        Some(Value::Number(n)) => n.to_string(),
+        _ => field("code"),
+    };
+    (field("message"), field("type"), code)
 }
 
 /// The request object of a translating edge, built field by field.
