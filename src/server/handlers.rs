@@ -55,17 +55,9 @@ pub async fn embeddings(State(state): State<AppState>, request: Request) -> Resp
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
-    let _slot = match state.inner.access.slot() {
+    let _slot = match concurrency_slot(&state) {
         Ok(slot) => slot,
-        Err(e) => {
-            state
-                .inner
-                .metrics
-                .rejected
-                .with_label_values(&["too_many_concurrent"])
-                .inc();
-            return e.into_response();
-        }
+        Err(e) => return e.into_response(),
     };
     match state.inner.embeddings.embed(&body).await {
         Ok(served) => {
@@ -118,17 +110,9 @@ async fn serve(
     };
     // Only now, with the whole body in: a slot taken before would be held by a client that
     // trickles its body, and enough of those lock every other client out.
-    let slot = match state.inner.access.slot() {
+    let slot = match concurrency_slot(&state) {
         Ok(slot) => slot,
-        Err(e) => {
-            state
-                .inner
-                .metrics
-                .rejected
-                .with_label_values(&["too_many_concurrent"])
-                .inc();
-            return e.into_response();
-        }
+        Err(e) => return e.into_response(),
     };
     let inbound = Inbound {
         overrides,
@@ -149,6 +133,21 @@ async fn serve(
         }
         Err(e) => edge.error(e).into_response(),
     }
+}
+
+/// A slot among `limits.max_concurrent_requests`, held until the answer's last byte; a 429
+/// (counted) when none is free.
+fn concurrency_slot(
+    state: &AppState,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ApiError> {
+    state.inner.access.slot().inspect_err(|_| {
+        state
+            .inner
+            .metrics
+            .rejected
+            .with_label_values(&["too_many_concurrent"])
+            .inc();
+    })
 }
 
 /// The per-request routing headers: `x-wattgate-route: local|cloud` forces a side,

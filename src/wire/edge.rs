@@ -235,6 +235,27 @@ pub fn error_parts(error: &Value) -> (String, String, String) {
 /// The request object of a translating edge, built field by field.
 pub(super) type Object = Map<String, Value>;
 
+/// 400 for a field the API does not define (`api` names it, e.g. "Messages API").
+pub(super) fn unknown(field: &str, api: &str) -> ApiError {
+    ApiError::invalid_request(format!(
+        "`{}` is not a {api} parameter.",
+        field.chars().take(40).collect::<String>()
+    ))
+    .with_param(field)
+    .with_code("unknown_parameter")
+}
+
+/// 400 unless the request names a `model`.
+pub(super) fn require_model(body: &Object) -> Result<(), ApiError> {
+    if body.contains_key("model") {
+        return Ok(());
+    }
+    Err(required(
+        "model",
+        "is required (use \"auto\" to let the gateway route)",
+    ))
+}
+
 /// 400 for a field this edge does not translate, naming it and saying why.
 pub(super) fn unsupported(param: &str, why: &str) -> ApiError {
     ApiError::invalid_request(format!("`{param}` is not supported here: {why}."))

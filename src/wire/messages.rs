@@ -110,22 +110,12 @@ pub fn to_chat(bytes: &[u8]) -> Result<Translated, ApiError> {
             k => {
                 return Err(match REFUSED.iter().find(|(name, _)| *name == k) {
                     Some((name, why)) => edge::unsupported(name, why),
-                    None => ApiError::invalid_request(format!(
-                        "`{}` is not a Messages API parameter.",
-                        shown(k)
-                    ))
-                    .with_param(k)
-                    .with_code("unknown_parameter"),
+                    None => edge::unknown(k, "Messages API"),
                 })
             }
         }
     }
-    if !body.contains_key("model") {
-        return Err(edge::required(
-            "model",
-            "is required (use \"auto\" to let the gateway route)",
-        ));
-    }
+    edge::require_model(&body)?;
     if !body.contains_key("max_tokens") {
         return Err(edge::required("max_tokens", "is required"));
     }
@@ -153,11 +143,6 @@ pub fn to_chat(bytes: &[u8]) -> Result<Translated, ApiError> {
         chat: serde_json::to_vec(&chat).unwrap_or_default(),
         stream,
     })
-}
-
-/// At most 40 characters of a client-chosen name, for error messages.
-fn shown(name: &str) -> String {
-    name.chars().take(40).collect()
 }
 
 fn system_text(value: &Value) -> Result<String, ApiError> {

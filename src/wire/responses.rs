@@ -180,22 +180,12 @@ pub fn to_chat(bytes: &[u8], conversations: &Conversations) -> Result<Translated
                         "tool_choice",
                         "tools need a cloud backend that speaks the Responses API",
                     ),
-                    None => ApiError::invalid_request(format!(
-                        "`{}` is not a Responses API parameter.",
-                        k.chars().take(40).collect::<String>()
-                    ))
-                    .with_param(k)
-                    .with_code("unknown_parameter"),
+                    None => edge::unknown(k, "Responses API"),
                 })
             }
         }
     }
-    if !body.contains_key("model") {
-        return Err(edge::required(
-            "model",
-            "is required (use \"auto\" to let the gateway route)",
-        ));
-    }
+    edge::require_model(&body)?;
     let mut history = match body.get("previous_response_id") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(id)) => {
