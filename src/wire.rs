@@ -71,17 +71,7 @@ pub struct Usage {
 impl ChatRequest {
     /// Parses and validates a request body. Errors name the field at fault.
     pub fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-            ApiError::invalid_request(format!("Could not parse the JSON body: {e}."))
-                .with_code("invalid_json")
-        })?;
-        let Value::Object(body) = value else {
-            return Err(ApiError::invalid_request(format!(
-                "The request body must be a JSON object, got {}.",
-                type_name(&value)
-            ))
-            .with_code("invalid_json"));
-        };
+        let body = edge::object(bytes)?;
 
         let model = match body.get("model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),

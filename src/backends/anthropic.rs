@@ -146,10 +146,9 @@ fn finish_reason(stop: Option<&str>) -> &'static str {
     }
 }
 
+/// Seconds since the Unix epoch (the `created` fields).
 fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::ledger::now_us() / 1_000_000
 }
 
 fn protocol(detail: String) -> BackendError {
@@ -233,8 +232,12 @@ impl StreamReader {
 
     /// Reads one event (`name` may be empty: the type is also in the data).
     pub fn event(&mut self, name: &str, data: &str) -> Result<(), String> {
-        let v: Value = serde_json::from_str(data)
-            .map_err(|e| format!("Messages event is not JSON ({e}): {}", short(data)))?;
+        let v: Value = serde_json::from_str(data).map_err(|e| {
+            format!(
+                "Messages event is not JSON ({e}): {}",
+                super::openai::truncate(data, 200)
+            )
+        })?;
         let kind = v
             .get("type")
             .and_then(Value::as_str)
@@ -320,13 +323,6 @@ impl StreamReader {
             _ => {}
         }
         Ok(())
-    }
-}
-
-fn short(s: &str) -> &str {
-    match s.char_indices().nth(200) {
-        Some((i, _)) => &s[..i],
-        None => s,
     }
 }
 

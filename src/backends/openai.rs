@@ -61,22 +61,7 @@ impl OpenAiBackend {
             .tcp_nodelay(true)
             .user_agent(concat!("wattgate/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let api_key = match &c.api_key_env {
-            None => Ok(None),
-            Some(var) => match std::env::var(var) {
-                Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_owned())),
-                _ => {
-                    tracing::warn!(
-                        backend = %c.name,
-                        "environment variable {var} is not set: backend `{}` will refuse requests until the daemon is restarted with it",
-                        c.name
-                    );
-                    Err(format!(
-                        "environment variable {var} (its api_key_env) is not set"
-                    ))
-                }
-            },
-        };
+        let api_key = api_key(&c.name, c.api_key_env.as_deref());
         let base = c
             .base_url
             .as_ref()
@@ -624,7 +609,29 @@ fn status_error(status: u16, body: &[u8], retry_after: Option<String>) -> Backen
     }
 }
 
-fn truncate(s: &str, max: usize) -> &str {
+/// The key in the environment variable `var` (`api_key_env`) of upstream `name`: `Ok(None)`
+/// without a variable, `Err` (logged once, here) when the variable is unset or empty, so
+/// requests fail with the reason instead of reaching the upstream without a key.
+pub fn api_key(name: &str, var: Option<&str>) -> Result<Option<String>, String> {
+    let Some(var) = var else {
+        return Ok(None);
+    };
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_owned())),
+        _ => {
+            tracing::warn!(
+                backend = %name,
+                "environment variable {var} is not set: `{name}` will refuse requests until the daemon is restarted with it"
+            );
+            Err(format!(
+                "environment variable {var} (its api_key_env) is not set"
+            ))
+        }
+    }
+}
+
+/// At most `max` characters of `s`, for error messages quoting an upstream.
+pub(super) fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,

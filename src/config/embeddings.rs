@@ -43,7 +43,7 @@ pub struct EmbeddingsConfig {
     pub max_batch: usize,
     /// `openai`: seconds for the whole exchange.
     #[serde(default = "default_timeout")]
-    pub timeout_s: f64,
+    pub total_timeout_s: f64,
 }
 
 /// OpenAI's text-embedding-3-small, $0.02 per million tokens (openai.com/api/pricing, 2024-01):
@@ -73,7 +73,7 @@ pub(super) fn default_embeddings() -> Vec<EmbeddingsConfig> {
         parameters: 22.7e6,
         cloud_usd_per_million_tokens: default_cloud_price(),
         max_batch: default_batch(),
-        timeout_s: default_timeout(),
+        total_timeout_s: default_timeout(),
     }]
 }
 
@@ -133,9 +133,9 @@ impl EmbeddingsConfig {
         if self.max_batch == 0 {
             return Err(invalid(key("max_batch"), "must be at least 1"));
         }
-        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+        if !(self.total_timeout_s.is_finite() && self.total_timeout_s > 0.0) {
             return Err(invalid(
-                key("timeout_s"),
+                key("total_timeout_s"),
                 "must be a positive number of seconds",
             ));
         }

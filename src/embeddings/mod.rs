@@ -16,6 +16,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::{OnceCell, Semaphore};
 
+use crate::backends::{BackendError, TimeoutPhase};
 use crate::config::{Config, EmbeddingsConfig, EmbeddingsKind};
 use crate::error::ApiError;
 use crate::metering::{Metering, Tokens};
@@ -98,18 +99,10 @@ impl Embeddings {
                         .ok_or_else(|| {
                             anyhow::anyhow!("embeddings `{}` has no base_url", c.name)
                         })?;
-                    let key = match &c.api_key_env {
-                        None => Ok(None),
-                        Some(var) => match std::env::var(var) {
-                            Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_owned())),
-                            _ => Err(format!(
-                                "environment variable {var} (its api_key_env) is not set"
-                            )),
-                        },
-                    };
+                    let key = crate::backends::openai::api_key(&c.name, c.api_key_env.as_deref());
                     Serve::Upstream {
                         client: reqwest::Client::builder()
-                            .timeout(Duration::from_secs_f64(c.timeout_s))
+                            .timeout(Duration::from_secs_f64(c.total_timeout_s))
                             .build()?,
                         url: format!("{base}/embeddings"),
                         key,
@@ -139,7 +132,7 @@ impl Embeddings {
         let model_name = request
             .get("model")
             .and_then(Value::as_str)
-            .ok_or_else(|| missing("model", "is required"))?;
+            .ok_or_else(|| crate::wire::edge::required("model", "is required"))?;
         let Some(model) = self.models.iter().find(|m| m.config.name == model_name) else {
             let names: Vec<&str> = self.names().collect();
             let mut e = ApiError::model_not_found(model_name, &names);
@@ -248,20 +241,30 @@ impl Embeddings {
             .embeddings_counterfactual_cost
             .with_label_values(&[name])
             .inc_by(tokens as f64 * model.config.cloud_usd_per_million_tokens / 1e6);
-        let data: Vec<Value> = vectors
+        // Serialized straight from the f32s (each printed as its shortest f32 decimal), not
+        // through a JSON tree of f64s.
+        let data: Vec<Embedding<'_>> = vectors
             .iter()
             .enumerate()
-            .map(|(i, v)| {
-                let embedding = if base64 {
-                    json!(base64_f32(v))
+            .map(|(index, v)| Embedding {
+                object: "embedding",
+                index,
+                embedding: if base64 {
+                    Vector::Base64(base64_f32(v))
                 } else {
-                    json!(v)
-                };
-                json!({"object": "embedding", "index": i, "embedding": embedding})
+                    Vector::Float(v)
+                },
             })
             .collect();
-        let body = json!({"object": "list", "data": data, "model": name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}});
+        let body = List {
+            object: "list",
+            data,
+            model: name,
+            usage: EmbeddingsUsage {
+                prompt_tokens: tokens,
+                total_tokens: tokens,
+            },
+        };
         Ok(Served {
             body: Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
             model: name.to_owned(),
@@ -299,47 +302,41 @@ impl Embeddings {
         if let Some(key) = key {
             builder = builder.bearer_auth(key);
         }
+        // Failures read like a chat backend's: the same statuses relayed, the same codes.
+        let failed = |e: BackendError| e.to_api_error(name);
         let response = builder.send().await.map_err(|e| {
-            if e.is_timeout() {
-                ApiError::gateway_timeout(format!(
-                    "Embeddings upstream of `{name}` did not answer within {} s (timeout_s).",
-                    model.config.timeout_s
-                ))
+            failed(if e.is_timeout() {
+                BackendError::Timeout {
+                    phase: TimeoutPhase::Total,
+                    seconds: model.config.total_timeout_s,
+                }
             } else {
-                ApiError::bad_gateway(
-                    format!("Embeddings upstream of `{name}` is unreachable: {e}."),
-                    "upstream_unreachable",
-                )
-            }
+                BackendError::Unreachable {
+                    detail: format!("{url}: {e}"),
+                }
+            })
         })?;
-        let status = response.status();
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let body = response.bytes().await.map_err(|e| {
-            ApiError::bad_gateway(
-                format!("Embeddings upstream of `{name}` broke off: {e}."),
-                "upstream_unreachable",
-            )
+            failed(BackendError::Unreachable {
+                detail: format!("{url} broke off: {e}"),
+            })
         })?;
-        if !status.is_success() {
+        if !(200..300).contains(&status) {
             let message = crate::wire::upstream_error_message(&body)
                 .and_then(|e| e.message)
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(300).collect());
-            let e = if matches!(status.as_u16(), 400 | 404 | 413 | 422 | 429) {
-                ApiError::relayed(
-                    status,
-                    if status.as_u16() == 429 {
-                        "rate_limit_error"
-                    } else {
-                        "invalid_request_error"
-                    },
-                    format!("Embeddings upstream of `{name}` rejected the request ({status}): {message}"),
-                )
-            } else {
-                ApiError::bad_gateway(
-                    format!("Embeddings upstream of `{name}` failed with HTTP {status}: {message}"),
-                    &format!("upstream_http_{}", status.as_u16()),
-                )
-            };
-            return Err(e);
+            return Err(failed(BackendError::Status {
+                status,
+                message,
+                kind: None,
+                retry_after,
+            }));
         }
         let tokens = serde_json::from_slice::<Value>(&body)
             .ok()
@@ -389,6 +386,35 @@ fn embed_sorted(
     Ok(out)
 }
 
+/// An embeddings answer in OpenAI's shape.
+#[derive(serde::Serialize)]
+struct List<'a> {
+    object: &'static str,
+    data: Vec<Embedding<'a>>,
+    model: &'a str,
+    usage: EmbeddingsUsage,
+}
+
+#[derive(serde::Serialize)]
+struct Embedding<'a> {
+    object: &'static str,
+    index: usize,
+    embedding: Vector<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Vector<'a> {
+    Float(&'a [f32]),
+    Base64(String),
+}
+
+#[derive(serde::Serialize)]
+struct EmbeddingsUsage {
+    prompt_tokens: u64,
+    total_tokens: u64,
+}
+
 /// Fetches (when missing) and loads an encoder, off the async runtime.
 async fn load(
     spec: EncoderSpec,
@@ -432,12 +458,6 @@ async fn load(
     }
 }
 
-fn missing(param: &str, problem: &str) -> ApiError {
-    ApiError::invalid_request(format!("`{param}` {problem}."))
-        .with_param(param)
-        .with_code("invalid_value")
-}
-
 /// `encoding_format`: true for base64.
 fn encoding_format(request: &serde_json::Map<String, Value>) -> Result<bool, ApiError> {
     match request.get("encoding_format") {
@@ -463,7 +483,9 @@ fn inputs(request: &serde_json::Map<String, Value>) -> Result<Vec<Input>, ApiErr
     };
     let ids = |v: &Vec<Value>| -> Option<Vec<u64>> { v.iter().map(Value::as_u64).collect() };
     let list = match request.get("input") {
-        None | Some(Value::Null) => return Err(missing("input", "is required")),
+        None | Some(Value::Null) => {
+            return Err(crate::wire::edge::required("input", "is required"))
+        }
         Some(Value::String(s)) => return Ok(vec![Input::Text(s.clone())]),
         Some(Value::Array(list)) => list,
         Some(_) => return Err(bad("has the wrong type")),

@@ -69,7 +69,7 @@ fn usage_of(value: &Value) -> Option<Usage> {
     value
         .get("usage")
         .filter(|u| u.is_object())
-        .and_then(|u| serde_json::from_value(u.clone()).ok())
+        .and_then(|u| serde::Deserialize::deserialize(u).ok())
 }
 
 /// One frame of the gateway's chat stream, read back.
@@ -269,7 +269,7 @@ pub(super) fn wrong(param: &str, expected: &str, got: &Value) -> ApiError {
 }
 
 /// 400 for a missing or empty field.
-pub(super) fn required(param: &str, problem: &str) -> ApiError {
+pub(crate) fn required(param: &str, problem: &str) -> ApiError {
     super::missing(param, problem)
 }
 

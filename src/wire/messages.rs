@@ -307,9 +307,13 @@ pub fn error_type(status: u16) -> &'static str {
 }
 
 /// An error in Anthropic's shape: `{"type":"error","error":{"type","message"}}`.
+fn error_value(kind: &str, message: &str) -> Value {
+    json!({"type": "error", "error": {"type": kind, "message": message}})
+}
+
+/// [`error_value`] as bytes.
 pub fn error_body(kind: &str, message: &str) -> Vec<u8> {
-    serde_json::to_vec(&json!({"type": "error", "error": {"type": kind, "message": message}}))
-        .unwrap_or_default()
+    serde_json::to_vec(&error_value(kind, message)).unwrap_or_default()
 }
 
 /// Rewrites a body in the gateway's OpenAI error shape into Anthropic's, keeping the message
@@ -401,11 +405,7 @@ impl StreamEdge for MessagesStream {
         } else {
             format!("{message} (code: {code})")
         };
-        edge::write_event(
-            out,
-            "error",
-            &serde_json::from_slice::<Value>(&error_body(kind, &message)).unwrap_or(Value::Null),
-        );
+        edge::write_event(out, "error", &error_value(kind, &message));
     }
 
     fn done(&mut self, out: &mut Vec<u8>) {

@@ -403,10 +403,9 @@ fn status_of(finish: Option<&str>) -> &'static str {
     }
 }
 
+/// Seconds since the Unix epoch (the `created` fields).
 fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::ledger::now_us() / 1_000_000
 }
 
 /// A whole chat completion as a Response object; the assistant's text, for the stored
