@@ -310,6 +310,20 @@ pub(super) fn text_part(param: &str, part: &Value) -> Result<Value, ApiError> {
     }
 }
 
+/// The translated chat request's bytes: its fields, its messages, and for a stream the usage
+/// chunk asked for (the edges report usage at the end of every stream).
+pub(super) fn chat_body(mut chat: Object, messages: Vec<Value>, stream: bool) -> Vec<u8> {
+    chat.insert("messages".into(), Value::Array(messages));
+    if stream {
+        chat.insert("stream".into(), Value::Bool(true));
+        chat.insert(
+            "stream_options".into(),
+            serde_json::json!({"include_usage": true}),
+        );
+    }
+    serde_json::to_vec(&chat).unwrap_or_default()
+}
+
 /// Parses a request body as a JSON object, with the chat parser's errors.
 pub fn object(bytes: &[u8]) -> Result<Object, ApiError> {
     let value: Value = serde_json::from_slice(bytes).map_err(|e| {

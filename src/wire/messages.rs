@@ -134,13 +134,8 @@ pub fn to_chat(bytes: &[u8]) -> Result<Translated, ApiError> {
         Some(other) => return Err(edge::wrong("messages", "an array", other)),
         None => return Err(edge::required("messages", "is required")),
     }
-    chat.insert("messages".into(), Value::Array(messages));
-    if stream {
-        chat.insert("stream".into(), json!(true));
-        chat.insert("stream_options".into(), json!({"include_usage": true}));
-    }
     Ok(Translated {
-        chat: serde_json::to_vec(&chat).unwrap_or_default(),
+        chat: edge::chat_body(chat, messages, stream),
         stream,
     })
 }

@@ -229,13 +229,8 @@ pub fn to_chat(bytes: &[u8], conversations: &Conversations) -> Result<Translated
         Some(other) => return Err(edge::wrong("instructions", "a string", other)),
     }
     messages.extend(history.iter().cloned());
-    chat.insert("messages".into(), Value::Array(messages));
-    if stream {
-        chat.insert("stream".into(), json!(true));
-        chat.insert("stream_options".into(), json!({"include_usage": true}));
-    }
     Ok(Translated {
-        chat: serde_json::to_vec(&chat).unwrap_or_default(),
+        chat: edge::chat_body(chat, messages, stream),
         stream,
         store: echo.store,
         history,
