@@ -123,6 +123,26 @@ impl ChatRequest {
                     return Err(missing(&format!("messages[{i}].role"), "is required"));
                 }
             }
+            match message.get("content") {
+                None | Some(Value::Null | Value::String(_)) => {}
+                Some(Value::Array(parts)) => {
+                    if let Some((j, part)) = parts.iter().enumerate().find(|(_, p)| !p.is_object())
+                    {
+                        return Err(wrong_type(
+                            &format!("messages[{i}].content[{j}]"),
+                            "a content part object",
+                            part,
+                        ));
+                    }
+                }
+                Some(other) => {
+                    return Err(wrong_type(
+                        &format!("messages[{i}].content"),
+                        "a string or an array of content parts",
+                        other,
+                    ))
+                }
+            }
             prompt_chars = prompt_chars.saturating_add(content_chars(message.get("content")));
         }
 
@@ -146,6 +166,15 @@ impl ChatRequest {
             },
             Some(other) => return Err(wrong_type("stream_options", "an object", other)),
         };
+
+        // Sampling numbers are checked here, so that a wrong type is the client's 400 and not
+        // an upstream's (or, for a local backend, a silent default).
+        for field in ["temperature", "top_p"] {
+            match body.get(field) {
+                None | Some(Value::Null | Value::Number(_)) => {}
+                Some(other) => return Err(wrong_type(field, "a number", other)),
+            }
+        }
 
         let mut max_tokens = None;
         for field in ["max_completion_tokens", "max_tokens"] {

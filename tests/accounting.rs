@@ -12,6 +12,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use support::apis::{for_each_api, Api};
 use support::{sample, Gateway};
 use wattgate::ledger::{Ledger, LedgerRow};
 use wattgate_testkit::{Behavior, ScriptedUpstream};
@@ -136,8 +137,16 @@ async fn an_in_band_error_chunk_makes_the_stream_an_error() {
     assert_eq!(rows[0].status, 200, "the client saw the stream's 200");
 }
 
-#[tokio::test]
-async fn a_client_that_leaves_before_the_first_byte_is_recorded_abandoned_with_its_energy() {
+/// A request of `api` to the `local` backend, whole.
+fn to_local(api: Api, text: &str) -> serde_json::Value {
+    let mut body = api.body(text, false);
+    body["model"] = json!("local");
+    body
+}
+
+async fn a_client_that_leaves_before_the_first_byte_is_recorded_abandoned_with_its_energy(
+    api: Api,
+) {
     let (local, cloud) = upstreams(vec![Behavior::Delay(
         Duration::from_secs(2),
         Box::new(Behavior::Reply("too late".into())),
@@ -150,12 +159,9 @@ async fn a_client_that_leaves_before_the_first_byte_is_recorded_abandoned_with_i
         .expect("client");
     let sent = Instant::now();
     let result = impatient
-        .post(gw.url("/v1/chat/completions"))
+        .post(gw.url(api.path()))
         .header("x-request-id", "leaves-early")
-        .json(&json!({
-            "model": "local",
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        }))
+        .json(&to_local(api, "What is the capital of France?"))
         .send()
         .await;
     assert!(result.is_err(), "the client gave up: {result:?}");
@@ -192,23 +198,19 @@ async fn a_client_that_leaves_before_the_first_byte_is_recorded_abandoned_with_i
     assert_charged_for(row);
 }
 
-#[tokio::test]
-async fn a_request_cut_at_the_end_of_the_shutdown_grace_is_recorded_shutdown() {
+async fn a_request_cut_at_the_end_of_the_shutdown_grace_is_recorded_shutdown(api: Api) {
     let (local, cloud) = upstreams(vec![Behavior::Delay(
         Duration::from_secs(30),
         Box::new(Behavior::Reply("never".into())),
     )])
     .await;
     let gw = Gateway::start(&config(&local.base_url(), &cloud.base_url(), 0.3)).await;
-    let url = gw.url("/v1/chat/completions");
+    let url = gw.url(api.path());
     let pending = tokio::spawn(async move {
         reqwest::Client::new()
             .post(url)
             .header("x-request-id", "cut-off")
-            .json(&json!({
-                "model": "local",
-                "messages": [{"role": "user", "content": "Write a long essay."}],
-            }))
+            .json(&to_local(api, "Write a long essay."))
             .send()
             .await
     });
@@ -239,6 +241,12 @@ async fn a_request_cut_at_the_end_of_the_shutdown_grace_is_recorded_shutdown() {
     assert!(row.input_tokens > 0);
     assert_charged_for(row);
 }
+
+// Both accounting rows hold on every API: the meter sees the chat request the edge made.
+for_each_api!(
+    a_client_that_leaves_before_the_first_byte_is_recorded_abandoned_with_its_energy,
+    a_request_cut_at_the_end_of_the_shutdown_grace_is_recorded_shutdown,
+);
 
 #[tokio::test]
 async fn an_answered_request_is_charged_its_share_of_the_meter() {

@@ -5,6 +5,7 @@
 mod support;
 
 use serde_json::{json, Value};
+use support::apis::{for_each_api, Api};
 use support::{chat_body, header, sample, Gateway};
 use wattgate_testkit::{Behavior, ScriptedUpstream};
 
@@ -241,21 +242,26 @@ async fn features_the_local_model_lacks_go_to_the_cloud() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_sends_the_excess_to_the_cloud_and_loses_nothing() {
+async fn a_full_queue_sends_the_excess_to_the_cloud_and_loses_nothing(api: Api) {
     let (cloud, gw) = with_cloud("workers = 1\nqueue_depth = 1\nqueue_timeout_s = 30").await;
     let client = reqwest::Client::new();
-    let url = gw.url("/v1/chat/completions");
+    let url = gw.url(api.path());
     let requests = (0..6).map(|i| {
         let (client, url) = (client.clone(), url.clone());
         async move {
-            let body = json!({"model": "auto", "messages": [{"role": "user", "content": format!("Story {i}:")}], "temperature": 0, "max_tokens": 48, "stream": true});
+            let body = api.greedy(&format!("Story {i}:"), true, 48);
             let r = client.post(url).json(&body).send().await.expect("send");
             let route = header(&r, "x-wattgate-route");
             let reason = header(&r, "x-wattgate-reason");
-            let status = r.status().as_u16();
-            let text = r.text().await.expect("body");
-            (status, route, reason, text.ends_with("data: [DONE]\n\n"))
+            let sent = support::apis::Sent {
+                status: r.status().as_u16(),
+                headers: r.headers().clone(),
+                body: r.text().await.expect("body"),
+            };
+            // Complete: the API's closing event (or `[DONE]`) after some text.
+            let complete = api.failure_code(&sent, true).is_none()
+                && !api.text_of(true, &sent.body).is_empty();
+            (sent.status, route, reason, complete)
         }
     });
     let results = futures::future::join_all(requests).await;
@@ -282,8 +288,7 @@ async fn a_full_queue_sends_the_excess_to_the_cloud_and_loses_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queued_request_gives_up_at_the_queue_deadline_not_when_a_worker_frees() {
+async fn a_queued_request_gives_up_at_the_queue_deadline_not_when_a_worker_frees(api: Api) {
     // One worker busy with a long generation; the queue has room, so the next request waits
     // in it, and must fall back when queue_timeout_s passes, long before the worker is free.
     // 256 tokens take seconds here, the deadline is 0.3 s.
@@ -293,29 +298,26 @@ async fn a_queued_request_gives_up_at_the_queue_deadline_not_when_a_worker_frees
     // The server accepts once the model is loaded: wait for that, so that the long request
     // surely reaches the worker first.
     client.get(gw.url("/readyz")).send().await.expect("readyz");
-    let url = gw.url("/v1/chat/completions");
+    let url = gw.url(api.path());
     let long = {
         let (client, url) = (client.clone(), url.clone());
         tokio::spawn(async move {
             let r = client
                 .post(url)
-                .json(&greedy(
-                    "Write a long story about a lighthouse keeper.",
-                    256,
-                ))
+                .json(&api.greedy("Write a long story about a lighthouse keeper.", false, 256))
                 .send()
                 .await
                 .expect("send");
             let route = header(&r, "x-wattgate-route");
             let body: Value = r.json().await.expect("json");
-            (route, body["usage"]["completion_tokens"].as_u64())
+            (route, api.output_tokens(&body))
         })
     };
     // Let the long request reach the worker first.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let r = client
         .post(url)
-        .json(&greedy("Say hi.", 8))
+        .json(&api.greedy("Say hi.", false, 8))
         .send()
         .await
         .expect("send");
@@ -330,3 +332,9 @@ async fn a_queued_request_gives_up_at_the_queue_deadline_not_when_a_worker_frees
     assert_eq!(route, "local");
     assert!(tokens.unwrap_or(0) > 32, "a long generation: {tokens:?}");
 }
+
+// The embedded queue's rows hold on every API.
+for_each_api!(multi_thread:
+    a_full_queue_sends_the_excess_to_the_cloud_and_loses_nothing,
+    a_queued_request_gives_up_at_the_queue_deadline_not_when_a_worker_frees,
+);

@@ -5,8 +5,9 @@ mod support;
 
 use async_openai::error::OpenAIError;
 use async_openai::types::chat::CreateChatCompletionRequestArgs;
-use serde_json::json;
-use support::{chat_body, expect_error, local_and_cloud, Gateway};
+use serde_json::{json, Value};
+use support::apis::{for_each_api, Api};
+use support::{chat_body, expect_error, header, local_and_cloud, Gateway};
 use wattgate_testkit::{Behavior, ScriptedUpstream};
 
 async fn setup(head: &str) -> (ScriptedUpstream, Gateway) {
@@ -257,3 +258,276 @@ async fn the_malformed_request_corpus_gets_the_right_4xx() {
     }
     assert_eq!(up.hits(), 0, "no malformed request reached an upstream");
 }
+
+/// The malformed-request corpus in each API's words (its own field names), on `/v1/responses`
+/// and `/v1/messages`: the right status and code, in the API's error shape, naming the field,
+/// and no upstream called. (Chat's corpus is the test above.)
+async fn the_corpus_gets_the_right_4xx_in_each_apis_shape(api: Api) {
+    let (up, gw) = setup("[limits]\nmax_messages = 64\nmax_output_tokens = 4096").await;
+    // This API's names for chat's fields.
+    let (list, max) = match api {
+        Api::Chat => ("messages", "max_tokens"),
+        Api::Responses => ("input", "max_output_tokens"),
+        Api::Messages => ("messages", "max_tokens"),
+    };
+    let base = api.body("hi", false);
+    let with = |key: &str, value: Value| {
+        let mut body = base.clone();
+        body[key] = value;
+        body.to_string().into_bytes()
+    };
+    let deep_array = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep_metadata = {
+        let mut body = base.to_string();
+        body.pop();
+        format!(
+            "{body},\"metadata\":{}1{}}}",
+            "{\"a\":".repeat(5_000),
+            "}".repeat(5_000)
+        )
+    };
+    let mut invalid_utf8 = base.to_string().into_bytes();
+    let at = invalid_utf8
+        .windows(2)
+        .position(|w| w == b"hi")
+        .expect("hi");
+    invalid_utf8.splice(at..at + 2, b"\xc3\x28 \xed\xa0\x80".iter().copied());
+    let many: Vec<Value> = (0..65)
+        .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("m{i}")}))
+        .collect();
+    let raw = |s: &str| s.as_bytes().to_vec();
+    let base_text = base.to_string();
+    let trailing = format!("{base_text} trailing");
+    let surrogate = base_text.replace("\"hi\"", "\"\\ud800\"");
+    let huge_number = {
+        let mut b = base_text.clone();
+        b.pop();
+        format!("{b},\"temperature\":1e999}}")
+    };
+    let past_u64 = {
+        let mut b = base.clone();
+        b.as_object_mut().expect("object").remove(max);
+        let mut b = b.to_string();
+        b.pop();
+        format!("{b},\"{max}\":18446744073709551616}}")
+    };
+    // (what, body, status, code or "" when any, the field it must name)
+    type Case = (&'static str, Vec<u8>, u16, &'static str, Option<String>);
+    let cases: Vec<Case> = vec![
+        (
+            "deeply nested array",
+            deep_array.into_bytes(),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            "deeply nested metadata",
+            deep_metadata.into_bytes(),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            "invalid UTF-8 in a string",
+            invalid_utf8,
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            "lone surrogate escape",
+            raw(&surrogate),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            "number too large for any type",
+            raw(&huge_number),
+            400,
+            "invalid_json",
+            None,
+        ),
+        ("a NUL byte body", vec![0u8; 64], 400, "invalid_json", None),
+        (
+            "trailing garbage",
+            raw(&trailing),
+            400,
+            "invalid_json",
+            None,
+        ),
+        ("not an object", raw("[1,2]"), 400, "", None),
+        (
+            "max tokens past u64",
+            raw(&past_u64),
+            400,
+            "",
+            Some(max.to_owned()),
+        ),
+        (
+            "negative max tokens",
+            with(max, json!(-5)),
+            400,
+            "",
+            Some(max.to_owned()),
+        ),
+        (
+            "zero max tokens",
+            with(max, json!(0)),
+            400,
+            "",
+            Some(max.to_owned()),
+        ),
+        (
+            "fractional max tokens",
+            with(max, json!(1.5)),
+            400,
+            "",
+            Some(max.to_owned()),
+        ),
+        (
+            "string max tokens",
+            with(max, json!("10")),
+            400,
+            "",
+            Some(max.to_owned()),
+        ),
+        (
+            "max tokens over the ceiling",
+            with(max, json!(4097)),
+            400,
+            "max_tokens_too_large",
+            Some(max.to_owned()),
+        ),
+        (
+            "too many messages",
+            with(list, json!(many)),
+            400,
+            "too_many_messages",
+            Some(list.to_owned()),
+        ),
+        (
+            "the list is an object",
+            with(list, json!({"role": "user"})),
+            400,
+            "",
+            Some(list.to_owned()),
+        ),
+        (
+            "the list is empty",
+            with(list, json!([])),
+            400,
+            "",
+            Some(list.to_owned()),
+        ),
+        (
+            "an item is a number",
+            with(list, json!([7])),
+            400,
+            "",
+            Some(format!("{list}[0]")),
+        ),
+        (
+            "role is a number",
+            with(list, json!([{"role": 1, "content": "x"}])),
+            400,
+            "",
+            Some(format!("{list}[0].role")),
+        ),
+        (
+            "content is a number",
+            with(list, json!([{"role": "user", "content": 5}])),
+            400,
+            "",
+            Some(format!("{list}[0].content")),
+        ),
+        (
+            "model is null",
+            with("model", Value::Null),
+            400,
+            "",
+            Some("model".to_owned()),
+        ),
+        (
+            "model is an array",
+            with("model", json!(["auto"])),
+            400,
+            "",
+            Some("model".to_owned()),
+        ),
+        (
+            "stream is a number",
+            with("stream", json!(1)),
+            400,
+            "",
+            Some("stream".to_owned()),
+        ),
+        (
+            "temperature is a string",
+            with("temperature", json!("hot")),
+            400,
+            "",
+            Some("temperature".to_owned()),
+        ),
+        (
+            "an unknown field",
+            with("frobnicate", json!(true)),
+            400,
+            "unknown_parameter",
+            Some("frobnicate".to_owned()),
+        ),
+        (
+            "a huge model name",
+            with("model", json!("m".repeat(1_000_000))),
+            404,
+            "model_not_found",
+            Some("model".to_owned()),
+        ),
+        (
+            "10 MB of whitespace",
+            vec![b' '; 10 * 1024 * 1024],
+            413,
+            "request_too_large",
+            None,
+        ),
+    ];
+    let http = reqwest::Client::new();
+    for (name, body, status, code, param) in cases {
+        if api == Api::Chat && name == "an unknown field" {
+            // Chat passes fields it does not know through to the upstream, by design.
+            continue;
+        }
+        let r = http
+            .post(gw.url(api.path()))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), status, "{api:?} {name}");
+        assert_eq!(header(&r, "content-type"), "application/json", "{name}");
+        let v: Value = r.json().await.expect("error JSON");
+        // The API's shape (OpenAI's four fields, or Anthropic's), with the gateway's code.
+        let got = api.error_code(&v);
+        if !code.is_empty() {
+            assert_eq!(got, code, "{api:?} {name}: {v}");
+        }
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        if let Some(param) = param {
+            if api == Api::Messages {
+                // Anthropic's shape has no `param`: the message names the field.
+                assert!(
+                    message.contains(&format!("`{param}`")) || message.contains(&param),
+                    "{name}: {message}"
+                );
+            } else {
+                assert_eq!(v["error"]["param"], param.as_str(), "{api:?} {name}: {v}");
+            }
+        }
+        assert!(message.len() < 2_000, "{name}: {}", message.len());
+    }
+    assert_eq!(up.hits(), 0, "no malformed request reached an upstream");
+}
+
+for_each_api!(the_corpus_gets_the_right_4xx_in_each_apis_shape);

@@ -70,12 +70,20 @@ impl Edge {
         }
     }
 
-    /// A pipeline error in this API's words: the chat field `max_tokens` is the Responses API's
-    /// `max_output_tokens`. (Anthropic's shape is applied by [`anthropic_errors`].)
+    /// A pipeline error in this API's words: the chat fields `max_tokens` and `messages` are the
+    /// Responses API's `max_output_tokens` and `input`. (Anthropic's shape is applied by [`anthropic_errors`].)
     pub(super) fn error(&self, mut e: ApiError) -> ApiError {
-        if matches!(self, Self::Responses { .. }) && e.param.as_deref() == Some("max_tokens") {
-            e.param = Some("max_output_tokens".to_owned());
-            e.message = e.message.replace("max_tokens", "max_output_tokens");
+        if !matches!(self, Self::Responses { .. }) {
+            return e;
+        }
+        // Chat's field names, and the Responses fields they were translated from.
+        const RENAMED: [(&str, &str); 2] =
+            [("max_tokens", "max_output_tokens"), ("messages", "input")];
+        if let Some((chat, ours)) = RENAMED.iter().find(|(c, _)| e.param.as_deref() == Some(c)) {
+            e.message = e
+                .message
+                .replace(&format!("`{chat}`"), &format!("`{ours}`"));
+            e.param = Some((*ours).to_owned());
         }
         e
     }

@@ -36,6 +36,27 @@ impl Api {
         }
     }
 
+    /// A greedy request (temperature 0) for at most `max_tokens` output tokens, in this API's
+    /// words for both.
+    pub fn greedy(self, text: &str, stream: bool, max_tokens: u64) -> Value {
+        let mut body = self.body(text, stream);
+        body["temperature"] = json!(0);
+        let key = match self {
+            Api::Chat | Api::Messages => "max_tokens",
+            Api::Responses => "max_output_tokens",
+        };
+        body[key] = json!(max_tokens);
+        body
+    }
+
+    /// The output tokens a whole answer reports in its usage.
+    pub fn output_tokens(self, answer: &Value) -> Option<u64> {
+        match self {
+            Api::Chat => answer["usage"]["completion_tokens"].as_u64(),
+            Api::Responses | Api::Messages => answer["usage"]["output_tokens"].as_u64(),
+        }
+    }
+
     /// The gateway's error code from an error body, after checking the API's shape: OpenAI's
     /// four fields, or Anthropic's `{"type":"error","error":{"type","message"}}` with the code
     /// at the end of the message.
@@ -50,8 +71,11 @@ impl Api {
         let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
         keys.sort_unstable();
         assert_eq!(keys, ["message", "type"], "{body}");
+        // Anthropic's error types: all end in `_error` but `request_too_large`.
         assert!(
-            e["type"].as_str().is_some_and(|t| t.ends_with("_error")),
+            e["type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("_error") || t == "request_too_large"),
             "{body}"
         );
         let message = e["message"].as_str().unwrap_or_default();
@@ -88,9 +112,9 @@ impl Api {
             panic!("empty stream: {text:?}")
         };
         match (self, last.as_str()) {
-            (Api::Responses, "response.completed") | (Api::Messages, "message_stop") => {
-                (deltas > 0, None)
-            }
+            // `response.incomplete` is a whole answer cut at max_output_tokens.
+            (Api::Responses, "response.completed" | "response.incomplete")
+            | (Api::Messages, "message_stop") => (deltas > 0, None),
             (Api::Responses, "response.failed") => {
                 let code = data["response"]["error"]["code"].as_str().expect("code");
                 (false, Some(code.to_owned()))
@@ -115,8 +139,25 @@ pub fn error_code(body: &Value) -> String {
 
 /// One test per API for a scenario `async fn NAME(api: Api)`: `NAME::chat`, `NAME::responses`,
 /// `NAME::messages`.
+/// `for_each_api!(multi_thread: NAME, ...)` runs them on a two-thread runtime.
 #[allow(unused_macros)]
 macro_rules! for_each_api {
+    (multi_thread: $($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn chat() {
+                super::$name(super::Api::Chat).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn responses() {
+                super::$name(super::Api::Responses).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn messages() {
+                super::$name(super::Api::Messages).await
+            }
+        }
+    )*};
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test]
