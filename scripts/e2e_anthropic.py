@@ -1,9 +1,11 @@
 """End-to-end checks of a running wattgate with the official `anthropic` Python package.
 
-Usage: e2e_anthropic.py BASE_URL FALLBACK_URL   (gateway roots, without /v1)
+Usage: e2e_anthropic.py BASE_URL FALLBACK_URL NATIVE_URL   (gateway roots, without /v1)
   BASE_URL      the gateway configured by scripts/e2e_openai_python.sh (local and cloud upstreams)
   FALLBACK_URL  a gateway whose local upstream fails every request and whose cloud is a
                 kind = "anthropic" backend ("claude") on a scripted Messages upstream
+  NATIVE_URL    a gateway whose cloud is a kind = "anthropic" backend on an upstream answering
+                every request with scripts/fixtures/native_messages_tool_use.json
 Prints one line per check and a closing "N passed, M failed" line; exits 1 on any failure.
 """
 import json
@@ -17,9 +19,30 @@ import anthropic
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e_checks import run  # noqa: E402
 
-base_url, fallback_url = sys.argv[1], sys.argv[2]
+base_url, fallback_url, native_url = sys.argv[1], sys.argv[2], sys.argv[3]
 client = anthropic.Anthropic(base_url=base_url, api_key="unused-by-the-gateway", max_retries=0)
 fallback = anthropic.Anthropic(base_url=fallback_url, api_key="unused-by-the-gateway", max_retries=0)
+native = anthropic.Anthropic(base_url=native_url, api_key="unused-by-the-gateway", max_retries=0)
+
+WEATHER = {"name": "weather", "description": "The weather now",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def tools_pass_through_to_an_anthropic_cloud():
+    ask = [{"role": "user", "content": "What's the weather in Paris?"}]
+    raw = native.messages.with_raw_response.create(model="auto", max_tokens=200, tools=[WEATHER], messages=ask)
+    message = raw.parse()
+    assert raw.headers["x-wattgate-reason"] == "needs_native_api", dict(raw.headers)
+    assert raw.headers["x-wattgate-backend"] == "claude", dict(raw.headers)
+    assert message.stop_reason == "tool_use", message
+    call = next(b for b in message.content if b.type == "tool_use")
+    assert call.name == "weather" and call.input == {"city": "Paris"}, call
+    assert message.usage.input_tokens == 40 and message.usage.output_tokens == 9, message.usage
+    with native.messages.stream(model="auto", max_tokens=200, tools=[WEATHER], messages=ask) as s:
+        final = s.get_final_message()
+    call = next(b for b in final.content if b.type == "tool_use")
+    assert call.name == "weather" and call.input == {"city": "Paris"}, final
+    assert final.stop_reason == "tool_use" and final.usage.output_tokens == 9, final
 
 
 def create():
@@ -111,7 +134,8 @@ run(
         ("messages.create, routed local, usage, headers", create),
         ("messages.stream with a system prompt: text, usage, stop reason", stream),
         ("unknown model -> NotFoundError in Anthropic's shape", unknown_model_is_not_found),
-        ("tools -> BadRequestError naming tools", tools_are_refused),
+        ("tools -> BadRequestError naming tools (no cloud speaks Messages)", tools_are_refused),
+        ("tools pass through to an Anthropic cloud: tool_use whole and streamed", tools_pass_through_to_an_anthropic_cloud),
         ("messages fall back from a failing local to an Anthropic cloud: headers, usage, ledger", falls_back_to_an_anthropic_cloud),
     ]
 )

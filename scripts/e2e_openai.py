@@ -1,12 +1,16 @@
 """End-to-end checks of a running wattgate with the official `openai` Python package.
 
-Usage: e2e_openai.py BASE_URL FALLBACK_URL MINILM_DIR
+Usage: e2e_openai.py BASE_URL FALLBACK_URL MINILM_DIR NATIVE_URL
   BASE_URL      the gateway configured by scripts/e2e_openai_python.sh (local and cloud upstreams)
   FALLBACK_URL  a gateway whose local upstream fails every request and whose cloud is a
                 kind = "anthropic" backend
   MINILM_DIR    all-MiniLM-L6-v2's files (scripts/fetch_minilm.sh), for the numpy reference
+  NATIVE_URL    a gateway with a cloud backend "gpt" speaking Responses natively
+                (api = "responses"), on an upstream answering every request with
+                scripts/fixtures/native_responses_function_call.json
 Prints one line per check and a closing "N passed, M failed" line; exits 1 on any failure.
 """
+import json
 import math
 import sys
 from pathlib import Path
@@ -17,9 +21,35 @@ sys.path.insert(0, str(Path(__file__).parent))
 from e2e_checks import run  # noqa: E402
 from minilm_reference import MiniLM  # noqa: E402
 
-base_url, fallback_url, minilm_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+base_url, fallback_url, minilm_dir, native_url = sys.argv[1:5]
 client = openai.OpenAI(base_url=base_url, api_key="unused-by-the-gateway", max_retries=0)
 fallback = openai.OpenAI(base_url=fallback_url, api_key="unused-by-the-gateway", max_retries=0)
+native = openai.OpenAI(base_url=native_url, api_key="unused-by-the-gateway", max_retries=0)
+
+WEATHER = {"type": "function", "name": "weather", "description": "The weather now",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def responses_tools_pass_through():
+    raw = native.responses.with_raw_response.create(model="gpt", input="Weather in Paris?", tools=[WEATHER])
+    response = raw.parse()
+    assert raw.headers["x-wattgate-backend"] == "gpt", dict(raw.headers)
+    call = response.output[0]
+    assert call.type == "function_call" and call.name == "weather", response
+    assert json.loads(call.arguments) == {"city": "Paris"}, call
+    assert response.usage.input_tokens == 30 and response.usage.output_tokens == 7, response.usage
+    with native.responses.stream(model="gpt", input="Weather in Paris?", tools=[WEATHER]) as s:
+        kinds = [event.type for event in s]
+        final = s.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    assert "response.function_call_arguments.delta" in kinds, kinds
+    assert json.loads(final.output[0].arguments) == {"city": "Paris"}, final
+    # The tool's output goes back on the upstream's own response id.
+    follow = native.responses.create(
+        model="gpt", previous_response_id=response.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18C"}],
+    )
+    assert follow.output[0].type == "function_call", follow
 
 
 def non_streaming():
@@ -214,7 +244,8 @@ run(
         ("responses.create, routed local, usage, headers", responses_create),
         ("responses.stream: events, text, usage", responses_stream),
         ("responses previous_response_id, unknown id, store=False", responses_follow_up),
-        ("responses with tools -> BadRequestError naming tools", responses_tools_refused),
+        ("responses with tools -> BadRequestError naming tools (no cloud speaks Responses)", responses_tools_refused),
+        ("responses with tools pass through to a cloud speaking Responses, whole and streamed", responses_tools_pass_through),
         ("responses fall back from a failing local to an Anthropic cloud", responses_fall_back_to_the_cloud),
         ("embeddings: 384 dims, paraphrases closer, equal to a numpy reference to 1e-4", embeddings),
         ("embeddings: dimensions refused, chat model not found", embeddings_refusals),

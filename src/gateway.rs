@@ -40,6 +40,7 @@ use crate::metering::{GuardLeg, Metering, Outcome, Recorder, RequestMeter};
 use crate::metrics::Metrics;
 use crate::resilience::{Breaker, RetryPolicy};
 use crate::router::{Decision, Overrides, Reason};
+use crate::wire::native::Native;
 use crate::wire::ChatRequest;
 
 mod accounts;
@@ -76,6 +77,9 @@ pub struct Inbound<'a> {
     pub id: &'a str,
     /// Who the request is charged to.
     pub client: &'a Client,
+    /// The request as it came, when the edge passes it through natively (the body is then
+    /// its chat view: [`crate::wire::native`]).
+    pub native: Option<Arc<Native>>,
 }
 
 /// Where a request was served and why: becomes the `x-wattgate-*` headers.
@@ -187,9 +191,11 @@ impl Gateway {
             started,
             id: request_id,
             client,
+            native,
         } = inbound;
         // 1. Parse, validate, charge the client's rate limits.
-        let request = ChatRequest::parse(body)?;
+        let mut request = ChatRequest::parse(body)?;
+        request.set_native(native);
         request.check_limits(&self.limits)?;
         if let Err(refusal) = self.rate_limits.charge(client, request.estimated_tokens()) {
             self.accounts
@@ -202,7 +208,6 @@ impl Gateway {
         if self.log_prompts {
             tracing::debug!(request_id, prompt = %request.prompt_text(), "prompt");
         }
-        let mut request = request;
 
         // 2. Route: the enrolled arm's router, else the configured one, from one snapshot of
         //    the routers (a reload swaps them between requests, never inside one). The guard's
@@ -496,6 +501,16 @@ impl Gateway {
 
     /// One backend's answer, through its circuit breaker and retries ([`Accounts::attempt`]).
     async fn attempt(&self, index: usize, request: &ChatRequest) -> Result<Reply, BackendError> {
+        let backend = &self.backends[index];
+        if let Some(native) = request.native().filter(|n| !backend.speaks(n.api)) {
+            return Err(BackendError::Unsupported {
+                detail: format!(
+                    "{} It does not speak the {} API natively (the request has no chat translation).",
+                    native.why,
+                    native.api.name()
+                ),
+            });
+        }
         self.accounts.attempt(index, request).await
     }
 

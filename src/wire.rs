@@ -6,6 +6,8 @@
 //! extensions — reaches the upstream byte-for-byte equivalent, so new OpenAI features work through
 //! the gateway without a release.
 
+use std::sync::Arc;
+
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -26,6 +28,7 @@ pub const ROLES: [&str; 6] = [
 mod answer;
 pub mod edge;
 pub mod messages;
+pub mod native;
 pub mod responses;
 pub use answer::{answer_peek, read_answer, without_logprobs, AnswerPeek};
 
@@ -49,6 +52,9 @@ pub struct ChatRequest {
     /// this request, so local backends collect the sampled tokens' log-probabilities (see
     /// [`ChatRequest::set_wants_signals`]).
     wants_signals: bool,
+    /// Set by the edge: the request as it came, for a backend that speaks its API natively;
+    /// the chat body is then only what the pipeline routes and meters it by.
+    native: Option<Arc<native::Native>>,
 }
 
 /// OpenAI's ceiling on `top_logprobs`.
@@ -228,12 +234,24 @@ impl ChatRequest {
             prompt_chars,
             max_tokens,
             wants_signals: false,
+            native: None,
         })
     }
 
     /// Whether the client asked for `logprobs`.
     pub fn client_logprobs(&self) -> bool {
         self.body.get("logprobs").and_then(Value::as_bool) == Some(true)
+    }
+
+    /// The request as the client sent it, when only a backend speaking its API natively can
+    /// serve it.
+    pub fn native(&self) -> Option<&native::Native> {
+        self.native.as_deref()
+    }
+
+    /// Attaches the request as the client sent it (the edge does, for a native request).
+    pub fn set_native(&mut self, native: Option<Arc<native::Native>>) {
+        self.native = native;
     }
 
     /// Whether a local answer to this request will be checked by the quality guard.
@@ -341,6 +359,8 @@ impl ChatRequest {
             max_tokens: self.max_tokens,
             message_count: self.message_count,
             wants_signals: self.wants_signals,
+            // Re-asks are of local answers, and a native request is never served locally.
+            native: None,
         }
     }
 

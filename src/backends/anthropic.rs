@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
 use super::{BackendError, Chunk};
+use crate::wire::native::{usage_in, NativeApi};
 use crate::wire::{text_parts, ChatRequest, Usage};
 
 /// The `anthropic-version` header sent when the config names none: the version Anthropic's
@@ -158,14 +159,7 @@ fn protocol(detail: String) -> BackendError {
 /// Input tokens as Anthropic counts them: uncached plus cache reads and writes, all of which
 /// the prompt was.
 fn input_tokens(usage: &Value) -> u64 {
-    [
-        "input_tokens",
-        "cache_read_input_tokens",
-        "cache_creation_input_tokens",
-    ]
-    .iter()
-    .filter_map(|k| usage.get(*k).and_then(Value::as_u64))
-    .sum()
+    usage_in(NativeApi::Messages, Some(usage)).map_or(0, |u| u.prompt_tokens)
 }
 
 /// A whole Messages answer as a chat completion body.

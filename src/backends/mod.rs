@@ -7,6 +7,7 @@
 
 pub mod anthropic;
 pub mod candle;
+mod native;
 pub mod openai;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use futures::stream::BoxStream;
 
 use crate::config::{BackendConfig, BackendKind, ModelsConfig, Role};
 use crate::error::ApiError;
+use crate::wire::native::NativeApi;
 use crate::wire::{ChatRequest, Usage};
 
 /// What every backend is, independent of how it runs.
@@ -320,6 +322,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Checks that the backend can serve now (for `/readyz`); `Err` says why not.
     async fn probe(&self) -> Result<(), String>;
+
+    /// Whether requests of `api` that have no chat translation can be passed to this backend
+    /// as they came ([`crate::wire::native`]).
+    fn speaks(&self, _api: NativeApi) -> bool {
+        false
+    }
 
     /// Tokens `text` encodes to with this backend's own tokenizer, when the gateway has it (the
     /// embedded models do). Used to meter replies whose upstream reported no usage.

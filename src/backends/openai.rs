@@ -1,7 +1,8 @@
 //! A backend that speaks the OpenAI chat-completions protocol over HTTP: OpenAI itself and the
 //! local servers that imitate it (llama.cpp's `llama-server`, Ollama, vLLM, LM Studio...); and,
 //! with the same transport, timeouts and caps, Anthropic's Messages API (`kind = "anthropic"`,
-//! translated by [`super::anthropic`]).
+//! translated by [`super::anthropic`]). A request with no chat translation is passed to the API
+//! it came in when this backend speaks it ([`crate::wire::native`]).
 
 use std::time::Duration;
 
@@ -13,10 +14,12 @@ use serde::Deserialize;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::anthropic;
+use super::native::NativeReader;
 use super::{
     Backend, BackendError, BackendInfo, Chunk, Completion, OpenedStream, Reply, TimeoutPhase,
 };
-use crate::config::{secs, BackendConfig, BackendKind};
+use crate::config::{secs, BackendApi, BackendConfig, BackendKind};
+use crate::wire::native::{self, NativeApi};
 use crate::wire::{read_answer, upstream_error_message, AnswerPeek, ChatRequest, ChunkPeek, Usage};
 
 /// How long a readiness probe may take before the backend counts as not ready.
@@ -38,6 +41,8 @@ pub struct OpenAiBackend {
     /// Ask for `logprobs` when the guard will check the answer (`confidence = "logprobs"`).
     reads_logprobs: bool,
     protocol: Protocol,
+    /// `api = "responses"`: where Responses requests are passed through natively.
+    responses_url: Option<String>,
 }
 
 /// The wire protocol behind the shared HTTP exchange.
@@ -93,6 +98,7 @@ impl OpenAiBackend {
             max_response_bytes: c.max_response_bytes,
             stream_usage: c.stream_usage,
             reads_logprobs: c.reads_logprobs() && protocol == Protocol::OpenAi,
+            responses_url: (c.api == BackendApi::Responses).then(|| format!("{base}/responses")),
             protocol,
         })
     }
@@ -167,21 +173,28 @@ impl Backend for OpenAiBackend {
         let reads = self.reads_logprobs && request.wants_signals();
         let forced_logprobs = reads && !request.client_logprobs();
 
-        let body = match self.protocol {
-            Protocol::OpenAi => {
-                request.upstream_body(&self.info.model, self.stream_usage, forced_logprobs)
-            }
-            Protocol::Anthropic { .. } => anthropic::request_body(request, &self.info.model)?,
+        // A request with no chat translation goes as it came, to the API it came in.
+        let native = request.native().filter(|n| self.speaks(n.api));
+        let (url, body) = match (native, &self.protocol) {
+            (Some(n), _) => (self.native_url(n.api), n.upstream_body(&self.info.model)),
+            (None, Protocol::OpenAi) => (
+                self.chat_url.as_str(),
+                request.upstream_body(&self.info.model, self.stream_usage, forced_logprobs),
+            ),
+            (None, Protocol::Anthropic { .. }) => (
+                self.chat_url.as_str(),
+                anthropic::request_body(request, &self.info.model)?,
+            ),
         };
         let builder = self
             .client
-            .post(&self.chat_url)
+            .post(url)
             .header(CONTENT_TYPE, "application/json")
             .body(body);
         let builder = self.authorize(builder)?;
         let response = match timeout_at(first_byte_deadline, builder.send()).await {
             Err(_) => return Err(self.timeout(TimeoutPhase::FirstByte)),
-            Ok(Err(e)) => return Err(self.transport_error(&self.chat_url, &e)),
+            Ok(Err(e)) => return Err(self.transport_error(url, &e)),
             Ok(Ok(r)) => r,
         };
 
@@ -205,9 +218,7 @@ impl Backend for OpenAiBackend {
             let body =
                 match timeout_at(deadline, read_capped(response, self.max_response_bytes)).await {
                     Err(_) => return Err(self.timeout(TimeoutPhase::Total)),
-                    Ok(Err(Capped::Transport(e))) => {
-                        return Err(self.transport_error(&self.chat_url, &e))
-                    }
+                    Ok(Err(Capped::Transport(e))) => return Err(self.transport_error(url, &e)),
                     Ok(Err(Capped::Over)) => {
                         return Err(BackendError::Protocol {
                             detail: format!(
@@ -218,6 +229,15 @@ impl Backend for OpenAiBackend {
                     }
                     Ok(Ok(b)) => b,
                 };
+            if let Some(n) = native {
+                let usage = native::whole_usage(n.api, &body)
+                    .map_err(|detail| BackendError::Protocol { detail })?;
+                return Ok(Reply::Complete(Completion {
+                    body,
+                    usage,
+                    logprobs: None,
+                }));
+            }
             let body = match self.protocol {
                 Protocol::OpenAi => body,
                 Protocol::Anthropic { .. } => anthropic::completion(&body)?,
@@ -238,11 +258,14 @@ impl Backend for OpenAiBackend {
         }
 
         let mut events = Box::pin(line_capped(response.bytes_stream()).eventsource());
-        let mut messages = matches!(self.protocol, Protocol::Anthropic { .. })
-            .then(anthropic::StreamReader::default);
+        let mut reader = match (native, &self.protocol) {
+            (Some(n), _) => Reader::Native(NativeReader::new(n.api)),
+            (None, Protocol::Anthropic { .. }) => Reader::Messages(Default::default()),
+            (None, Protocol::OpenAi) => Reader::Chat,
+        };
         let first = match timeout_at(
             first_byte_deadline,
-            read_next(&mut events, &mut messages, reads, forced_logprobs),
+            read_next(&mut events, &mut reader, reads, forced_logprobs),
         )
         .await
         {
@@ -272,12 +295,19 @@ impl Backend for OpenAiBackend {
             finished: false,
             read_logprobs: reads,
             strip_logprobs: forced_logprobs,
-            messages,
+            reader,
         };
         Ok(Reply::Stream(OpenedStream {
             first,
             rest: Box::pin(futures::stream::unfold(rest, RestOfStream::step)),
         }))
+    }
+
+    fn speaks(&self, api: NativeApi) -> bool {
+        match api {
+            NativeApi::Responses => self.responses_url.is_some(),
+            NativeApi::Messages => matches!(self.protocol, Protocol::Anthropic { .. }),
+        }
     }
 
     async fn probe(&self) -> Result<(), String> {
@@ -305,6 +335,14 @@ impl OpenAiBackend {
     fn stream_error(&self, e: StreamFailure) -> BackendError {
         e.into_backend_error(&self.chat_url)
     }
+
+    /// Where this backend takes requests of `api` natively.
+    fn native_url(&self, api: NativeApi) -> &str {
+        match api {
+            NativeApi::Responses => self.responses_url.as_deref().unwrap_or(&self.chat_url),
+            NativeApi::Messages => &self.chat_url,
+        }
+    }
 }
 
 /// The state of a stream after its first chunk.
@@ -316,8 +354,7 @@ struct RestOfStream {
     finished: bool,
     read_logprobs: bool,
     strip_logprobs: bool,
-    /// The Messages reader, for `kind = "anthropic"`.
-    messages: Option<anthropic::StreamReader>,
+    reader: Reader,
 }
 
 impl RestOfStream {
@@ -329,7 +366,7 @@ impl RestOfStream {
             self.deadline,
             read_next(
                 &mut self.events,
-                &mut self.messages,
+                &mut self.reader,
                 self.read_logprobs,
                 self.strip_logprobs,
             ),
@@ -488,36 +525,60 @@ where
     }
 }
 
-/// The next chunk in either protocol: a Messages stream through its reader, else
-/// [`next_chunk`].
+/// How an upstream's events become chunks.
+enum Reader {
+    /// Chat chunks, read by [`next_chunk`].
+    Chat,
+    /// A Messages stream translated into chat chunks (`kind = "anthropic"`).
+    Messages(anthropic::StreamReader),
+    /// A native stream, relayed as it came ([`crate::wire::native`]).
+    Native(NativeReader),
+}
+
+/// The next chunk, read by the stream's [`Reader`].
 async fn read_next<S>(
     events: &mut std::pin::Pin<Box<S>>,
-    messages: &mut Option<anthropic::StreamReader>,
+    reader: &mut Reader,
     read_logprobs: bool,
     strip_logprobs: bool,
 ) -> Result<Next, StreamFailure>
 where
     S: EventSource + ?Sized,
 {
-    let Some(reader) = messages else {
-        return next_chunk(events, read_logprobs, strip_logprobs).await;
-    };
-    loop {
-        if let Some(chunk) = reader.pop() {
-            return Ok(Next::Chunk(chunk));
-        }
-        if reader.finished() {
-            return Ok(Next::Done);
-        }
-        let Some(event) = next_event(events).await? else {
-            return Ok(Next::Eof);
-        };
-        let data = event.data.trim();
-        if !data.is_empty() {
-            reader
-                .event(&event.event, data)
-                .map_err(StreamFailure::Protocol)?;
-        }
+    match reader {
+        Reader::Chat => next_chunk(events, read_logprobs, strip_logprobs).await,
+        Reader::Messages(reader) => loop {
+            if let Some(chunk) = reader.pop() {
+                return Ok(Next::Chunk(chunk));
+            }
+            if reader.finished() {
+                return Ok(Next::Done);
+            }
+            let Some(event) = next_event(events).await? else {
+                return Ok(Next::Eof);
+            };
+            let data = event.data.trim();
+            if !data.is_empty() {
+                reader
+                    .event(&event.event, data)
+                    .map_err(StreamFailure::Protocol)?;
+            }
+        },
+        Reader::Native(reader) => loop {
+            if reader.finished() {
+                return Ok(Next::Done);
+            }
+            let Some(event) = next_event(events).await? else {
+                return Ok(Next::Eof);
+            };
+            let data = event.data.trim();
+            if data.is_empty() {
+                continue;
+            }
+            if let Some(chunk) = reader.event(data).map_err(StreamFailure::Protocol)? {
+                return Ok(Next::Chunk(chunk));
+            }
+        },
     }
 }
 

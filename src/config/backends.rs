@@ -40,6 +40,17 @@ pub enum BackendKind {
     Anthropic,
 }
 
+/// Which of OpenAI's APIs an `openai` upstream speaks besides chat completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendApi {
+    /// Chat completions only.
+    #[default]
+    Chat,
+    /// Chat completions and the Responses API.
+    Responses,
+}
+
 /// One upstream model.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +93,11 @@ pub struct BackendConfig {
     /// `anthropic`: the `anthropic-version` header; default `2023-06-01`.
     #[serde(default)]
     pub anthropic_version: Option<String>,
+    /// `openai`: `"responses"` when the upstream also serves OpenAI's Responses API at
+    /// `{base_url}/responses` (OpenAI itself, vLLM): `/v1/responses` requests the gateway cannot
+    /// translate to chat (tools, reasoning, tool-call items) are then passed to it as they came.
+    #[serde(default)]
+    pub api: BackendApi,
     /// Total parameter count of the model (for compute metering).
     pub parameters: f64,
     /// Parameters active per token (mixture-of-experts); defaults to `parameters`.
@@ -244,6 +260,7 @@ pub(super) fn default_backends() -> Vec<BackendConfig> {
             model: "gemma-3-270m".to_owned(),
             api_key_env: None,
             anthropic_version: None,
+            api: BackendApi::Chat,
             // Gemma 3 270M: 268M parameters (Google's Gemma 3 model card).
             parameters: 268e6,
             active_parameters: None,
@@ -278,6 +295,7 @@ pub(super) fn default_backends() -> Vec<BackendConfig> {
             model: "gpt-4.1".to_owned(),
             api_key_env: Some("OPENAI_API_KEY".to_owned()),
             anthropic_version: None,
+            api: BackendApi::Chat,
             // OpenAI publishes no parameter count. Assumption: the IPW paper's cloud reference,
             // Qwen3-235B-A22B (235B total, 22B active; arXiv 2511.07885). Set your own.
             parameters: 235e9,
@@ -345,6 +363,12 @@ impl BackendConfig {
             return Err(invalid(
                 key("name"),
                 format!("\"{}\" is already used by backends[{j}]", b.name),
+            ));
+        }
+        if b.api == BackendApi::Responses && b.kind != BackendKind::Openai {
+            return Err(invalid(
+                key("api"),
+                "\"responses\" applies to kind = \"openai\" only (an anthropic backend speaks Messages natively)",
             ));
         }
         match (b.kind, &b.base_url) {

@@ -27,7 +27,7 @@ mod server;
 
 pub use auth::{AuthConfig, ClientKeyConfig};
 use backends::default_backends;
-pub use backends::{BackendConfig, BackendKind, ConfidenceSource, PromptStyle, Role};
+pub use backends::{BackendApi, BackendConfig, BackendKind, ConfidenceSource, PromptStyle, Role};
 use embeddings::default_embeddings;
 pub use embeddings::{EmbeddingsConfig, EmbeddingsKind};
 pub use experiments::{ArmConfig, ExperimentConfig, ExperimentUnit, ShadowConfig};

@@ -59,6 +59,7 @@ pub struct Overrides {
 /// Capabilities a request needs that a local backend may lack.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Needs {
+    native: bool,
     tools: bool,
     response_format: bool,
     images: bool,
@@ -101,6 +102,7 @@ impl Needs {
         // The parser refuses `top_logprobs` without `logprobs: true`.
         let logprobs = request.client_logprobs();
         Self {
+            native: request.native().is_some(),
             tools: non_empty("tools") || non_empty("functions"),
             response_format,
             images,
@@ -126,6 +128,10 @@ struct Local {
 impl Local {
     /// The first hard constraint this backend fails for the request, if any.
     fn refusal(&self, needs: Needs, prompt_chars: usize) -> Option<Reason> {
+        // Local backends are served a translation to chat, and this request has none.
+        if needs.native {
+            return Some(Reason::NeedsNativeApi);
+        }
         if needs.tools && !self.supports_tools {
             return Some(Reason::NeedsTools);
         }

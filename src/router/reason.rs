@@ -42,6 +42,9 @@ pub enum Reason {
     RouterCloud,
     /// `tools` or `functions` and no local backend supports them.
     NeedsTools,
+    /// A `/v1/responses` or `/v1/messages` request that only a backend speaking that API
+    /// natively can serve (tools, reasoning, tool-call items): never local.
+    NeedsNativeApi,
     /// `response_format` and no local backend honours it.
     NeedsResponseFormat,
     /// Image or audio content and no local backend accepts it.
@@ -85,6 +88,7 @@ impl Reason {
             Reason::RouterLocal => "router_local",
             Reason::RouterCloud => "router_cloud",
             Reason::NeedsTools => "needs_tools",
+            Reason::NeedsNativeApi => "needs_native_api",
             Reason::NeedsResponseFormat => "needs_response_format",
             Reason::NeedsImages => "needs_images",
             Reason::NeedsN => "needs_n",

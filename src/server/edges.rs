@@ -15,6 +15,7 @@ use futures::StreamExt;
 use crate::error::ApiError;
 use crate::gateway::AnswerBody;
 use crate::wire::edge::{new_id, translate_stream};
+use crate::wire::native::{self, NativeApi};
 use crate::wire::{messages, responses};
 
 /// Which API a request arrived on.
@@ -39,26 +40,62 @@ pub(super) enum Edge {
         request: messages::Translated,
         id: String,
     },
+    /// A request with no chat translation, for a backend speaking its API natively: `view` is
+    /// the chat the pipeline routes and meters it as.
+    Native {
+        request: Arc<native::Native>,
+        view: Vec<u8>,
+    },
 }
 
 impl Edge {
-    /// Translates a request body of `api` into chat (a 400 naming the field it cannot).
+    /// Translates a request body of `api` into chat. What has no translation (tools, reasoning,
+    /// a conversation the gateway did not keep) is passed through natively when `speaks(api)`,
+    /// some backend speaking that API; else it is the translator's 400 naming the field.
     pub(super) fn translate(
         api: Api,
         body: Vec<u8>,
         conversations: &responses::Conversations,
+        speaks: impl Fn(NativeApi) -> bool,
     ) -> Result<Self, ApiError> {
+        let passed = |e: ApiError, native: NativeApi| {
+            if !native::needs_native(&e) || !speaks(native) {
+                return Err(e);
+            }
+            let request = match native {
+                NativeApi::Responses => native::Native::responses(&body, e.message, conversations)?,
+                NativeApi::Messages => native::Native::messages(&body, e.message)?,
+            };
+            Ok(Self::Native {
+                view: request.view(),
+                request: Arc::new(request),
+            })
+        };
         Ok(match api {
             Api::Chat => Self::Chat(body),
-            Api::Responses => Self::Responses {
-                request: Box::new(responses::to_chat(&body, conversations)?),
-                id: new_id("resp_"),
+            Api::Responses => match responses::to_chat(&body, conversations) {
+                Ok(request) => Self::Responses {
+                    request: Box::new(request),
+                    id: new_id("resp_"),
+                },
+                Err(e) => passed(e, NativeApi::Responses)?,
             },
-            Api::Messages => Self::Messages {
-                request: messages::to_chat(&body)?,
-                id: new_id("msg_"),
+            Api::Messages => match messages::to_chat(&body) {
+                Ok(request) => Self::Messages {
+                    request,
+                    id: new_id("msg_"),
+                },
+                Err(e) => passed(e, NativeApi::Messages)?,
             },
         })
+    }
+
+    /// The request as it came, when it is passed through natively.
+    pub(super) fn native(&self) -> Option<Arc<native::Native>> {
+        match self {
+            Self::Native { request, .. } => Some(request.clone()),
+            _ => None,
+        }
     }
 
     /// The chat-completions body the pipeline serves.
@@ -67,13 +104,19 @@ impl Edge {
             Self::Chat(body) => body,
             Self::Responses { request, .. } => &request.chat,
             Self::Messages { request, .. } => &request.chat,
+            Self::Native { view, .. } => view,
         }
     }
 
     /// A pipeline error in this API's words: the chat fields `max_tokens` and `messages` are the
     /// Responses API's `max_output_tokens` and `input`. (Anthropic's shape is applied by [`anthropic_errors`].)
     pub(super) fn error(&self, mut e: ApiError) -> ApiError {
-        if !matches!(self, Self::Responses { .. }) {
+        let responses = match self {
+            Self::Responses { .. } => true,
+            Self::Native { request, .. } => request.api == NativeApi::Responses,
+            _ => false,
+        };
+        if !responses {
             return e;
         }
         // Chat's field names, and the Responses fields they were translated from.
@@ -98,6 +141,11 @@ impl Edge {
         match (self, body) {
             (Self::Chat(_), body) => body,
             (edge, AnswerBody::Error(e)) => AnswerBody::Error(edge.error(e)),
+            // The upstream wrote it in the client's API.
+            (Self::Native { .. }, AnswerBody::Json(json)) => AnswerBody::Json(json),
+            (Self::Native { request, .. }, AnswerBody::Stream(frames)) => AnswerBody::Stream(
+                translate_stream(frames, native::NativeStream::new(request.api)),
+            ),
             (Self::Messages { id, .. }, AnswerBody::Json(json)) => {
                 match messages::answer(&json, &id) {
                     Ok(b) => AnswerBody::Json(b),

@@ -104,7 +104,9 @@ async fn serve(
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
-    let edge = match Edge::translate(api, body, &state.inner.conversations) {
+    let gateway = &state.inner.gateway;
+    let speaks = |native| gateway.backends().iter().any(|b| b.speaks(native));
+    let edge = match Edge::translate(api, body, &state.inner.conversations, speaks) {
         Ok(edge) => edge,
         Err(e) => return e.into_response(),
     };
@@ -120,6 +122,7 @@ async fn serve(
         started: ctx.started,
         id: &ctx.id,
         client: &client,
+        native: edge.native(),
     };
     match state.inner.gateway.chat(edge.chat(), inbound).await {
         Ok(mut answer) => {

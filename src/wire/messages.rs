@@ -324,6 +324,24 @@ pub fn rewrite_error(status: u16, openai: &[u8]) -> Vec<u8> {
     error_body(error_type(status), &message)
 }
 
+/// The gateway's `{"error": {...}}` frame as Anthropic's `error` event, the code kept in the
+/// message.
+pub fn write_error_event(error: &Value, out: &mut Vec<u8>) {
+    let (message, kind, code) = edge::error_parts(error);
+    let kind = match kind.as_str() {
+        "rate_limit_error" => "rate_limit_error",
+        "invalid_request_error" => "invalid_request_error",
+        _ if code == "upstream_timeout" => "timeout_error",
+        _ => "api_error",
+    };
+    let message = if code.is_empty() {
+        message
+    } else {
+        format!("{message} (code: {code})")
+    };
+    edge::write_event(out, "error", &error_value(kind, &message));
+}
+
 /// The Messages event stream for one answer: `message_start`, one text block (`content_block_*`,
 /// with a `ping` after its start), `message_delta` with the stop reason and usage, `message_stop`;
 /// a failure after the start is an `error` event. Input tokens are known only at the end (the
@@ -388,19 +406,7 @@ impl StreamEdge for MessagesStream {
     }
 
     fn failed(&mut self, error: &Value, out: &mut Vec<u8>) {
-        let (message, kind, code) = edge::error_parts(error);
-        let kind = match kind.as_str() {
-            "rate_limit_error" => "rate_limit_error",
-            "invalid_request_error" => "invalid_request_error",
-            _ if code == "upstream_timeout" => "timeout_error",
-            _ => "api_error",
-        };
-        let message = if code.is_empty() {
-            message
-        } else {
-            format!("{message} (code: {code})")
-        };
-        edge::write_event(out, "error", &error_value(kind, &message));
+        write_error_event(error, out);
     }
 
     fn done(&mut self, out: &mut Vec<u8>) {

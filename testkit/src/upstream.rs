@@ -57,6 +57,16 @@ pub enum Behavior {
     },
     /// Answer 200 with a body that is not JSON.
     Garbage,
+    /// Answer in whatever API the test scripts, on any path: `whole` as the JSON body, or, for a
+    /// request with `stream: true`, `events` as SSE, each named by its own `type` (as both the
+    /// Responses and the Messages streams name theirs). Used for answers the gateway must relay
+    /// untouched (tool calls, thinking blocks).
+    Native {
+        /// The whole answer.
+        whole: Value,
+        /// The stream's events; one without its API's closing event is a truncated stream.
+        events: Vec<Value>,
+    },
     /// Answer 200 with a completion whose content is `bytes` long, sent chunked (no
     /// `Content-Length`) and made as it is sent, so the upstream itself holds 64 KiB at a time.
     /// A stream request gets one good chunk, then a `data:` line of `bytes` that never ends.
@@ -196,6 +206,7 @@ impl ScriptedUpstream {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/messages", post(messages))
+            .route("/v1/responses", post(responses))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
             .with_state(shared.clone());
@@ -250,6 +261,49 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
 async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let (behavior, body) = take(&shared, "/v1/messages", headers, &body);
     respond_messages(&shared.name, &body, behavior).await
+}
+
+/// `POST /v1/responses`: the script's `Native`, `Status`, `Delay` and `Garbage` behaviours
+/// (the gateway sends only requests it cannot translate to chat here, and relays the answer).
+async fn responses(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let (mut behavior, body) = take(&shared, "/v1/responses", headers, &body);
+    while let Behavior::Delay(d, inner) = behavior {
+        tokio::time::sleep(d).await;
+        behavior = *inner;
+    }
+    let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    match behavior {
+        Behavior::Native { whole, events } => native_response(stream, whole, events),
+        Behavior::Status {
+            status,
+            body,
+            retry_after,
+        } => status_response(status, body, retry_after),
+        Behavior::Garbage => (StatusCode::OK, "<html>not json</html>").into_response(),
+        _ => (
+            StatusCode::NOT_IMPLEMENTED,
+            "not scripted for the Responses protocol",
+        )
+            .into_response(),
+    }
+}
+
+/// A scripted native answer: the JSON, or the events named by their `type`.
+fn native_response(stream: bool, whole: Value, events: Vec<Value>) -> Response {
+    if !stream {
+        return axum::Json(whole).into_response();
+    }
+    sse(events
+        .into_iter()
+        .map(|e| {
+            let name = e
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("message")
+                .to_owned();
+            event(&name, e)
+        })
+        .collect())
 }
 
 /// `POST /v1/embeddings`: one 3-dimensional vector per input (`[i, words, 1]`), usage counting
@@ -358,6 +412,7 @@ async fn respond_messages(model: &str, request: &Value, behavior: Behavior) -> R
             retry_after,
         } => return status_response(status, body, retry_after),
         Behavior::Garbage => return (StatusCode::OK, "<html>not json</html>").into_response(),
+        Behavior::Native { whole, events } => return native_response(stream, whole, events),
         Behavior::Oversize { .. } | Behavior::Delay(..) => {
             return (
                 StatusCode::NOT_IMPLEMENTED,
@@ -525,6 +580,7 @@ async fn respond(model: &str, request: &Value, behavior: Behavior) -> Response {
             body,
             retry_after,
         } => status_response(status, body, retry_after),
+        Behavior::Native { whole, events } => native_response(stream, whole, events),
         Behavior::Garbage => (StatusCode::OK, "<html>not json</html>").into_response(),
         Behavior::Oversize { bytes } => {
             const PIECE: usize = 64 * 1024;

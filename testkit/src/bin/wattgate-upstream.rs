@@ -1,5 +1,6 @@
 //! A standalone OpenAI-compatible upstream for scripts and load tests: answers every chat request
-//! with a fixed reply (JSON or SSE), optionally after a delay. Prints its address on stdout.
+//! with a fixed reply (JSON or SSE), optionally after a delay, or with a scripted native answer
+//! (`--native`, for Responses and Messages requests the gateway passes through). Prints its address on stdout.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -28,12 +29,33 @@ struct Args {
     /// The failure status: 500 (server error) or 429 (rate limited, Retry-After: 1).
     #[arg(long, default_value_t = 500)]
     fail_status: u16,
+    /// Answer every request with this file's native answer instead of `--reply`: a JSON object
+    /// `{"whole": <answer>, "events": [<event data>...]}` (see `Behavior::Native`).
+    #[arg(long)]
+    native: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let reply = Behavior::Reply(args.reply);
+    let reply = match &args.native {
+        None => Behavior::Reply(args.reply),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--native {}: {e}", path.display()))?;
+            let mut v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("--native {}: {e}", path.display()))?;
+            let events = match v.get_mut("events").map(serde_json::Value::take) {
+                Some(serde_json::Value::Array(events)) => events,
+                _ => anyhow::bail!("--native {}: needs an `events` array", path.display()),
+            };
+            let whole = v.get_mut("whole").map(serde_json::Value::take);
+            let Some(whole) = whole.filter(serde_json::Value::is_object) else {
+                anyhow::bail!("--native {}: needs a `whole` object", path.display())
+            };
+            Behavior::Native { whole, events }
+        }
+    };
     let behavior = if args.delay_ms > 0 {
         Behavior::Delay(Duration::from_millis(args.delay_ms), Box::new(reply))
     } else {
