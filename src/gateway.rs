@@ -197,14 +197,7 @@ impl Gateway {
         let mut request = ChatRequest::parse(body)?;
         request.set_native(native);
         request.check_limits(&self.limits)?;
-        if let Err(refusal) = self.rate_limits.charge(client, request.estimated_tokens()) {
-            self.accounts
-                .metrics
-                .rejected
-                .with_label_values(&[refusal.limit.reason()])
-                .inc();
-            return Err(refusal.to_api_error(client));
-        }
+        self.charge(client, request.estimated_tokens())?;
         if self.log_prompts {
             tracing::debug!(request_id, prompt = %request.prompt_text(), "prompt");
         }
@@ -521,6 +514,19 @@ impl Gateway {
             return None;
         }
         self.accounts.cloud
+    }
+
+    /// Charges one request of `tokens` to `client`'s rate limits, or refuses it (429, counted in
+    /// `wattgate_rejected_requests_total`). Chat and embeddings requests share the limits.
+    pub fn charge(&self, client: &Client, tokens: u64) -> Result<(), ApiError> {
+        self.rate_limits.charge(client, tokens).map_err(|refusal| {
+            self.accounts
+                .metrics
+                .rejected
+                .with_label_values(&[refusal.limit.reason()])
+                .inc();
+            refusal.to_api_error(client)
+        })
     }
 
     /// The ids `/v1/models` lists: the alias, then every backend.

@@ -148,6 +148,38 @@ async fn the_embedded_encoder_batches_pads_and_encodes_faithfully() {
     assert!(
         m.contains("wattgate_embeddings_energy_joules_total{model=\"all-minilm-l6-v2\",source=")
     );
+    // In the ledger: five local rows, each with its tokens, the energy meter's joules, the
+    // encoder's FLOPs (2 x 22.7M parameters a token) and a cloud price as the counterfactual.
+    let path = gw.ledger.clone();
+    let _dir = gw.stop().await;
+    let rows = wattgate::ledger::Ledger::open(&path)
+        .expect("ledger")
+        .rows_since(0)
+        .expect("rows");
+    assert_eq!(rows.len(), 5);
+    let mut ledger_tokens = 0;
+    for row in &rows {
+        assert_eq!(
+            (
+                row.route.as_str(),
+                row.reason.as_str(),
+                row.backend.as_str()
+            ),
+            ("local", "embeddings", "all-minilm-l6-v2")
+        );
+        assert!(row.bill.local_joules > 0.0, "{row:?}");
+        assert!((row.bill.flops - 2.0 * 22.7e6 * row.input_tokens as f64).abs() < 1.0);
+        // No published cloud figure for an embedding's energy: the counterfactual takes the
+        // request's own, so only the cost saved moves.
+        let cf = row.bill.counterfactual.expect("counterfactual");
+        assert!(cf.usd > 0.0, "{cf:?}");
+        assert_eq!(
+            (cf.joules, cf.flops),
+            (row.bill.local_joules, row.bill.flops)
+        );
+        ledger_tokens += row.input_tokens;
+    }
+    assert_eq!(ledger_tokens, counted as u64);
 }
 
 #[tokio::test]
@@ -237,4 +269,74 @@ async fn an_openai_embeddings_model_is_passed_through() {
         .filter_map(|m| m["id"].as_str())
         .collect();
     assert_eq!(embeddings, ["remote"]);
+}
+
+/// Embeddings requests are charged to the client's rate limits, which chat shares, and each
+/// one, served or failed, has its ledger row with its tokens and what it cost.
+#[tokio::test]
+async fn embeddings_count_against_rate_limits_and_are_in_the_ledger() {
+    let up = ScriptedUpstream::start(
+        "text-embedding-3-small",
+        vec![
+            Behavior::Reply(String::new()),
+            Behavior::server_error("embedder down"),
+        ],
+    )
+    .await
+    .expect("upstream");
+    let chat = ScriptedUpstream::start("local", vec![Behavior::Reply("hi".into())])
+        .await
+        .expect("chat upstream");
+    let toml = format!(
+        "[limits]\nrequests_per_minute = 3\n[ledger]\nflush_interval_s = 0.05\n{}[[embeddings]]\nname = \"remote\"\nkind = \"openai\"\nmodel = \"text-embedding-3-small\"\nbase_url = \"{}\"\nparameters = 1e9\ncloud_usd_per_million_tokens = 20.0\n",
+        backend("local", "local", &chat.base_url(), ""),
+        up.base_url()
+    );
+    let gw = Gateway::start(&toml).await;
+    let ok = post(
+        &gw,
+        &json!({"model": "remote", "input": ["one two", "three"]}),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
+    let failed = post(&gw, &json!({"model": "remote", "input": "four"})).await;
+    assert_eq!(failed.status(), 502, "the upstream's 500");
+    // One chat request spends the third of the minute's three; the next embeddings request is
+    // refused before reaching the upstream.
+    assert_eq!(
+        gw.post_chat(&support::chat_body("local", "hello"))
+            .await
+            .status(),
+        200
+    );
+    let refused = post(&gw, &json!({"model": "remote", "input": "five"})).await;
+    let e = support::expect_error(refused, 429).await;
+    assert_eq!(e["code"], "rate_limit_exceeded", "{e}");
+    assert_eq!(
+        (up.hits(), chat.hits()),
+        (2, 1),
+        "the refused request reached no upstream"
+    );
+
+    let path = gw.ledger.clone();
+    let _dir = gw.stop().await;
+    let rows = wattgate::ledger::Ledger::open(&path)
+        .expect("ledger")
+        .rows_since(0)
+        .expect("rows");
+    let embedded: Vec<_> = rows.iter().filter(|r| r.reason == "embeddings").collect();
+    assert_eq!(embedded.len(), 2, "{rows:?}");
+    let (ok, failed) = (embedded[0], embedded[1]);
+    assert_eq!(
+        (ok.backend.as_str(), ok.route.as_str(), ok.status),
+        ("remote", "cloud", 200)
+    );
+    assert_eq!((ok.outcome.as_str(), ok.input_tokens), ("ok", 3));
+    // 3 tokens at $20 per million: spent, and the counterfactual.
+    assert!((ok.bill.cloud_usd - 60e-6).abs() < 1e-12, "{:?}", ok.bill);
+    assert_eq!(
+        ok.bill.counterfactual.map(|c| c.usd),
+        Some(ok.bill.cloud_usd)
+    );
+    assert_eq!((failed.outcome.as_str(), failed.status), ("error", 502));
 }

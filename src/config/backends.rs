@@ -295,7 +295,8 @@ pub(super) fn default_backends() -> Vec<BackendConfig> {
             model: "gpt-4.1".to_owned(),
             api_key_env: Some("OPENAI_API_KEY".to_owned()),
             anthropic_version: None,
-            api: BackendApi::Chat,
+            // OpenAI serves the Responses API as well as chat completions.
+            api: BackendApi::Responses,
             // OpenAI publishes no parameter count. Assumption: the IPW paper's cloud reference,
             // Qwen3-235B-A22B (235B total, 22B active; arXiv 2511.07885). Set your own.
             parameters: 235e9,

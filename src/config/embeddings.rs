@@ -78,6 +78,13 @@ pub(super) fn default_embeddings() -> Vec<EmbeddingsConfig> {
 }
 
 impl EmbeddingsConfig {
+    /// `tokens` at `cloud_usd_per_million_tokens`.
+    pub fn cloud_price(&self, tokens: u64) -> f64 {
+        tokens as f64 * self.cloud_usd_per_million_tokens / 1e6
+    }
+}
+
+impl EmbeddingsConfig {
     /// Checks one `[[embeddings]]` entry; `before` are the entries above it.
     pub(super) fn validate(
         &self,

@@ -10,7 +10,7 @@ pub mod encoder;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -19,7 +19,8 @@ use tokio::sync::{OnceCell, Semaphore};
 use crate::backends::{BackendError, TimeoutPhase};
 use crate::config::{Config, EmbeddingsConfig, EmbeddingsKind};
 use crate::error::ApiError;
-use crate::metering::{Metering, Tokens};
+use crate::ledger::{now_us, LedgerRow, LedgerSender};
+use crate::metering::{Bill, Metering};
 use crate::metrics::Metrics;
 use crate::models::pull::PipOptions;
 use crate::models::{find_encoder, pull_encoder, EncoderSpec};
@@ -33,6 +34,18 @@ pub struct Embeddings {
     models: Vec<Model>,
     metering: Arc<Metering>,
     metrics: Arc<Metrics>,
+    ledger: Option<LedgerSender>,
+}
+
+/// What the HTTP layer knows about an embeddings request besides its body.
+pub struct Call<'a> {
+    /// The request id (the ledger row's).
+    pub id: &'a str,
+    /// When it arrived.
+    pub started: Instant,
+    /// Charges its estimated tokens to the client's rate limits, shared with chat (a 429
+    /// refuses it before any work).
+    pub admit: &'a (dyn Fn(u64) -> Result<(), ApiError> + Sync),
 }
 
 struct Model {
@@ -70,6 +83,10 @@ pub struct Served {
     pub model: String,
     /// Joules charged (in-process only) and what kind of figure it is.
     pub joules: Option<(f64, &'static str)>,
+    /// Input tokens, as the encoder or the upstream counted them.
+    pub tokens: u64,
+    /// What it cost, and what a cloud embeddings API would have.
+    pub bill: Bill,
 }
 
 impl Embeddings {
@@ -78,6 +95,7 @@ impl Embeddings {
         config: &Config,
         metering: Arc<Metering>,
         metrics: Arc<Metrics>,
+        ledger: Option<LedgerSender>,
     ) -> anyhow::Result<Self> {
         let mut models = Vec::with_capacity(config.embeddings.len());
         for c in &config.embeddings {
@@ -118,6 +136,7 @@ impl Embeddings {
             models,
             metering,
             metrics,
+            ledger,
         })
     }
 
@@ -126,8 +145,10 @@ impl Embeddings {
         self.models.iter().map(|m| m.config.name.as_str())
     }
 
-    /// Serves one embeddings request body.
-    pub async fn embed(&self, body: &[u8]) -> Result<Served, ApiError> {
+    /// Serves one embeddings request body: admitted by the client's rate limits, then recorded
+    /// in the ledger (route `local` for the embedded encoder, `cloud` for an upstream; reason
+    /// `embeddings`), whether it was served or failed.
+    pub async fn embed(&self, body: &[u8], call: Call<'_>) -> Result<Served, ApiError> {
         let request = crate::wire::edge::object(body)?;
         let model_name = request
             .get("model")
@@ -143,6 +164,7 @@ impl Embeddings {
             return Err(e);
         };
         let name = model.config.name.clone();
+        (call.admit)(estimated_tokens(&request))?;
         let result = match &model.serve {
             Serve::Embedded {
                 spec,
@@ -166,7 +188,44 @@ impl Embeddings {
             .embeddings_requests
             .with_label_values(&[name.as_str(), outcome])
             .inc();
+        self.record(model, &call, &result);
         result
+    }
+
+    /// The request's ledger row.
+    fn record(&self, model: &Model, call: &Call<'_>, result: &Result<Served, ApiError>) {
+        let Some(ledger) = &self.ledger else {
+            return;
+        };
+        let embedded = matches!(model.serve, Serve::Embedded { .. });
+        let (status, tokens, bill) = match result {
+            Ok(s) => (200, s.tokens, s.bill),
+            Err(e) => (e.status.as_u16(), 0, Bill::default()),
+        };
+        let latency = call.started.elapsed();
+        ledger.record(LedgerRow {
+            time_us: now_us().saturating_sub(latency.as_micros() as u64),
+            request_id: call.id.to_owned(),
+            route: if embedded { "local" } else { "cloud" }.to_owned(),
+            backend: model.config.name.clone(),
+            reason: "embeddings".to_owned(),
+            experiment: None,
+            arm: None,
+            p_local: None,
+            fallback_from: None,
+            status,
+            outcome: if result.is_ok() { "ok" } else { "error" }.to_owned(),
+            stream: false,
+            input_tokens: tokens,
+            output_tokens: 0,
+            tokens_source: if embedded { "tokenizer" } else { "upstream" }.to_owned(),
+            latency_s: latency.as_secs_f64(),
+            ttft_s: None,
+            energy_source: self.metering.source().as_str().to_owned(),
+            bill,
+            guard: None,
+            prompt: None,
+        });
     }
 
     async fn embedded(
@@ -214,13 +273,10 @@ impl Embeddings {
         let batch = model.config.max_batch;
         let run =
             tokio::task::spawn_blocking(move || embed_sorted(&encoder, tokenized, batch)).await;
-        let bill = self.metering.end(
+        let bill = self.metering.end_embedding(
             ticket,
-            usize::MAX,
-            Tokens {
-                input: tokens,
-                output: 0,
-            },
+            2.0 * model.config.parameters * tokens as f64,
+            model.config.cloud_price(tokens),
         );
         let vectors = match run {
             Ok(Ok(v)) => v,
@@ -240,7 +296,7 @@ impl Embeddings {
         self.metrics
             .embeddings_counterfactual_cost
             .with_label_values(&[name])
-            .inc_by(tokens as f64 * model.config.cloud_usd_per_million_tokens / 1e6);
+            .inc_by(model.config.cloud_price(tokens));
         // Serialized straight from the f32s (each printed as its shortest f32 decimal), not
         // through a JSON tree of f64s.
         let data: Vec<Embedding<'_>> = vectors
@@ -276,6 +332,8 @@ impl Embeddings {
                     "estimated"
                 },
             )),
+            tokens,
+            bill,
         })
     }
 
@@ -346,12 +404,37 @@ impl Embeddings {
             .embeddings_tokens
             .with_label_values(&[name])
             .inc_by(tokens);
+        // Its price is the upstream's own spend, and the counterfactual's too.
+        let usd = model.config.cloud_price(tokens);
         Ok(Served {
             body,
             model: name.to_owned(),
             joules: None,
+            tokens,
+            bill: Bill {
+                cloud_usd: usd,
+                counterfactual: Some(crate::metering::Counterfactual {
+                    usd,
+                    ..Default::default()
+                }),
+                ..Bill::default()
+            },
         })
     }
+}
+
+/// Tokens an embeddings request is charged on arrival, before any is encoded: its text at ~4
+/// characters a token (as chat's prompts are) plus its token ids.
+fn estimated_tokens(request: &serde_json::Map<String, Value>) -> u64 {
+    fn of(v: &Value) -> u64 {
+        match v {
+            Value::String(s) => (s.len() as u64).div_ceil(4),
+            Value::Number(_) => 1,
+            Value::Array(items) => items.iter().map(of).sum(),
+            _ => 0,
+        }
+    }
+    request.get("input").map_or(0, of)
 }
 
 /// Word pieces one encoder batch holds, padding included (the longest input times the batch

@@ -104,6 +104,27 @@ impl Metering {
         self.price(charge, served, tokens)
     }
 
+    /// An embeddings request served in-process is over: its energy charge, the electricity and
+    /// hardware it cost, its `flops`, and against it a cloud embeddings API's price for the same
+    /// tokens. No published figure gives a cloud embedding's joules or FLOPs, so the
+    /// counterfactual takes this request's own: embeddings move the cost saved, never the
+    /// energy or compute saved, either way.
+    pub fn end_embedding(&self, ticket: Ticket, flops: f64, counterfactual_usd: f64) -> Bill {
+        let charge = self.meter.end(ticket);
+        Bill {
+            local_joules: charge.joules,
+            flops,
+            local_usd: charge.joules * self.local.usd_per_joule
+                + charge.seconds * self.local.hardware_usd_per_second,
+            counterfactual: Some(crate::metering::Counterfactual {
+                joules: charge.joules,
+                flops,
+                usd: counterfactual_usd,
+            }),
+            ..Bill::default()
+        }
+    }
+
     /// A query that began with [`Self::begin_measured`] is over, with the counter read now.
     pub fn end_measured(&self, ticket: Ticket, served: usize, tokens: Tokens) -> Bill {
         let charge = self.meter.end_measured(ticket);

@@ -49,7 +49,12 @@ static ENERGY_KIND: HeaderName = HeaderName::from_static("x-wattgate-energy");
 
 /// `POST /v1/embeddings`: served by the model the client names (never routed: vectors are
 /// only comparable within one model), under the same body cap and concurrency slot as chat.
-pub async fn embeddings(State(state): State<AppState>, request: Request) -> Response {
+pub async fn embeddings(
+    State(state): State<AppState>,
+    Extension(ctx): Extension<RequestContext>,
+    Extension(client): Extension<Client>,
+    request: Request,
+) -> Response {
     let (_, body) = request.into_parts();
     let body = match read_body(body, state.inner.max_body_bytes, state.inner.body_timeout).await {
         Ok(body) => body,
@@ -59,7 +64,14 @@ pub async fn embeddings(State(state): State<AppState>, request: Request) -> Resp
         Ok(slot) => slot,
         Err(e) => return e.into_response(),
     };
-    match state.inner.embeddings.embed(&body).await {
+    let gateway = &state.inner.gateway;
+    let admit = |tokens| gateway.charge(&client, tokens);
+    let call = crate::embeddings::Call {
+        id: &ctx.id,
+        started: ctx.started,
+        admit: &admit,
+    };
+    match state.inner.embeddings.embed(&body, call).await {
         Ok(served) => {
             let mut response = (
                 [(

@@ -88,8 +88,12 @@ impl AppState {
             ledger_writer.clone(),
         )
         .map_err(anyhow::Error::msg)?;
-        let embeddings =
-            crate::embeddings::Embeddings::new(config, metering.clone(), metrics.clone())?;
+        let embeddings = crate::embeddings::Embeddings::new(
+            config,
+            metering.clone(),
+            metrics.clone(),
+            ledger_writer.clone(),
+        )?;
         // Conversations are message text: on disk only where the operator keeps prompts.
         let mut conversations = crate::wire::responses::Conversations::new(
             config.server.responses_stored,
