@@ -82,9 +82,7 @@ impl EmbeddingsConfig {
     pub fn cloud_price(&self, tokens: u64) -> f64 {
         tokens as f64 * self.cloud_usd_per_million_tokens / 1e6
     }
-}
 
-impl EmbeddingsConfig {
     /// Checks one `[[embeddings]]` entry; `before` are the entries above it.
     pub(super) fn validate(
         &self,
