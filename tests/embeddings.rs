@@ -9,6 +9,13 @@ use serde_json::{json, Value};
 use support::{backend, header, sample, Gateway};
 use wattgate_testkit::{Behavior, ScriptedUpstream};
 
+/// An `openai` embeddings model named `remote` on `url`, with `extra` keys.
+fn remote(url: &str, extra: &str) -> String {
+    format!(
+        "[[embeddings]]\nname = \"remote\"\nkind = \"openai\"\nmodel = \"text-embedding-3-small\"\nbase_url = \"{url}\"\nparameters = 1e9\n{extra}\n"
+    )
+}
+
 async fn post(gw: &Gateway, body: &Value) -> reqwest::Response {
     reqwest::Client::new()
         .post(gw.url("/v1/embeddings"))
@@ -152,10 +159,7 @@ async fn the_embedded_encoder_batches_pads_and_encodes_faithfully() {
     // encoder's FLOPs (2 x 22.7M parameters a token) and a cloud price as the counterfactual.
     let path = gw.ledger.clone();
     let _dir = gw.stop().await;
-    let rows = wattgate::ledger::Ledger::open(&path)
-        .expect("ledger")
-        .rows_since(0)
-        .expect("rows");
+    let rows = support::ledger_rows(&path);
     assert_eq!(rows.len(), 5);
     let mut ledger_tokens = 0;
     for row in &rows {
@@ -228,9 +232,9 @@ async fn an_openai_embeddings_model_is_passed_through() {
     .await
     .expect("upstream");
     let toml = format!(
-        "{}[[embeddings]]\nname = \"remote\"\nkind = \"openai\"\nmodel = \"text-embedding-3-small\"\nbase_url = \"{}\"\nparameters = 1e9\n",
+        "{}{}",
         backend("local", "local", &up.base_url(), ""),
-        up.base_url()
+        remote(&up.base_url(), "")
     );
     let gw = Gateway::start(&toml).await;
     let r = post(
@@ -288,9 +292,9 @@ async fn embeddings_count_against_rate_limits_and_are_in_the_ledger() {
         .await
         .expect("chat upstream");
     let toml = format!(
-        "[limits]\nrequests_per_minute = 3\n[ledger]\nflush_interval_s = 0.05\n{}[[embeddings]]\nname = \"remote\"\nkind = \"openai\"\nmodel = \"text-embedding-3-small\"\nbase_url = \"{}\"\nparameters = 1e9\ncloud_usd_per_million_tokens = 20.0\n",
+        "[limits]\nrequests_per_minute = 3\n[ledger]\nflush_interval_s = 0.05\n{}{}",
         backend("local", "local", &chat.base_url(), ""),
-        up.base_url()
+        remote(&up.base_url(), "cloud_usd_per_million_tokens = 20.0")
     );
     let gw = Gateway::start(&toml).await;
     let ok = post(
@@ -320,10 +324,7 @@ async fn embeddings_count_against_rate_limits_and_are_in_the_ledger() {
 
     let path = gw.ledger.clone();
     let _dir = gw.stop().await;
-    let rows = wattgate::ledger::Ledger::open(&path)
-        .expect("ledger")
-        .rows_since(0)
-        .expect("rows");
+    let rows = support::ledger_rows(&path);
     let embedded: Vec<_> = rows.iter().filter(|r| r.reason == "embeddings").collect();
     assert_eq!(embedded.len(), 2, "{rows:?}");
     let (ok, failed) = (embedded[0], embedded[1]);

@@ -11,8 +11,16 @@ mod support;
 use serde_json::{json, Value};
 use support::apis::Api;
 use support::{backend, Gateway};
-use wattgate::ledger::Ledger;
 use wattgate_testkit::{Behavior, ScriptedUpstream};
+
+/// A local backend and an Anthropic cloud, after `head`.
+fn local_and_claude(head: &str, local: &str, cloud: &str) -> String {
+    format!(
+        "{head}\n{}{}",
+        backend("local", "local", local, ""),
+        claude(cloud)
+    )
+}
 
 fn claude(url: &str) -> String {
     format!(
@@ -110,10 +118,10 @@ async fn messages_with_tools_pass_through_to_an_anthropic_cloud_whole_and_stream
     let cloud = ScriptedUpstream::start("claude-test", vec![tool_use_answer()])
         .await
         .expect("cloud");
-    let gw = Gateway::start(&format!(
-        "[ledger]\nflush_interval_s = 0.05\n{}{}",
-        backend("local", "local", &local.base_url(), ""),
-        claude(&cloud.base_url())
+    let gw = Gateway::start(&local_and_claude(
+        "[ledger]\nflush_interval_s = 0.05",
+        &local.base_url(),
+        &cloud.base_url(),
     ))
     .await;
 
@@ -163,10 +171,7 @@ async fn messages_with_tools_pass_through_to_an_anthropic_cloud_whole_and_stream
     // Metered from the native usage: 42 input tokens (cache reads count), 9 output.
     let path = gw.ledger.clone();
     let _dir = gw.stop().await;
-    let rows = Ledger::open(&path)
-        .expect("ledger")
-        .rows_since(0)
-        .expect("rows");
+    let rows = support::ledger_rows(&path);
     assert_eq!(rows.len(), 2);
     for row in &rows {
         assert_eq!(
@@ -228,10 +233,7 @@ async fn responses_with_tools_pass_through_to_a_cloud_speaking_responses() {
 
     let path = gw.ledger.clone();
     let _dir = gw.stop().await;
-    let rows = Ledger::open(&path)
-        .expect("ledger")
-        .rows_since(0)
-        .expect("rows");
+    let rows = support::ledger_rows(&path);
     assert_eq!(rows.len(), 3);
     for row in &rows {
         assert_eq!((row.input_tokens, row.output_tokens), (30, 7), "{row:?}");
@@ -355,12 +357,7 @@ async fn without_a_backend_speaking_the_api_the_request_is_a_400_naming_the_fiel
     let cloud = ScriptedUpstream::start("claude-test", vec![tool_use_answer()])
         .await
         .expect("cloud");
-    let gw = Gateway::start(&format!(
-        "{}{}",
-        backend("local", "local", &up.base_url(), ""),
-        claude(&cloud.base_url())
-    ))
-    .await;
+    let gw = Gateway::start(&local_and_claude("", &up.base_url(), &cloud.base_url())).await;
     let mut pinned = messages_with_tools(false);
     pinned["model"] = json!("local");
     let r = post(&gw, Api::Messages, &pinned).await;

@@ -154,6 +154,15 @@ pub fn backend(name: &str, role: &str, base_url: &str, extra: &str) -> String {
     )
 }
 
+/// Every row of a stopped gateway's ledger.
+#[allow(dead_code)]
+pub fn ledger_rows(path: &std::path::Path) -> Vec<wattgate::ledger::LedgerRow> {
+    wattgate::ledger::Ledger::open(path)
+        .expect("ledger free after stop")
+        .rows_since(0)
+        .expect("rows")
+}
+
 /// A config with one local and one cloud backend, plus extra TOML in front.
 pub fn local_and_cloud(head: &str, local_url: &str, cloud_url: &str, local_extra: &str) -> String {
     format!(
