@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use support::apis::Api;
+use support::apis::{for_each_api, Api};
 use support::{backend, header, Gateway};
 use wattgate::ledger::Ledger;
 use wattgate_testkit::{Behavior, ScriptedUpstream};
@@ -136,8 +136,7 @@ async fn every_endpoint_falls_back_from_a_failing_local_to_an_anthropic_cloud() 
     }
 }
 
-#[tokio::test]
-async fn an_overloaded_anthropic_529_is_retried_after_its_retry_after() {
+async fn an_overloaded_anthropic_529_is_retried_after_its_retry_after(api: Api) {
     std::env::set_var(KEY_VAR, "sk-ant-test");
     let cloud = upstream(
         "claude-test",
@@ -153,15 +152,16 @@ async fn an_overloaded_anthropic_529_is_retried_after_its_retry_after() {
     .await;
     let gw = Gateway::start(&claude(&cloud.base_url(), "")).await;
     let started = Instant::now();
-    let (status, _, body) = post(&gw, "/v1/messages", &body_for("/v1/messages", "hi", false)).await;
+    let path = api.path();
+    let (status, _, body) = post(&gw, path, &body_for(path, "hi", false)).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(Api::Messages.text_of(false, &body), "fine now");
+    assert_eq!(api.text_of(false, &body), "fine now");
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "waited its Retry-After"
     );
     assert_eq!(cloud.hits(), 2);
-    // A persistent 529 ends as an error in Anthropic's shape naming the upstream's message.
+    // A persistent 529 ends as an error in the API's shape naming the upstream's message.
     let down = upstream(
         "claude-test",
         vec![Behavior::Status {
@@ -176,11 +176,13 @@ async fn an_overloaded_anthropic_529_is_retried_after_its_retry_after() {
         claude(&down.base_url(), "")
     ))
     .await;
-    let (status, _, body) = post(&gw, "/v1/messages", &body_for("/v1/messages", "hi", false)).await;
+    let (status, _, body) = post(&gw, path, &body_for(path, "hi", false)).await;
     assert_eq!(status, 502, "{body}");
     let v: Value = serde_json::from_str(&body).expect("JSON");
-    assert_eq!(v["type"], "error");
-    assert_eq!(v["error"]["type"], "api_error");
+    assert_eq!(api.error_code(&v), "upstream_http_529", "{v}");
+    if api == Api::Messages {
+        assert_eq!(v["error"]["type"], "api_error");
+    }
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("529") && message.contains("Overloaded"),
@@ -188,6 +190,8 @@ async fn an_overloaded_anthropic_529_is_retried_after_its_retry_after() {
     );
     assert_eq!(down.hits(), 3, "tried three times");
 }
+
+for_each_api!(an_overloaded_anthropic_529_is_retried_after_its_retry_after);
 
 #[tokio::test]
 async fn an_anthropic_stream_that_breaks_ends_in_each_apis_error_event() {

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::apis::{for_each_api, Api};
 use support::{backend, chat_body};
 use wattgate_testkit::{Behavior, ScriptedUpstream};
 
@@ -163,8 +164,7 @@ impl Drop for Daemon {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_finishes_in_flight_requests_then_exits() {
+async fn sigterm_finishes_in_flight_requests_then_exits(api: Api) {
     let up = ScriptedUpstream::start(
         "u",
         vec![Behavior::slow(
@@ -176,14 +176,14 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     .expect("upstream");
     let mut daemon = Daemon::start(&backend("cloud", "cloud", &up.base_url(), "")).await;
 
-    let url = daemon.url("/v1/chat/completions");
+    let url = daemon.url(api.path());
     let in_flight = tokio::spawn(async move {
         reqwest::Client::new()
             .post(url)
-            .json(&chat_body("auto", "hi"))
+            .json(&api.body("hi", false))
             .send()
             .await?
-            .json::<serde_json::Value>()
+            .text()
             .await
     });
     while up.hits() == 0 {
@@ -207,10 +207,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
         .await
         .expect("join")
         .expect("in-flight request completed");
-    assert_eq!(
-        body["choices"][0]["message"]["content"],
-        "finished despite shutdown"
-    );
+    assert_eq!(api.text_of(false, &body), "finished despite shutdown");
     let status = daemon.wait_exit(Duration::from_secs(5)).await;
     assert!(status.success(), "{status:?}");
     assert!(
@@ -218,6 +215,9 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
         "exited before the request finished"
     );
 }
+
+// Shutdown holds for an in-flight request of every API.
+for_each_api!(multi_thread: sigterm_finishes_in_flight_requests_then_exits);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_waiting_at_the_grace_deadline() {
