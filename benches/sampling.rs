@@ -10,8 +10,8 @@
 //! hundred plausible tokens above it. Run: `cargo bench --bench sampling`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use std::hint::black_box;
 use rand::{Rng, SeedableRng};
+use std::hint::black_box;
 use wattgate::backends::candle::gemma3::argmax;
 use wattgate::backends::candle::sampling::{Sampler, SamplingParams};
 
