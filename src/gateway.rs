@@ -576,11 +576,15 @@ impl Gateway {
     pub fn refresh_gauges(&self) {
         let metrics = &self.accounts.metrics;
         for backend in &self.backends {
+            let name = backend.info().name.as_str();
             if let Some(depth) = backend.queue_depth() {
                 metrics
                     .queue_depth
-                    .with_label_values(&[backend.info().name.as_str()])
+                    .with_label_values(&[name])
                     .set(i64::try_from(depth).unwrap_or(i64::MAX));
+            }
+            if let Some(stats) = backend.batch_stats() {
+                metrics.record_batch(name, &stats);
             }
         }
         // The sampler thread's latest reading: a scrape reads no counter itself.

@@ -63,6 +63,16 @@ pub struct Metrics {
     pub counterfactual_cost: CounterVec,
     /// Requests waiting for a worker of an embedded backend, by backend.
     pub queue_depth: IntGaugeVec,
+    /// An embedded backend's batches now, by backend and what (`sequences`,
+    /// `kv_reserved_bytes`, `prefix_cache_bytes`).
+    pub batch: IntGaugeVec,
+    /// Prefix cache lookups of an embedded backend, by backend and result (`hit`, `miss`).
+    pub prefix_lookups: IntCounterVec,
+    /// Prompt tokens an embedded backend took from its prefix cache instead of computing.
+    pub prefix_reused_tokens: IntCounterVec,
+    /// An embedded backend's forward steps, by backend and what (`steps`; `sequences`: the
+    /// sequences they ran, summed, so sequences / steps is the mean batch size).
+    pub batch_steps: IntCounterVec,
     /// Ledger rows queued, by result (`queued`; `disabled` when the ledger is off).
     pub ledger_rows: IntCounterVec,
     /// Chat request duration, through the last byte, by route and backend.
@@ -134,6 +144,41 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Sets an embedded backend's batch gauges, and brings its prefix cache counters up to the
+    /// backend's totals.
+    pub fn record_batch(&self, backend: &str, stats: &crate::backends::BatchStats) {
+        let gauge = |what: &str, v: usize| {
+            self.batch
+                .with_label_values(&[backend, what])
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        gauge("sequences", stats.sequences);
+        gauge("kv_reserved_bytes", stats.kv_reserved_bytes);
+        gauge("prefix_cache_bytes", stats.prefix_bytes);
+        let catch_up =
+            |c: prometheus::IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        catch_up(
+            self.prefix_lookups.with_label_values(&[backend, "hit"]),
+            stats.prefix_hits,
+        );
+        catch_up(
+            self.prefix_lookups.with_label_values(&[backend, "miss"]),
+            stats.prefix_misses,
+        );
+        catch_up(
+            self.prefix_reused_tokens.with_label_values(&[backend]),
+            stats.prefix_reused_tokens,
+        );
+        catch_up(
+            self.batch_steps.with_label_values(&[backend, "steps"]),
+            stats.steps,
+        );
+        catch_up(
+            self.batch_steps.with_label_values(&[backend, "sequences"]),
+            stats.sequence_steps,
+        );
+    }
+
     /// Creates and registers every series.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
@@ -182,6 +227,38 @@ impl Metrics {
             &["backend"],
         )?;
         registry.register(Box::new(queue_depth.clone()))?;
+        let batch = IntGaugeVec::new(
+            Opts::new(
+                "wattgate_local_batch",
+                "An embedded backend's continuous batches now: running sequences, bytes of keys and values they reserved (of kv_cache_mb), bytes the prefix cache holds.",
+            ),
+            &["backend", "what"],
+        )?;
+        registry.register(Box::new(batch.clone()))?;
+        let prefix_lookups = IntCounterVec::new(
+            Opts::new(
+                "wattgate_local_prefix_cache_lookups_total",
+                "Prompts an embedded backend looked up in its prefix cache, by result (hit: resumed from a cached prefix; miss).",
+            ),
+            &["backend", "result"],
+        )?;
+        registry.register(Box::new(prefix_lookups.clone()))?;
+        let prefix_reused_tokens = IntCounterVec::new(
+            Opts::new(
+                "wattgate_local_prefix_reused_tokens_total",
+                "Prompt tokens an embedded backend took from its prefix cache instead of computing them.",
+            ),
+            &["backend"],
+        )?;
+        registry.register(Box::new(prefix_reused_tokens.clone()))?;
+        let batch_steps = IntCounterVec::new(
+            Opts::new(
+                "wattgate_local_batch_steps_total",
+                "An embedded backend's forward steps (what=steps) and the sequences they ran summed (what=sequences); their ratio is the mean batch size.",
+            ),
+            &["backend", "what"],
+        )?;
+        registry.register(Box::new(batch_steps.clone()))?;
         let in_flight = IntGauge::new(
             "wattgate_chat_in_flight_requests",
             "Chat requests being served right now.",
@@ -243,6 +320,10 @@ impl Metrics {
                 &["backend"],
             )?,
             queue_depth,
+            batch,
+            prefix_lookups,
+            prefix_reused_tokens,
+            batch_steps,
             ledger_rows: counter(
                 "wattgate_ledger_rows_total",
                 "Ledger rows by result (queued|disabled).",

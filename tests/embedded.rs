@@ -243,7 +243,9 @@ async fn features_the_local_model_lacks_go_to_the_cloud() {
 }
 
 async fn a_full_queue_sends_the_excess_to_the_cloud_and_loses_nothing(api: Api) {
-    let (cloud, gw) = with_cloud("workers = 1\nqueue_depth = 1\nqueue_timeout_s = 30").await;
+    // One sequence at a time, so the queue's limits are what is tested.
+    let (cloud, gw) =
+        with_cloud("workers = 1\nmax_batch = 1\nqueue_depth = 1\nqueue_timeout_s = 30").await;
     let client = reqwest::Client::new();
     let url = gw.url(api.path());
     let requests = (0..6).map(|i| {
@@ -289,11 +291,13 @@ async fn a_full_queue_sends_the_excess_to_the_cloud_and_loses_nothing(api: Api) 
 }
 
 async fn a_queued_request_gives_up_at_the_queue_deadline_not_when_a_worker_frees(api: Api) {
-    // One worker busy with a long generation; the queue has room, so the next request waits
+    // One worker (of one sequence) busy with a long generation; the queue has room, so the next request waits
     // in it, and must fall back when queue_timeout_s passes, long before the worker is free.
     // 256 tokens take seconds here, the deadline is 0.3 s.
-    let (cloud, gw) =
-        with_cloud("workers = 1\nqueue_depth = 4\nqueue_timeout_s = 0.3\nmax_tokens = 256").await;
+    let (cloud, gw) = with_cloud(
+        "workers = 1\nmax_batch = 1\nqueue_depth = 4\nqueue_timeout_s = 0.3\nmax_tokens = 256",
+    )
+    .await;
     let client = reqwest::Client::new();
     // The server accepts once the model is loaded: wait for that, so that the long request
     // surely reaches the worker first.
@@ -338,3 +342,202 @@ for_each_api!(multi_thread:
     a_full_queue_sends_the_excess_to_the_cloud_and_loses_nothing,
     a_queued_request_gives_up_at_the_queue_deadline_not_when_a_worker_frees,
 );
+
+/// The reply's text, whole or streamed, from the chat API.
+async fn chat_text(gw: &Gateway, body: Value) -> String {
+    let r = gw.post_chat(&body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A series of an embedded backend named `gemma`.
+async fn gemma_series(gw: &Gateway, name: &str, what: (&str, &str)) -> f64 {
+    sample(&gw.metrics().await, name, &[("backend", "gemma"), what])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batched_greedy_generation_is_identical_to_one_at_a_time() {
+    // No prefix reuse: the second run of each prompt must compute it again, batched.
+    let gw = Gateway::start(&embedded(
+        "max_batch = 8\nqueue_depth = 8\nprefix_cache_mb = 0",
+    ))
+    .await;
+    let prompts = [
+        "Name a fruit.",
+        "Write a sentence about rivers and the sea, the mountains they come from, and the towns along them.",
+        "What is 12 times 7?",
+        "List three colors.",
+        "Describe a cat in one line.",
+        "Explain, in a few words, why the sky looks blue during the day but red at sunset.",
+        "Say hello.",
+        "Give a synonym for happy.",
+    ];
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(chat_text(&gw, greedy(p, 24)).await);
+    }
+    let steps = "wattgate_local_batch_steps_total";
+    let steps0 = gemma_series(&gw, steps, ("what", "steps")).await;
+    let seqs0 = gemma_series(&gw, steps, ("what", "sequences")).await;
+    let together =
+        futures::future::join_all(prompts.iter().map(|p| chat_text(&gw, greedy(p, 24)))).await;
+    let steps1 = gemma_series(&gw, steps, ("what", "steps")).await;
+    let seqs1 = gemma_series(&gw, steps, ("what", "sequences")).await;
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert!(!a.is_empty(), "prompt {i} answered");
+        assert_eq!(a, t, "prompt {i}: alone vs batched");
+    }
+    let mean = (seqs1 - seqs0) / (steps1 - steps0);
+    assert!(
+        mean >= 2.0,
+        "the 8 requests ran in shared steps: {} sequences in {} steps",
+        seqs1 - seqs0,
+        steps1 - steps0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prefix_cache_hit_answers_exactly_as_a_miss() {
+    let warm = Gateway::start(&embedded("")).await;
+    let cold = Gateway::start(&embedded("prefix_cache_mb = 0")).await;
+    let system = "You are a careful assistant for a public library. Answer in one short sentence, \
+                  name your source when you can, and never invent opening hours or titles.";
+    let turn = |history: &[(&str, &str)], max_tokens: u64| {
+        let messages: Vec<Value> = std::iter::once(json!({"role": "system", "content": system}))
+            .chain(
+                history
+                    .iter()
+                    .map(|(role, text)| json!({"role": role, "content": text})),
+            )
+            .collect();
+        json!({"model": "auto", "messages": messages, "temperature": 0, "max_tokens": max_tokens})
+    };
+    let first = turn(&[("user", "Where can I find books about birds?")], 20);
+    let a1 = chat_text(&warm, first.clone()).await;
+    let conversations = [
+        // The same request again: all but its last token from the cache.
+        first.clone(),
+        // Another question under the same system prompt.
+        turn(&[("user", "Do you lend audiobooks?")], 20),
+        // The first conversation, one turn later.
+        turn(
+            &[
+                ("user", "Where can I find books about birds?"),
+                ("assistant", &a1),
+                ("user", "And about fish?"),
+            ],
+            20,
+        ),
+    ];
+    assert_eq!(
+        a1,
+        chat_text(&cold, first.clone()).await,
+        "the first request"
+    );
+    for (i, body) in conversations.iter().enumerate() {
+        let hit = chat_text(&warm, body.clone()).await;
+        assert!(!hit.is_empty());
+        assert_eq!(
+            hit,
+            chat_text(&cold, body.clone()).await,
+            "request {i}: hit vs miss"
+        );
+    }
+    let lookups = "wattgate_local_prefix_cache_lookups_total";
+    assert_eq!(
+        gemma_series(&warm, lookups, ("result", "hit")).await,
+        3.0,
+        "every later request resumed"
+    );
+    assert_eq!(gemma_series(&warm, lookups, ("result", "miss")).await, 1.0);
+    let reused = sample(
+        &warm.metrics().await,
+        "wattgate_local_prefix_reused_tokens_total",
+        &[("backend", "gemma")],
+    );
+    assert!(
+        reused > 60.0,
+        "the system prompt and the history were reused: {reused}"
+    );
+    assert_eq!(gemma_series(&cold, lookups, ("result", "hit")).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_leaves_frees_its_keys_and_values() {
+    use futures::StreamExt;
+    let gw = Gateway::start(&embedded("max_tokens = 400")).await;
+    let kv = ("what", "kv_reserved_bytes");
+    let body = json!({"model": "auto", "stream": true, "temperature": 0, "max_tokens": 400,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]});
+    let r = gw.post_chat(&body).await;
+    assert_eq!(r.status(), 200);
+    let mut chunks = r.bytes_stream();
+    for _ in 0..3 {
+        chunks.next().await.expect("a chunk").expect("bytes");
+    }
+    let held = gemma_series(&gw, "wattgate_local_batch", kv).await;
+    assert!(held > 1e6, "400 positions reserved: {held} bytes");
+    drop(chunks);
+    // 400 tokens take several seconds here; the reservation must go at the next step.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let (held, running) = (
+            gemma_series(&gw, "wattgate_local_batch", kv).await,
+            gemma_series(&gw, "wattgate_local_batch", ("what", "sequences")).await,
+        );
+        if held == 0.0 && running == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {held} bytes reserved by {running} sequences"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_kv_budget_sends_requests_to_the_cloud_never_running_out_of_memory() {
+    // Gemma 3 270M keeps 36,864 bytes of f32 keys and values a position (under 512
+    // positions): a ~20-token prompt with 256 output tokens reserves about 10 MB, so 12 MB
+    // holds one such request and not two, and one asking 400 tokens (15 MB) never fits.
+    let (cloud, gw) =
+        with_cloud("kv_cache_mb = 12\nmax_tokens = 400\nqueue_timeout_s = 0.5\nmax_batch = 8")
+            .await;
+    let client = reqwest::Client::new();
+    client.get(gw.url("/readyz")).send().await.expect("readyz");
+    let ask = |text: &str, max_tokens: u64| {
+        let (client, url, body) = (
+            client.clone(),
+            gw.url("/v1/chat/completions"),
+            greedy(text, max_tokens),
+        );
+        async move {
+            let r = client.post(url).json(&body).send().await.expect("send");
+            let (route, reason) = (
+                header(&r, "x-wattgate-route"),
+                header(&r, "x-wattgate-reason"),
+            );
+            assert_eq!(r.status(), 200);
+            (route, reason)
+        }
+    };
+    let too_big = ask("Tell me about the moon.", 400).await;
+    assert_eq!(too_big, ("cloud".to_owned(), "local_busy".to_owned()));
+    let long = tokio::spawn(ask("Write a long story about a lighthouse keeper.", 256));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let second = ask("Write a long story about a dragon.", 256).await;
+    assert_eq!(second, ("cloud".to_owned(), "local_busy".to_owned()));
+    assert!(
+        !long.is_finished(),
+        "the second gave up while the first ran"
+    );
+    assert_eq!(long.await.expect("join").0, "local");
+    assert_eq!(cloud.hits(), 2);
+    // With the first finished, the budget is free again.
+    assert_eq!(ask("Say hi.", 256).await.0, "local");
+}

@@ -28,6 +28,11 @@ fn claude(url: &str) -> String {
     )
 }
 
+/// An OpenAI cloud that speaks the Responses API natively.
+fn responses_cloud(url: &str) -> String {
+    backend("cloud", "cloud", url, "api = \"responses\"")
+}
+
 /// Anthropic's answer calling a tool, whole and as its event stream.
 fn tool_use_answer() -> Behavior {
     let tool_use =
@@ -189,7 +194,7 @@ async fn responses_with_tools_pass_through_to_a_cloud_speaking_responses() {
         .expect("cloud");
     let gw = Gateway::start(&format!(
         "[ledger]\nflush_interval_s = 0.05\n{}",
-        backend("cloud", "cloud", &cloud.base_url(), "api = \"responses\"")
+        responses_cloud(&cloud.base_url())
     ))
     .await;
 
@@ -253,13 +258,7 @@ async fn a_conversation_the_gateway_kept_goes_to_the_native_upstream_as_input_it
     )
     .await
     .expect("cloud");
-    let gw = Gateway::start(&backend(
-        "cloud",
-        "cloud",
-        &cloud.base_url(),
-        "api = \"responses\"",
-    ))
-    .await;
+    let gw = Gateway::start(&responses_cloud(&cloud.base_url())).await;
     let r = post(
         &gw,
         Api::Responses,
@@ -311,13 +310,7 @@ async fn a_native_stream_that_breaks_ends_in_the_apis_error_event() {
     let cloud = ScriptedUpstream::start("gpt-test", vec![Behavior::Native { whole, events }])
         .await
         .expect("cloud");
-    let gw = Gateway::start(&backend(
-        "cloud",
-        "cloud",
-        &cloud.base_url(),
-        "api = \"responses\"",
-    ))
-    .await;
+    let gw = Gateway::start(&responses_cloud(&cloud.base_url())).await;
     let r = post(&gw, Api::Responses, &responses_with_tools(true)).await;
     let got = self::events(&r.body);
     assert_eq!(got.len(), 3, "{}", r.body);

@@ -17,6 +17,8 @@ use std::ops::Range;
 
 use half::f16;
 
+pub mod attention;
+
 /// Values per block in both formats.
 pub const BLOCK: usize = 32;
 

@@ -339,6 +339,32 @@ pub trait Backend: Send + Sync + 'static {
     fn queue_depth(&self) -> Option<usize> {
         None
     }
+
+    /// The state of an in-process batching backend (the embedded models), for metrics.
+    fn batch_stats(&self) -> Option<BatchStats> {
+        None
+    }
+}
+
+/// What an embedded backend's batches hold now, and how its prefix cache has done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Sequences generating now, across the workers.
+    pub sequences: usize,
+    /// Forward steps run since start.
+    pub steps: u64,
+    /// Sequences those steps ran, summed (divided by `steps`: the mean batch size).
+    pub sequence_steps: u64,
+    /// Bytes of keys and values reserved by them (out of `kv_cache_mb`).
+    pub kv_reserved_bytes: usize,
+    /// Prompts that resumed from a cached prefix, since start.
+    pub prefix_hits: u64,
+    /// Prompts that found no cached prefix, since start.
+    pub prefix_misses: u64,
+    /// Prompt tokens taken from the prefix cache instead of computed, since start.
+    pub prefix_reused_tokens: u64,
+    /// Bytes the prefix cache holds now.
+    pub prefix_bytes: usize,
 }
 
 /// Counts the tokens of `text` for metering when an upstream reported no usage: with the

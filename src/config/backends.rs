@@ -70,9 +70,27 @@ pub struct BackendConfig {
     /// `embedded`: a GGUF file to load instead of the catalog model (which is pulled on start).
     #[serde(default)]
     pub gguf: Option<PathBuf>,
-    /// `embedded`: generation worker threads (each runs one request at a time).
+    /// `embedded`: generation worker threads, each running a batch of up to `max_batch`
+    /// requests. One is right for a CPU: the matrix products already use every core.
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// `embedded`: requests a worker runs together, one forward pass per step for all of them
+    /// (continuous batching: a request joins at the next step).
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// `embedded`: prompt tokens a worker runs per step, shared by the prompts being prefilled,
+    /// so a long prompt delays running streams by one chunk per step, not its whole prefill.
+    #[serde(default = "default_prefill_chunk_tokens")]
+    pub prefill_chunk_tokens: usize,
+    /// `embedded`: megabytes of keys and values the running requests may hold together. A
+    /// request reserves its prompt plus `max_tokens` before it starts; one that cannot waits in
+    /// the queue and, past `queue_timeout_s`, goes to the cloud (`local_busy`).
+    #[serde(default = "default_kv_cache_mb")]
+    pub kv_cache_mb: usize,
+    /// `embedded`: megabytes of computed prompts kept for reuse by later prompts that share
+    /// their beginning (system prompts, conversation history); 0 turns reuse off.
+    #[serde(default = "default_prefix_cache_mb")]
+    pub prefix_cache_mb: usize,
     /// `embedded`: requests allowed to wait for a worker; beyond it they fall back (`local_busy`).
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
@@ -221,6 +239,22 @@ fn default_max_response_bytes() -> u64 {
 fn default_workers() -> usize {
     1
 }
+fn default_max_batch() -> usize {
+    // llama.cpp's server examples and our comparison run `--parallel 8`; past 8 a 2-core CPU
+    // gains little aggregate throughput and each stream slows.
+    8
+}
+fn default_prefill_chunk_tokens() -> usize {
+    256
+}
+fn default_kv_cache_mb() -> usize {
+    // Gemma 3 270M holds about 22 MB of f32 keys and values for a 1,024-position request:
+    // 1 GiB serves dozens of such requests at once, and a 7-8B model (256 KB a position) four.
+    1024
+}
+fn default_prefix_cache_mb() -> usize {
+    256
+}
 fn default_queue_depth() -> usize {
     4
 }
@@ -282,6 +316,10 @@ pub(super) fn default_backends() -> Vec<BackendConfig> {
             joules_per_output_token: None,
             gguf: None,
             workers: default_workers(),
+            max_batch: default_max_batch(),
+            prefill_chunk_tokens: default_prefill_chunk_tokens(),
+            kv_cache_mb: default_kv_cache_mb(),
+            prefix_cache_mb: default_prefix_cache_mb(),
             queue_depth: default_queue_depth(),
             queue_timeout_s: default_queue_timeout_s(),
             max_context: default_max_context(),
@@ -321,6 +359,10 @@ pub(super) fn default_backends() -> Vec<BackendConfig> {
             joules_per_output_token: None,
             gguf: None,
             workers: default_workers(),
+            max_batch: default_max_batch(),
+            prefill_chunk_tokens: default_prefill_chunk_tokens(),
+            kv_cache_mb: default_kv_cache_mb(),
+            prefix_cache_mb: default_prefix_cache_mb(),
             queue_depth: default_queue_depth(),
             queue_timeout_s: default_queue_timeout_s(),
             max_context: default_max_context(),
@@ -415,6 +457,9 @@ impl BackendConfig {
                 }
                 for (field, v) in [
                     ("workers", b.workers),
+                    ("max_batch", b.max_batch),
+                    ("prefill_chunk_tokens", b.prefill_chunk_tokens),
+                    ("kv_cache_mb", b.kv_cache_mb),
                     ("queue_depth", b.queue_depth),
                     ("max_context", b.max_context),
                     ("max_tokens", b.max_tokens),

@@ -1,14 +1,16 @@
 //! The embedded backend: a GGUF model answering chat requests in-process.
 //!
 //! Requests go through a bounded queue to a fixed number of worker threads, so generation never
-//! runs on the async runtime and load cannot pile up without limit: when the queue is full, or a
-//! request waited longer than `queue_timeout_s`, the request fails with `Busy` before its first
-//! byte and the gateway serves it from the cloud (`local_busy`). Each request has its own event
-//! channel; when the client goes away the channel closes and the worker stops generating.
+//! runs on the async runtime and load cannot pile up without limit. Each worker runs up to
+//! `max_batch` requests together, one forward pass per step ([`super::scheduler`]). When the
+//! queue is full, or a request waited longer than `queue_timeout_s` for a place in a batch and
+//! its keys and values, the request fails with `Busy` before its first byte and the gateway
+//! serves it from the cloud (`local_busy`). Each request has its own event channel; when the
+//! client goes away the channel closes and its sequence leaves the batch at the next step.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +23,7 @@ use tokio::time::timeout_at;
 use super::engine::{Engine, Event, Job, TokenEntry};
 pub use super::engine::{Model, SequenceCache};
 use super::sampling::SamplingParams;
+use super::scheduler::{self, BatchLimits, Shared};
 use crate::backends::{
     Backend, BackendError, BackendInfo, Chunk, Completion, OpenedStream, Reply, TimeoutPhase,
 };
@@ -35,8 +38,8 @@ pub struct EmbeddedBackend {
     info: BackendInfo,
     engine: Arc<Engine>,
     queue: SyncSender<Job>,
-    /// Jobs accepted and not yet taken by a worker (the `wattgate_local_queue_depth` gauge).
-    queued: Arc<AtomicUsize>,
+    /// Queue depth, running sequences, KV reservations and the prefix cache.
+    shared: Arc<Shared>,
     queue_depth: usize,
     queue_timeout_s: f64,
     max_tokens: usize,
@@ -62,27 +65,33 @@ impl EmbeddedBackend {
         );
         tracing::info!(
             backend = %c.name,
-            "loaded {} in {:.2}s ({} positions, {} worker(s), queue {})",
+            "loaded {} in {:.2}s ({} positions, {} worker(s) of up to {} sequences, queue {}, {} MB of KV)",
             path.display(),
             started.elapsed().as_secs_f64(),
             engine.max_positions(),
             c.workers,
-            c.queue_depth
+            c.max_batch,
+            c.queue_depth,
+            c.kv_cache_mb
         );
         let (queue, jobs) = sync_channel::<Job>(c.queue_depth);
         let jobs = Arc::new(Mutex::new(jobs));
-        let queued = Arc::new(AtomicUsize::new(0));
+        let shared = scheduler::shared(mib(c.kv_cache_mb), mib(c.prefix_cache_mb));
+        let limits = BatchLimits {
+            max_batch: c.max_batch,
+            prefill_chunk: c.prefill_chunk_tokens,
+        };
         for i in 0..c.workers {
-            let (engine, jobs, queued) = (engine.clone(), jobs.clone(), queued.clone());
+            let (engine, jobs, shared) = (engine.clone(), jobs.clone(), shared.clone());
             std::thread::Builder::new()
                 .name(format!("wattgate-{}-{i}", c.name))
-                .spawn(move || worker(&engine, &jobs, &queued))?;
+                .spawn(move || scheduler::worker(&engine, &jobs, &shared, limits))?;
         }
         Ok(Self {
             info: BackendInfo::from_config(c),
             engine,
             queue,
-            queued,
+            shared,
             queue_depth: c.queue_depth,
             queue_timeout_s: c.queue_timeout_s,
             max_tokens: c.max_tokens,
@@ -224,50 +233,9 @@ fn device() -> anyhow::Result<Device> {
     Ok(Device::Cpu)
 }
 
-fn worker(engine: &Engine, jobs: &Mutex<Receiver<Job>>, queued: &AtomicUsize) {
-    loop {
-        let mut job = {
-            let Ok(queue) = jobs.lock() else { return };
-            match queue.recv() {
-                Ok(job) => job,
-                Err(_) => return, // backend dropped
-            }
-        };
-        queued.fetch_sub(1, Ordering::Relaxed);
-        let waited = job.enqueued.elapsed();
-        if waited > job.queue_timeout {
-            let _ = job.events.send(Event::Failed(BackendError::Busy {
-                detail: format!(
-                    "waited {:.1}s for a worker (queue_timeout_s = {:.1})",
-                    waited.as_secs_f64(),
-                    job.queue_timeout.as_secs_f64()
-                ),
-            }));
-            continue;
-        }
-        // A requester that gave up waiting (queue deadline, disconnect) dropped its receiver.
-        let taken = job.started.take().is_some_and(|s| s.send(()).is_ok());
-        if !taken || job.events.is_closed() {
-            continue;
-        }
-        // A panic in the model code fails this request, not the worker: without the catch a
-        // single bad request would take a worker away for the life of the process.
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(&job)));
-        let failure = match run {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(panic) => {
-                let what = crate::backends::panic_message(&*panic);
-                tracing::error!("the model panicked while generating: {what}");
-                Some(format!("the model panicked: {what}"))
-            }
-        };
-        if let Some(detail) = failure {
-            let _ = job
-                .events
-                .send(Event::Failed(BackendError::Internal { detail }));
-        }
-    }
+/// Megabytes (MiB) as bytes.
+fn mib(mb: usize) -> usize {
+    mb.saturating_mul(1024 * 1024)
 }
 
 fn completion_id() -> String {
@@ -321,7 +289,26 @@ impl Backend for EmbeddedBackend {
     }
 
     fn queue_depth(&self) -> Option<usize> {
-        Some(self.queued.load(Ordering::Relaxed))
+        Some(self.shared.queued.load(Ordering::Relaxed))
+    }
+
+    fn batch_stats(&self) -> Option<crate::backends::BatchStats> {
+        let prefix = self
+            .shared
+            .prefix
+            .lock()
+            .map(|p| p.stats())
+            .unwrap_or_default();
+        Some(crate::backends::BatchStats {
+            sequences: self.shared.active.load(Ordering::Relaxed),
+            steps: self.shared.steps.load(Ordering::Relaxed),
+            sequence_steps: self.shared.sequence_steps.load(Ordering::Relaxed),
+            kv_reserved_bytes: self.shared.kv.reserved(),
+            prefix_hits: prefix.hits,
+            prefix_misses: prefix.misses,
+            prefix_reused_tokens: prefix.reused_tokens,
+            prefix_bytes: prefix.bytes,
+        })
     }
 
     async fn chat(&self, request: &ChatRequest) -> Result<Reply, BackendError> {
@@ -331,17 +318,17 @@ impl Backend for EmbeddedBackend {
         let (tx, mut rx) = unbounded_channel();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let job = self.job(request, tx, started_tx)?;
-        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
         let sent = self.queue.try_send(job);
         if sent.is_err() {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
         }
         match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 return Err(BackendError::Busy {
                     detail: format!(
-                        "all workers busy and {} requests queued (queue_depth)",
+                        "every batch full and {} requests queued (queue_depth)",
                         self.queue_depth
                     ),
                 })

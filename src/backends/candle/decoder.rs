@@ -14,9 +14,13 @@
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
 
-use super::gemma3::{check_fits, last_logits, shared, ModelError, RmsNorm, Rope};
+use super::gemma3::{
+    attend_steps, batch_tokens, one_logits, row_positions, shared, step_logits, ModelError,
+    RmsNorm, Rope, Step,
+};
 use super::gguf::{GgufError, Metadata};
 use super::linear::Linear;
+use wattgate_kernels::attention::{Geometry, KvRows};
 
 /// RoPE base when the file names none (Llama 2's).
 const DEFAULT_ROPE_BASE: f32 = 10_000.0;
@@ -142,9 +146,30 @@ struct Layer {
 }
 
 /// Keys and values of every layer for one sequence.
+#[derive(Clone)]
 pub struct DecoderCache {
-    layers: Vec<(Option<Tensor>, Option<Tensor>)>,
+    layers: Vec<KvRows>,
     pos: usize,
+}
+
+impl DecoderCache {
+    /// Positions in the cache.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The state after the first `pos` positions (every layer keeps every position).
+    pub fn truncated(&self, pos: usize) -> Option<DecoderCache> {
+        if pos > self.pos {
+            return None;
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|kv| kv.truncated(0, pos))
+            .collect::<Option<Vec<_>>>()?;
+        Some(DecoderCache { layers, pos })
+    }
 }
 
 /// A loaded Llama / Qwen2 / Qwen3 model; each sequence has its own [`DecoderCache`].
@@ -253,7 +278,9 @@ impl Decoder {
     /// A fresh cache for a new sequence.
     pub fn new_cache(&self) -> DecoderCache {
         DecoderCache {
-            layers: (0..self.cfg.layers).map(|_| (None, None)).collect(),
+            layers: (0..self.cfg.layers)
+                .map(|_| KvRows::new(self.cfg.kv_heads * self.cfg.head_dim))
+                .collect(),
             pos: 0,
         }
     }
@@ -264,90 +291,79 @@ impl Decoder {
         tokens: &[u32],
         cache: &mut DecoderCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let (n, pos) = (tokens.len(), cache.pos);
-        check_fits(n, pos, self.cfg.max_positions)?;
+        let mut step = [Step {
+            tokens,
+            cache,
+            logits: true,
+        }];
+        one_logits(self.forward_batch(&mut step)?)
+    }
+
+    /// One step over several sequences (see [`super::gemma3::Gemma3::forward_batch`]).
+    pub fn forward_batch(
+        &self,
+        steps: &mut [Step<'_, DecoderCache>],
+    ) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+        let cfg = &self.cfg;
+        let tokens = batch_tokens(steps, |c| c.pos, cfg.max_positions)?;
+        let n = tokens.len();
+        let (cos, sin) = self
+            .rope
+            .rows(&row_positions(steps, |c| c.pos, &self.device)?)?;
         let table = self.embed.as_ref().unwrap_or(&self.lm_head);
-        let mut x = table.rows(tokens, &self.device)?.unsqueeze(0)?;
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let mut x = table.rows(&tokens, &self.device)?.unsqueeze(0)?;
+        let geometry = Geometry {
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
+            window: None,
+            scale: 1.0 / (cfg.head_dim as f32).sqrt(),
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
-            x = (x + self.attention(layer, &h, lc, pos)?)?;
+            let [mut q, mut k, mut v] = shared::<3>(&[&layer.q, &layer.k, &layer.v], &h)?;
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                q = q.broadcast_add(bq)?;
+                k = k.broadcast_add(bk)?;
+                v = v.broadcast_add(bv)?;
+            }
+            let mut q = q.reshape((1, n, cfg.heads, cfg.head_dim))?;
+            let mut k = k.reshape((1, n, cfg.kv_heads, cfg.head_dim))?;
+            if let Some([qn, kn]) = &layer.qk_norm {
+                q = qn.forward(&q)?;
+                k = kn.forward(&k)?;
+            }
+            // Each row at its own position: (1, rows, heads, dim) for NeoX RoPE; Llama's
+            // adjacent-pair form takes (1, heads, rows, dim).
+            let rotate = |t: &Tensor| -> candle_core::Result<Tensor> {
+                match cfg.family {
+                    Family::Llama => {
+                        let t = t.transpose(1, 2)?.contiguous()?;
+                        candle_nn::rotary_emb::rope_i(&t, &cos, &sin)?
+                            .transpose(1, 2)?
+                            .contiguous()
+                    }
+                    Family::Qwen2 | Family::Qwen3 => {
+                        candle_nn::rotary_emb::rope_thd(&t.contiguous()?, &cos, &sin)
+                    }
+                }
+            };
+            let (q, k) = (rotate(&q)?, rotate(&k)?);
+            let out = attend_steps(
+                steps,
+                |c| c.layers.get_mut(l),
+                |c| c.pos,
+                &geometry,
+                [&q, &k, &v],
+            )?;
+            x = (x + layer.o.forward(&out)?)?;
             let h = layer.ffn_norm.forward(&x)?;
             let [gate, up] = shared::<2>(&[&layer.gate, &layer.up], &h)?;
             x = (x + layer.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?)?;
         }
-        cache.pos += n;
-        last_logits(&x, n, &self.final_norm, &self.lm_head)
-    }
-
-    fn attention(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        lc: &mut (Option<Tensor>, Option<Tensor>),
-        pos: usize,
-    ) -> Result<Tensor, ModelError> {
-        let cfg = &self.cfg;
-        let (b, n, _) = x.dims3()?;
-        let (heads, kv_heads, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
-        let [mut q, mut k, mut v] = shared::<3>(&[&layer.q, &layer.k, &layer.v], x)?;
-        if let Some([bq, bk, bv]) = &layer.qkv_bias {
-            q = q.broadcast_add(bq)?;
-            k = k.broadcast_add(bk)?;
-            v = v.broadcast_add(bv)?;
+        for step in steps.iter_mut() {
+            step.cache.pos += step.tokens.len();
         }
-        let mut q = q.reshape((b, n, heads, d))?.transpose(1, 2)?;
-        let mut k = k.reshape((b, n, kv_heads, d))?.transpose(1, 2)?;
-        let v = v.reshape((b, n, kv_heads, d))?.transpose(1, 2)?;
-        if let Some([qn, kn]) = &layer.qk_norm {
-            q = qn.forward(&q)?;
-            k = kn.forward(&k)?;
-        }
-        let (q, k) = match cfg.family {
-            Family::Llama => (
-                self.rope.apply_interleaved(&q, pos)?,
-                self.rope.apply_interleaved(&k, pos)?,
-            ),
-            Family::Qwen2 | Family::Qwen3 => (self.rope.apply(&q, pos)?, self.rope.apply(&k, pos)?),
-        };
-        let (k_all, v_all) = match (&lc.0, &lc.1) {
-            (Some(ck), Some(cv)) => (
-                Tensor::cat(&[ck, &k], 2)?,
-                Tensor::cat(&[cv, &v.contiguous()?], 2)?,
-            ),
-            _ => (k.contiguous()?, v.contiguous()?),
-        };
-        let m = k_all.dim(2)?;
-        // Grouped-query attention without copying keys: fold each group's heads into rows.
-        let group = heads / kv_heads;
-        let q = q.contiguous()?.reshape((b, kv_heads, group * n, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
-        if n > 1 {
-            // Causal: query i (position pos + i) sees keys up to position pos + i; the cache
-            // holds every earlier position, so key j is at position j.
-            let mut mask = Vec::with_capacity(group * n * m);
-            for _ in 0..group {
-                for i in 0..n {
-                    mask.extend((0..m).map(|j| {
-                        if j <= pos + i {
-                            0.0f32
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    }));
-                }
-            }
-            scores =
-                scores.broadcast_add(&Tensor::from_vec(mask, (group * n, m), &self.device)?)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v_all)?
-            .reshape((b, heads, n, d))?
-            .transpose(1, 2)?
-            .reshape((b, n, heads * d))?;
-        lc.0 = Some(k_all);
-        lc.1 = Some(v_all);
-        Ok(layer.o.forward(&out)?)
+        step_logits(&x, steps, &self.final_norm, &self.lm_head)
     }
 }

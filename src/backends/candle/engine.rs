@@ -9,13 +9,14 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::decoder::{Decoder, DecoderCache, Family};
-use super::gemma3::{Cache, Gemma3, ModelError};
+use super::gemma3::{Cache, Gemma3, ModelError, Step};
 use super::gguf::Metadata;
 use super::prompt::{text_messages, PromptFormat};
 use super::sampling::{FinishReason, Sampler, SamplingParams, StopFilter, TokenLogprob};
 use super::tokenizer::GgufTokenizer;
 use crate::backends::BackendError;
 use crate::wire::Usage;
+use wattgate_kernels::attention::SLACK;
 
 /// A loaded model of any supported architecture.
 pub enum Model {
@@ -25,7 +26,10 @@ pub enum Model {
     Decoder(Decoder),
 }
 
-/// A sequence's state in either architecture.
+/// A sequence's state in either architecture. Cloning is cheap (the tensors are shared, and a
+/// step writes new ones rather than changing them), which is what lets the prefix cache keep a
+/// snapshot of a sequence that goes on generating.
+#[derive(Clone)]
 pub enum SequenceCache {
     /// Gemma 3's.
     Gemma3(Cache),
@@ -87,12 +91,91 @@ impl Model {
         tokens: &[u32],
         cache: &mut SequenceCache,
     ) -> Result<Vec<f32>, ModelError> {
+        let mut out = self.forward_batch(&mut [(tokens, cache, true)])?;
+        out.pop()
+            .flatten()
+            .ok_or_else(|| ModelError::Limit("the step computed no logits".to_owned()))
+    }
+
+    /// One step over several sequences, each `(tokens, cache, wants logits)`: the weights are
+    /// read once for all of them (see [`Gemma3::forward_batch`]).
+    pub fn forward_batch(
+        &self,
+        batch: &mut [(&[u32], &mut SequenceCache, bool)],
+    ) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+        let mismatch = || ModelError::Limit("a cache from another model was passed".to_owned());
+        match self {
+            Self::Gemma3(m) => {
+                let mut steps = Vec::with_capacity(batch.len());
+                for (tokens, cache, logits) in batch.iter_mut() {
+                    let SequenceCache::Gemma3(cache) = &mut **cache else {
+                        return Err(mismatch());
+                    };
+                    steps.push(Step {
+                        tokens,
+                        cache,
+                        logits: *logits,
+                    });
+                }
+                m.forward_batch(&mut steps)
+            }
+            Self::Decoder(m) => {
+                let mut steps = Vec::with_capacity(batch.len());
+                for (tokens, cache, logits) in batch.iter_mut() {
+                    let SequenceCache::Decoder(cache) = &mut **cache else {
+                        return Err(mismatch());
+                    };
+                    steps.push(Step {
+                        tokens,
+                        cache,
+                        logits: *logits,
+                    });
+                }
+                m.forward_batch(&mut steps)
+            }
+        }
+    }
+
+    /// Bytes of keys and values a sequence of `positions` holds at most (f32; Gemma 3's
+    /// sliding-window layers keep their window and at most [`SLACK`] positions it has passed).
+    pub fn kv_bytes(&self, positions: usize) -> usize {
+        let f32_bytes = std::mem::size_of::<f32>();
+        match self {
+            Self::Gemma3(m) => {
+                let c = m.config();
+                let per_position = 2 * c.kv_heads * c.head_dim * f32_bytes;
+                let local = positions.min(c.window + SLACK);
+                let globals = (0..c.layers).filter(|&l| c.is_global(l)).count();
+                per_position * (globals * positions + (c.layers - globals) * local)
+            }
+            Self::Decoder(m) => {
+                let c = m.config();
+                2 * c.kv_heads * c.head_dim * f32_bytes * c.layers * positions
+            }
+        }
+    }
+
+    /// The state `cache` had after its first `position` positions, when the cache still holds
+    /// what that state needs (see [`Cache::truncated`]).
+    pub fn truncated(&self, cache: &SequenceCache, position: usize) -> Option<SequenceCache> {
         match (self, cache) {
-            (Self::Gemma3(m), SequenceCache::Gemma3(c)) => m.forward(tokens, c),
-            (Self::Decoder(m), SequenceCache::Decoder(c)) => m.forward(tokens, c),
-            _ => Err(ModelError::Limit(
-                "a cache from another model was passed".to_owned(),
-            )),
+            (Self::Gemma3(m), SequenceCache::Gemma3(c)) => {
+                c.truncated(position, m.config()).map(SequenceCache::Gemma3)
+            }
+            (Self::Decoder(_), SequenceCache::Decoder(c)) => {
+                c.truncated(position).map(SequenceCache::Decoder)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl SequenceCache {
+    /// Positions in the cache.
+    pub fn position(&self) -> usize {
+        match self {
+            Self::Gemma3(c) => c.position(),
+            Self::Decoder(c) => c.position(),
         }
     }
 }
@@ -190,81 +273,141 @@ impl Engine {
             })
     }
 
-    /// Generates for one job, sending events until done or until the receiver is gone.
-    pub(super) fn run(&self, job: &Job) -> Result<(), ModelError> {
-        let send = |e: Event| job.events.send(e).is_ok();
-        let mut cache = self.model.new_cache();
-        let mut sampler = Sampler::new(job.sampling.clone());
-        let scored = job.logprobs.is_some() || job.signals;
-        let top_n = job.logprobs.unwrap_or(0);
-        let logits = self.model.forward(&job.prompt, &mut cache)?;
-        let mut next = sampler.sample(&logits);
-        let mut scored_next = scored.then(|| sampler.logprob(&logits, next, top_n));
-        let mut generated: Vec<u32> = Vec::new();
-        let mut decoded = 0usize; // bytes of decoded text already passed to the stop filter
-        let mut filter = StopFilter::new(job.stops.clone());
-        let mut trail = Trail::default();
-        let finish = loop {
-            if self.stop_ids.contains(&next) {
-                break FinishReason::Stop;
+    /// The model (for the scheduler's batched steps).
+    pub(super) fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Starts a sequence for `job`, resuming from `reused` (a cache holding the first
+    /// `reused.position()` prompt tokens, from the prefix cache) when given.
+    pub(super) fn start(&self, job: Job, reused: Option<SequenceCache>) -> Sequence {
+        let cache = reused.unwrap_or_else(|| self.model.new_cache());
+        let in_cache = cache.position();
+        Sequence {
+            sampler: Sampler::new(job.sampling.clone()),
+            scored: job.logprobs.is_some() || job.signals,
+            top_n: job.logprobs.unwrap_or(0),
+            filter: StopFilter::new(job.stops.clone()),
+            cache,
+            in_cache,
+            next: None,
+            generated: Vec::new(),
+            decoded: 0,
+            trail: Trail::default(),
+            job,
+        }
+    }
+
+    /// Takes the logits after a sequence's last token: draws the next token and sends its
+    /// text (past the stop filter), or ends the sequence (end of turn, stop string, max
+    /// tokens, or a client that left).
+    pub(super) fn accept(&self, seq: &mut Sequence, logits: &[f32]) -> Progress {
+        let next = seq.sampler.sample(logits);
+        let scored = seq
+            .scored
+            .then(|| seq.sampler.logprob(logits, next, seq.top_n));
+        if self.stop_ids.contains(&next) {
+            return self.finish(seq, FinishReason::Stop);
+        }
+        seq.generated.push(next);
+        let text = self.tokenizer.decode(&seq.generated).unwrap_or_default();
+        // A multi-byte character split across tokens decodes as U+FFFD until complete; its
+        // text then belongs to the token that completes it.
+        let mut delta = "";
+        if !text.ends_with('\u{FFFD}')
+            && text.len() >= seq.decoded
+            && text.is_char_boundary(seq.decoded)
+        {
+            delta = &text[seq.decoded..];
+            seq.decoded = text.len();
+        }
+        if let Some(lp) = scored {
+            seq.trail.push(delta, lp, |id| {
+                self.tokenizer.decode(&[id]).unwrap_or_default()
+            });
+        }
+        if !delta.is_empty() {
+            let (out, hit) = seq.filter.push(delta);
+            let mut entries = seq.trail.release(out.len());
+            if hit {
+                entries.extend(seq.trail.cut());
             }
-            generated.push(next);
-            let text = self.tokenizer.decode(&generated).unwrap_or_default();
-            // A multi-byte character split across tokens decodes as U+FFFD until complete; its
-            // text then belongs to the token that completes it.
-            let mut delta = "";
-            if !text.ends_with('\u{FFFD}')
-                && text.len() >= decoded
-                && text.is_char_boundary(decoded)
-            {
-                delta = &text[decoded..];
-                decoded = text.len();
+            if !out.is_empty() && seq.job.events.send(Event::Text(out, entries)).is_err() {
+                return Progress::Left;
             }
-            if let Some(lp) = scored_next.take() {
-                trail.push(delta, lp, |id| {
-                    self.tokenizer.decode(&[id]).unwrap_or_default()
-                });
-            }
-            if !delta.is_empty() {
-                let (out, hit) = filter.push(delta);
-                let mut entries = trail.release(out.len());
-                if hit {
-                    entries.extend(trail.cut());
-                }
-                if !out.is_empty() && !send(Event::Text(out, entries)) {
-                    return Ok(()); // client gone
-                }
-                if hit {
-                    break FinishReason::Stop;
-                }
-            }
-            if generated.len() >= job.max_tokens {
-                break FinishReason::Length;
-            }
-            if job.events.is_closed() {
-                return Ok(());
-            }
-            let logits = self.model.forward(&[next], &mut cache)?;
-            next = sampler.sample(&logits);
-            scored_next = scored.then(|| sampler.logprob(&logits, next, top_n));
-        };
-        // Text held back for a stop string that never came is the client's.
-        let rest = filter.finish();
-        if !rest.is_empty() {
-            let entries = trail.release(rest.len());
-            if !send(Event::Text(rest, entries)) {
-                return Ok(());
+            if hit {
+                return self.finish(seq, FinishReason::Stop);
             }
         }
-        send(Event::Done {
+        if seq.generated.len() >= seq.job.max_tokens {
+            return self.finish(seq, FinishReason::Length);
+        }
+        if seq.job.events.is_closed() {
+            return Progress::Left;
+        }
+        seq.next = Some(next);
+        Progress::Running
+    }
+
+    fn finish(&self, seq: &mut Sequence, finish: FinishReason) -> Progress {
+        // Text held back for a stop string that never came is the client's.
+        let rest = seq.filter.finish();
+        let events = &seq.job.events;
+        if !rest.is_empty() {
+            let entries = seq.trail.release(rest.len());
+            if events.send(Event::Text(rest, entries)).is_err() {
+                return Progress::Left;
+            }
+        }
+        let (prompt, generated) = (seq.job.prompt.len() as u64, seq.generated.len() as u64);
+        let done = events.send(Event::Done {
             finish,
             usage: Usage {
-                prompt_tokens: job.prompt.len() as u64,
-                completion_tokens: generated.len() as u64,
-                total_tokens: (job.prompt.len() + generated.len()) as u64,
+                prompt_tokens: prompt,
+                completion_tokens: generated,
+                total_tokens: prompt + generated,
             },
         });
-        Ok(())
+        if done.is_err() {
+            return Progress::Left;
+        }
+        Progress::Done
+    }
+}
+
+/// Where a sequence stands after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Progress {
+    /// Generating: its next token runs in the next step.
+    Running,
+    /// Finished and its client told.
+    Done,
+    /// Its client went away; nothing more is sent.
+    Left,
+}
+
+/// One request being generated: its job, its cache and where it stands.
+pub(super) struct Sequence {
+    pub(super) job: Job,
+    pub(super) cache: SequenceCache,
+    /// Prompt tokens in the cache (reused from the prefix cache or prefilled).
+    pub(super) in_cache: usize,
+    /// The token drawn last, which the next step runs.
+    pub(super) next: Option<u32>,
+    sampler: Sampler,
+    scored: bool,
+    top_n: usize,
+    generated: Vec<u32>,
+    /// Bytes of decoded text already passed to the stop filter.
+    decoded: usize,
+    filter: StopFilter,
+    trail: Trail,
+}
+
+impl Sequence {
+    /// Prompt tokens still to prefill.
+    pub(super) fn prompt_left(&self) -> usize {
+        self.job.prompt.len().saturating_sub(self.in_cache)
     }
 }
 

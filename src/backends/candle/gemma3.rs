@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::gguf::{GgufError, Metadata};
 use super::linear::Linear;
+use wattgate_kernels::attention::{attend, Geometry, KvRows, Queries};
 
 /// Local (sliding-window) layers' RoPE base (llama.cpp's and Hugging Face's default for Gemma 3).
 const LOCAL_ROPE_BASE: f32 = 10_000.0;
@@ -112,8 +113,29 @@ impl Gemma3Config {
         })
     }
 
-    fn is_global(&self, layer: usize) -> bool {
+    /// Whether `layer` attends to every position (the others to the sliding window).
+    pub fn is_global(&self, layer: usize) -> bool {
         (layer + 1).is_multiple_of(self.global_every.max(1))
+    }
+
+    /// The first position `layer` still needs once `end` positions are processed.
+    fn keep_from(&self, layer: usize, end: usize) -> usize {
+        if self.is_global(layer) {
+            0
+        } else {
+            end.saturating_sub(self.window.saturating_sub(1))
+        }
+    }
+
+    /// How `layer` attends.
+    fn geometry(&self, layer: usize) -> Geometry {
+        Geometry {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            window: (!self.is_global(layer)).then_some(self.window),
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        }
     }
 }
 
@@ -144,22 +166,12 @@ impl Rope {
         })
     }
 
-    /// Rotates `x` of shape (batch, heads, n, head_dim) for positions `pos..pos + n`, pairing
-    /// dimension i with i + head_dim / 2 (GPT-NeoX style: Gemma, Qwen).
-    pub(super) fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let n = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, n)?;
-        let sin = self.sin.narrow(0, pos, n)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
-    }
-
-    /// As [`Rope::apply`], pairing adjacent dimensions (2i, 2i + 1): Llama in GGUF, whose
-    /// converter permutes the q/k weights for this form.
-    pub(super) fn apply_interleaved(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let n = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, n)?;
-        let sin = self.sin.narrow(0, pos, n)?;
-        candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+    /// The cosine and sine rows of the given positions (one per token row of a step).
+    pub(super) fn rows(&self, positions: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
     }
 }
 
@@ -191,16 +203,10 @@ struct Layer {
     global: bool,
 }
 
-/// Keys and values of one layer for one sequence.
-#[derive(Default)]
-struct LayerCache {
-    k: Option<Tensor>,
-    v: Option<Tensor>,
-}
-
-/// The per-sequence state: cached keys and values, and how many positions they cover.
+/// The per-sequence state: each layer's keys and values, and how many positions they cover.
+#[derive(Clone)]
 pub struct Cache {
-    layers: Vec<LayerCache>,
+    layers: Vec<KvRows>,
     pos: usize,
 }
 
@@ -208,6 +214,29 @@ impl Cache {
     /// Positions processed so far.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// Bytes of keys and values held.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(KvRows::bytes).sum()
+    }
+
+    /// The state this cache had after its first `pos` positions, or `None` when that state
+    /// cannot be recovered: a global layer keeps every position, but a sliding-window layer
+    /// forgets those its window has passed, so going back is possible only while the
+    /// positions the window at `pos` covers are still held (always while the sequence is
+    /// within the window, the common case for chat).
+    pub fn truncated(&self, pos: usize, cfg: &Gemma3Config) -> Option<Cache> {
+        if pos > self.pos {
+            return None;
+        }
+        let layers = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, kv)| kv.truncated(cfg.keep_from(l, pos), pos))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Cache { layers, pos })
     }
 }
 
@@ -305,7 +334,7 @@ impl Gemma3 {
     pub fn new_cache(&self) -> Cache {
         Cache {
             layers: (0..self.cfg.layers)
-                .map(|_| LayerCache::default())
+                .map(|_| KvRows::new(self.cfg.kv_heads * self.cfg.head_dim))
                 .collect(),
             pos: 0,
         }
@@ -313,12 +342,58 @@ impl Gemma3 {
 
     /// Runs `tokens` at the cache's position and returns the logits after the last one.
     pub fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>, ModelError> {
-        let (n, pos) = (tokens.len(), cache.pos);
-        check_fits(n, pos, self.cfg.max_positions)?;
-        let mut x = (self.embed_tokens(tokens)? * (self.cfg.hidden as f64).sqrt())?;
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let mut step = [Step {
+            tokens,
+            cache,
+            logits: true,
+        }];
+        one_logits(self.forward_batch(&mut step)?)
+    }
+
+    /// One step over several sequences at once: each runs its own `tokens` (one for a decode
+    /// step, a chunk of its prompt for prefill) at its own cache's position. Every projection
+    /// and the MLP run once over all the rows, so the weights are read once per step however
+    /// many sequences share it; attention runs per sequence on its own cache. Returns, per
+    /// step, the logits after its last token when it asked for them.
+    pub fn forward_batch(
+        &self,
+        steps: &mut [Step<'_, Cache>],
+    ) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+        let cfg = &self.cfg;
+        let tokens = batch_tokens(steps, |c| c.pos, cfg.max_positions)?;
+        let n = tokens.len();
+        let positions = row_positions(steps, |c| c.pos, &self.device)?;
+        let local = self.rope_local.rows(&positions)?;
+        let global = self.rope_global.rows(&positions)?;
+        let mut x = (self.embed_tokens(&tokens)? * (cfg.hidden as f64).sqrt())?;
+        for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(layer, &h, lc, pos)?;
+            let [q, k, v] = shared::<3>(&[&layer.q, &layer.k, &layer.v], &h)?;
+            // Per-head norms and RoPE on every row at once, each row at its own position.
+            let q = layer
+                .q_norm
+                .forward(&q.reshape((1, n, cfg.heads, cfg.head_dim))?)?;
+            let k = layer
+                .k_norm
+                .forward(&k.reshape((1, n, cfg.kv_heads, cfg.head_dim))?)?;
+            let (cos, sin) = if layer.global { &global } else { &local };
+            let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?;
+            let geometry = cfg.geometry(l);
+            let out = attend_steps(
+                steps,
+                |c| c.layers.get_mut(l),
+                |c| c.pos,
+                &geometry,
+                [&q, &k, &v],
+            )?;
+            for step in steps.iter_mut() {
+                let end = step.cache.pos + step.tokens.len();
+                if let Some(kv) = step.cache.layers.get_mut(l) {
+                    kv.forget_before(cfg.keep_from(l, end));
+                }
+            }
+            let h = layer.o.forward(&out)?;
             let h = layer.post_attn_norm.forward(&h)?;
             x = (x + h)?;
             let h = layer.ffn_norm.forward(&x)?;
@@ -327,8 +402,10 @@ impl Gemma3 {
             let h = layer.post_ffn_norm.forward(&h)?;
             x = (x + h)?;
         }
-        cache.pos += n;
-        last_logits(&x, n, &self.final_norm, &self.lm_head)
+        for step in steps.iter_mut() {
+            step.cache.pos += step.tokens.len();
+        }
+        step_logits(&x, steps, &self.final_norm, &self.lm_head)
     }
 
     /// Embedding rows for `tokens`, dequantized one row at a time so the 262k-row table stays
@@ -336,100 +413,6 @@ impl Gemma3 {
     fn embed_tokens(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
         let table = self.embed.as_ref().unwrap_or(&self.lm_head);
         Ok(table.rows(tokens, &self.device)?.unsqueeze(0)?)
-    }
-
-    fn attention(
-        &self,
-        layer: &Layer,
-        x: &Tensor,
-        lc: &mut LayerCache,
-        pos: usize,
-    ) -> Result<Tensor, ModelError> {
-        let cfg = &self.cfg;
-        let (b, n, _) = x.dims3()?;
-        let (heads, kv_heads, d) = (cfg.heads, cfg.kv_heads, cfg.head_dim);
-        let [q, k, v] = shared::<3>(&[&layer.q, &layer.k, &layer.v], x)?;
-        let q = q.reshape((b, n, heads, d))?.transpose(1, 2)?;
-        let k = k.reshape((b, n, kv_heads, d))?.transpose(1, 2)?;
-        let v = v.reshape((b, n, kv_heads, d))?.transpose(1, 2)?;
-        let q = layer.q_norm.forward(&q)?;
-        let k = layer.k_norm.forward(&k)?;
-        let rope = if layer.global {
-            &self.rope_global
-        } else {
-            &self.rope_local
-        };
-        let q = rope.apply(&q, pos)?;
-        let k = rope.apply(&k, pos)?;
-
-        // Keys and values in position order: cached ones, then the new ones.
-        let (k_all, v_all) = match (&lc.k, &lc.v) {
-            (Some(ck), Some(cv)) => (
-                Tensor::cat(&[ck, &k], 2)?,
-                Tensor::cat(&[cv, &v.contiguous()?], 2)?,
-            ),
-            _ => (k.contiguous()?, v.contiguous()?),
-        };
-        let m = k_all.dim(2)?;
-        let first = pos + n - m; // absolute position of k_all's first row
-
-        // Grouped-query attention without copying keys: fold each group's heads into rows.
-        let group = heads / kv_heads;
-        let q = q.contiguous()?.reshape((b, kv_heads, group * n, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut scores = (q.matmul(&k_all.t()?)? * scale)?;
-        if let Some(mask) = self.mask(layer.global, pos, n, first, m, group)? {
-            scores = scores.broadcast_add(&mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v_all)?; // (b, kv_heads, group * n, d)
-        let out = out
-            .reshape((b, heads, n, d))?
-            .transpose(1, 2)?
-            .reshape((b, n, heads * d))?;
-
-        // Keep what later positions can still see: everything for global layers, the last
-        // window - 1 positions for local ones.
-        let keep = if layer.global {
-            m
-        } else {
-            m.min(cfg.window.saturating_sub(1))
-        };
-        lc.k = Some(k_all.narrow(2, m - keep, keep)?.contiguous()?);
-        lc.v = Some(v_all.narrow(2, m - keep, keep)?.contiguous()?);
-        Ok(layer.o.forward(&out)?)
-    }
-
-    /// The additive mask for `n` queries at `pos..` over `m` keys at `first..`: causal, and for
-    /// local layers limited to the window. `None` when nothing is masked (single-token decode).
-    fn mask(
-        &self,
-        global: bool,
-        pos: usize,
-        n: usize,
-        first: usize,
-        m: usize,
-        group: usize,
-    ) -> Result<Option<Tensor>, ModelError> {
-        let window = self.cfg.window;
-        let allowed =
-            |q_abs: usize, k_abs: usize| k_abs <= q_abs && (global || q_abs - k_abs < window);
-        if n == 1 && (0..m).all(|j| allowed(pos, first + j)) {
-            return Ok(None);
-        }
-        let mut mask = Vec::with_capacity(group * n * m);
-        for _ in 0..group {
-            for i in 0..n {
-                for j in 0..m {
-                    mask.push(if allowed(pos + i, first + j) {
-                        0.0f32
-                    } else {
-                        f32::NEG_INFINITY
-                    });
-                }
-            }
-        }
-        Ok(Some(Tensor::from_vec(mask, (group * n, m), &self.device)?))
     }
 }
 
@@ -449,19 +432,148 @@ pub(super) fn check_fits(n: usize, pos: usize, max_positions: usize) -> Result<(
     Ok(())
 }
 
-/// The logits after the last of the `n` positions of `x` (batch, n, hidden).
-pub(super) fn last_logits(
+/// One sequence's part of a batched forward step.
+pub struct Step<'a, C> {
+    /// The tokens to run: the next one for a decode step, a chunk of the prompt for prefill.
+    pub tokens: &'a [u32],
+    /// The sequence's cache, extended by `tokens`.
+    pub cache: &'a mut C,
+    /// Whether to compute the logits after the last token (not for a prefill chunk that is
+    /// not the prompt's last: the output head is the largest matrix of a small model).
+    pub logits: bool,
+}
+
+/// Every step's tokens, in order, after checking that each fits its cache's context.
+pub(super) fn batch_tokens<C>(
+    steps: &[Step<'_, C>],
+    position: impl Fn(&C) -> usize,
+    max_positions: usize,
+) -> Result<Vec<u32>, ModelError> {
+    if steps.is_empty() {
+        return Err(ModelError::Limit(
+            "a step needs at least one sequence".to_owned(),
+        ));
+    }
+    let mut tokens = Vec::with_capacity(steps.iter().map(|s| s.tokens.len()).sum());
+    for step in steps {
+        check_fits(step.tokens.len(), position(step.cache), max_positions)?;
+        tokens.extend_from_slice(step.tokens);
+    }
+    Ok(tokens)
+}
+
+/// The sequences' attention outputs (1, n_i, width) side by side as (1, sum n_i, width).
+pub(super) fn join_rows(mut parts: Vec<Tensor>) -> Result<Tensor, ModelError> {
+    if parts.len() == 1 {
+        if let Some(only) = parts.pop() {
+            return Ok(only);
+        }
+    }
+    Ok(Tensor::cat(&parts, 1)?)
+}
+
+/// The position of every token row of a step, as a tensor for the RoPE tables.
+pub(super) fn row_positions<C>(
+    steps: &[Step<'_, C>],
+    position: impl Fn(&C) -> usize,
+    device: &Device,
+) -> Result<Tensor, ModelError> {
+    let mut rows = Vec::new();
+    for step in steps {
+        let pos = position(step.cache);
+        rows.extend((pos..pos + step.tokens.len()).map(|p| p as u32));
+    }
+    let n = rows.len();
+    Ok(Tensor::from_vec(rows, n, device)?)
+}
+
+/// One layer's attention for every step: appends each step's new keys and values (rows of `k`,
+/// `v`: (1, rows, kv_heads, head_dim)) to its cache, then runs the queries (`q`: (1, rows,
+/// heads, head_dim), already rotated) over them with the fixed-order kernel. Returns (1, rows,
+/// heads x head_dim).
+pub(super) fn attend_steps<C>(
+    steps: &mut [Step<'_, C>],
+    layer: impl Fn(&mut C) -> Option<&mut KvRows>,
+    position: impl Fn(&C) -> usize,
+    geometry: &Geometry,
+    [q, k, v]: [&Tensor; 3],
+) -> Result<Tensor, ModelError> {
+    let device = q.device().clone();
+    let flat = |t: &Tensor| -> Result<Vec<f32>, ModelError> {
+        Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    };
+    let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+    let q_row = geometry.heads * geometry.head_dim;
+    let kv_row = geometry.kv_heads * geometry.head_dim;
+    let kernel = |e: String| ModelError::Limit(format!("attention: {e}"));
+    let missing = || ModelError::Limit("a cache from another model".to_owned());
+    let mut at = 0;
+    for step in steps.iter_mut() {
+        let rows = at * kv_row..(at + step.tokens.len()) * kv_row;
+        let cache = layer(step.cache).ok_or_else(missing)?;
+        cache.append(&k[rows.clone()], &v[rows]).map_err(kernel)?;
+        at += step.tokens.len();
+    }
+    let mut out = vec![0f32; q.len()];
+    {
+        let mut queries = Vec::with_capacity(steps.len());
+        let mut rest: &mut [f32] = &mut out;
+        let mut at = 0;
+        for step in steps.iter_mut() {
+            let n = step.tokens.len();
+            let pos = position(step.cache);
+            let (mine, tail) = std::mem::take(&mut rest).split_at_mut(n * q_row);
+            rest = tail;
+            queries.push(Queries {
+                cache: layer(step.cache).ok_or_else(missing)?,
+                pos,
+                q: &q[at * q_row..(at + n) * q_row],
+                out: mine,
+            });
+            at += n;
+        }
+        attend(geometry, &mut queries).map_err(kernel)?;
+    }
+    let rows = out.len() / q_row.max(1);
+    Ok(Tensor::from_vec(out, (1, rows, q_row), &device)?)
+}
+
+/// Per step, the logits after its last row of `x` (1, rows, hidden) when it asked for them.
+/// The rows that need logits go through the output head together.
+pub(super) fn step_logits<C>(
     x: &Tensor,
-    n: usize,
+    steps: &[Step<'_, C>],
     norm: &RmsNorm,
     head: &Linear,
-) -> Result<Vec<f32>, ModelError> {
-    let last = x.narrow(1, n - 1, 1)?;
-    let logits = head.forward(&norm.forward(&last)?)?;
-    Ok(logits
-        .flatten_all()?
-        .to_dtype(DType::F32)?
-        .to_vec1::<f32>()?)
+) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
+    let mut ends = Vec::new();
+    let mut at = 0;
+    for step in steps {
+        at += step.tokens.len();
+        if step.logits {
+            ends.push(x.narrow(1, at - 1, 1)?);
+        }
+    }
+    let mut rows = if ends.is_empty() {
+        Vec::new()
+    } else {
+        let last = join_rows(ends)?;
+        let logits = head.forward(&norm.forward(&last)?)?;
+        let logits = logits.squeeze(0)?.to_dtype(DType::F32)?;
+        logits.to_vec2::<f32>()?
+    }
+    .into_iter();
+    Ok(steps
+        .iter()
+        .map(|s| if s.logits { rows.next() } else { None })
+        .collect())
+}
+
+/// The logits of a single step that asked for them.
+pub(super) fn one_logits(mut out: Vec<Option<Vec<f32>>>) -> Result<Vec<f32>, ModelError> {
+    out.pop()
+        .flatten()
+        .ok_or_else(|| ModelError::Limit("the step computed no logits".to_owned()))
 }
 
 /// `N` projections of the same input (see [`Linear::forward_shared`]).

@@ -9,6 +9,8 @@ mod engine;
 pub mod gemma3;
 pub mod gguf;
 pub mod linear;
+mod prefix;
 pub mod prompt;
 pub mod sampling;
+mod scheduler;
 pub mod tokenizer;
