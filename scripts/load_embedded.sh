@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Load test of the embedded model's worker pool: CLIENTS concurrent streaming clients (official
-# Python `openai` package) against the real gateway with the embedded Gemma 3 270M on WORKERS
-# workers, a queue of QUEUE_DEPTH and a queue deadline of QUEUE_TIMEOUT_S, and a scripted cloud
-# upstream on loopback. Checks that no request is lost, that the excess goes to the cloud with
-# reason `local_busy`, and that no request waited longer than the queue deadline.
+# Load test of the embedded model's continuous batching: CLIENTS concurrent streaming clients
+# (official Python `openai` package) against the real gateway with the embedded Gemma 3 270M on
+# one worker running up to MAX_BATCH requests together, a queue of QUEUE_DEPTH and a queue
+# deadline of QUEUE_TIMEOUT_S, and a scripted cloud upstream on loopback. Checks that no request
+# is lost, that the excess goes to the cloud with reason `local_busy`, and that no request waited
+# longer than the queue deadline. MAX_BATCH=1 is the worker that ran one request at a time.
 #
-#   scripts/load_embedded.sh [CLIENTS=8] [REQUESTS_PER_CLIENT=4] [WORKERS=2] [QUEUE_DEPTH=2] [QUEUE_TIMEOUT_S=3]
+#   scripts/load_embedded.sh [CLIENTS=8] [REQUESTS_PER_CLIENT=4] [MAX_BATCH=8] [QUEUE_DEPTH=2] [QUEUE_TIMEOUT_S=3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CLIENTS=${1:-8}; PER_CLIENT=${2:-4}; WORKERS=${3:-2}; DEPTH=${4:-2}; QUEUE_TIMEOUT=${5:-3}
+CLIENTS=${1:-8}; PER_CLIENT=${2:-4}; MAX_BATCH=${3:-8}; DEPTH=${4:-2}; QUEUE_TIMEOUT=${5:-3}
 
 cargo build -q --release -p wattgate -p wattgate-testkit --bins
 BIN=target/release
@@ -33,7 +34,8 @@ kind = "embedded"
 role = "local"
 model = "gemma-3-270m"
 parameters = 268e6
-workers = $WORKERS
+workers = 1
+max_batch = $MAX_BATCH
 queue_depth = $DEPTH
 queue_timeout_s = $QUEUE_TIMEOUT
 

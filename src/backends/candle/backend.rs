@@ -41,6 +41,8 @@ pub struct EmbeddedBackend {
     /// Queue depth, running sequences, KV reservations and the prefix cache.
     shared: Arc<Shared>,
     queue_depth: usize,
+    /// Jobs the backend holds at most: every batch full and `queue_depth` waiting.
+    capacity: usize,
     queue_timeout_s: f64,
     max_tokens: usize,
     first_byte_timeout_s: f64,
@@ -74,7 +76,14 @@ impl EmbeddedBackend {
             c.queue_depth,
             c.kv_cache_mb
         );
-        let (queue, jobs) = sync_channel::<Job>(c.queue_depth);
+        // Admission counts jobs held (queued or running) against this; the channel never
+        // holds more. A job leaves the channel when a worker has a place for it, at the next
+        // step, so a burst that finds free places is not refused because a step is running.
+        let capacity = c
+            .workers
+            .saturating_mul(c.max_batch)
+            .saturating_add(c.queue_depth);
+        let (queue, jobs) = sync_channel::<Job>(capacity);
         let jobs = Arc::new(Mutex::new(jobs));
         let shared = scheduler::shared(mib(c.kv_cache_mb), mib(c.prefix_cache_mb));
         let limits = BatchLimits {
@@ -93,6 +102,7 @@ impl EmbeddedBackend {
             queue,
             shared,
             queue_depth: c.queue_depth,
+            capacity,
             queue_timeout_s: c.queue_timeout_s,
             max_tokens: c.max_tokens,
             first_byte_timeout_s: c.first_byte_timeout_s,
@@ -318,10 +328,17 @@ impl Backend for EmbeddedBackend {
         let (tx, mut rx) = unbounded_channel();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let job = self.job(request, tx, started_tx)?;
-        self.shared.queued.fetch_add(1, Ordering::Relaxed);
-        let sent = self.queue.try_send(job);
+        let held = self.shared.held.fetch_add(1, Ordering::Relaxed);
+        let sent = if held >= self.capacity {
+            Err(TrySendError::Full(job))
+        } else {
+            self.shared.queued.fetch_add(1, Ordering::Relaxed);
+            self.queue.try_send(job).inspect_err(|_| {
+                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            })
+        };
         if sent.is_err() {
-            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            self.shared.held.fetch_sub(1, Ordering::Relaxed);
         }
         match sent {
             Ok(()) => {}

@@ -46,6 +46,9 @@ pub struct BatchLimits {
 pub struct Shared {
     /// Jobs accepted and not yet started (the `wattgate_local_queue_depth` gauge).
     pub queued: AtomicUsize,
+    /// Jobs accepted and not yet over, queued or running: what admission counts against the
+    /// batches' places plus `queue_depth`.
+    pub held: AtomicUsize,
     /// Sequences generating now.
     pub active: AtomicUsize,
     /// Forward steps run, and the sequences they ran summed over steps (their ratio is the
@@ -57,6 +60,16 @@ pub struct Shared {
     pub kv: KvBudget,
     /// Prompt caches for reuse.
     pub prefix: Mutex<PrefixCache>,
+}
+
+impl Shared {
+    /// A job leaves the queue: to run, or (`gone`) for good.
+    fn dequeue(&self, gone: bool) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        if gone {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Bytes of keys and values the sequences may hold together.
@@ -127,10 +140,21 @@ pub fn worker(engine: &Engine, jobs: &Mutex<Receiver<Job>>, shared: &Shared, lim
             }
             continue;
         }
-        step(engine, shared, &mut running, limits.prefill_chunk);
+        // A panic in the model or sampling code fails the requests running, not the worker:
+        // without the catch one bad request would take the worker away for the life of the
+        // process.
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            step(engine, shared, &mut running, limits.prefill_chunk)
+        }));
+        if let Err(panic) = stepped {
+            let what = crate::backends::panic_message(&*panic);
+            tracing::error!("the model panicked while generating: {what}");
+            fail(running.iter_mut(), &format!("the model panicked: {what}"));
+        }
         running.retain(|r| {
             if r.over {
                 shared.kv.release(r.reserved);
+                shared.held.fetch_sub(1, Ordering::Relaxed);
             }
             !r.over
         });
@@ -146,10 +170,22 @@ fn take_jobs(
     running: usize,
     max_batch: usize,
 ) -> bool {
-    let Ok(queue) = jobs.lock() else {
-        return false;
+    let idle = running == 0 && waiting.is_empty();
+    // A worker with sequences to run never waits for the lock: an idle worker may hold it,
+    // blocked until the next job arrives.
+    let queue = if idle {
+        match jobs.lock() {
+            Ok(q) => q,
+            Err(_) => return false,
+        }
+    } else {
+        match jobs.try_lock() {
+            Ok(q) => q,
+            Err(std::sync::TryLockError::WouldBlock) => return true,
+            Err(std::sync::TryLockError::Poisoned(_)) => return false,
+        }
     };
-    if running == 0 && waiting.is_empty() {
+    if idle {
         match queue.recv() {
             Ok(job) => waiting.push_back(job),
             Err(_) => return false,
@@ -177,7 +213,7 @@ fn admit(
     while let Some(mut job) = waiting.pop_front() {
         let waited = job.enqueued.elapsed();
         if waited > job.queue_timeout {
-            shared.queued.fetch_sub(1, Ordering::Relaxed);
+            shared.dequeue(true);
             let _ = job.events.send(Event::Failed(BackendError::Busy {
                 detail: format!(
                     "waited {:.1}s for the model (queue_timeout_s = {:.1})",
@@ -189,12 +225,12 @@ fn admit(
         }
         if job.events.is_closed() {
             // The requester gave up (queue deadline, disconnect).
-            shared.queued.fetch_sub(1, Ordering::Relaxed);
+            shared.dequeue(true);
             continue;
         }
         let need = model.kv_bytes(job.prompt.len() + job.max_tokens);
         if need > shared.kv.total {
-            shared.queued.fetch_sub(1, Ordering::Relaxed);
+            shared.dequeue(true);
             let _ = job.events.send(Event::Failed(BackendError::Busy {
                 detail: format!(
                     "the request needs {:.1} MB of keys and values, more than kv_cache_mb ({:.1} MB)",
@@ -209,8 +245,8 @@ fn admit(
             waiting.push_front(job);
             return;
         }
-        shared.queued.fetch_sub(1, Ordering::Relaxed);
         let taken = job.started.take().is_some_and(|s| s.send(()).is_ok());
+        shared.dequeue(!taken);
         if !taken {
             shared.kv.release(need);
             continue;
@@ -280,14 +316,10 @@ fn step(engine: &Engine, shared: &Shared, running: &mut [Running], prefill_chunk
                 batch.push((&seq.job.prompt[from..from + n], &mut seq.cache, last));
             }
         }
-        // A panic in the model code fails this step's requests, not the worker: without the
-        // catch a single bad request would take a worker away for the life of the process.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.model().forward_batch(&mut batch)
-        }))
+        engine.model().forward_batch(&mut batch)
     };
     let failure = match outcome {
-        Ok(Ok(all)) => {
+        Ok(all) => {
             for (&(i, from, n), logits) in plan.iter().zip(all) {
                 let r = &mut running[i];
                 if n > 0 {
@@ -309,18 +341,25 @@ fn step(engine: &Engine, shared: &Shared, running: &mut [Running], prefill_chunk
             }
             return;
         }
-        Ok(Err(e)) => e.to_string(),
-        Err(panic) => {
-            let what = crate::backends::panic_message(&*panic);
-            tracing::error!("the model panicked while generating: {what}");
-            format!("the model panicked: {what}")
-        }
+        Err(e) => e.to_string(),
     };
     // The step failed for every sequence in it.
-    for &(i, _, _) in &plan {
-        let r = &mut running[i];
+    let planned: Vec<usize> = plan.iter().map(|&(i, _, _)| i).collect();
+    fail(
+        running
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| planned.contains(i))
+            .map(|(_, r)| r),
+        &failure,
+    );
+}
+
+/// Tells each sequence's client that generation failed, and ends the sequence.
+fn fail<'a>(sequences: impl Iterator<Item = &'a mut Running>, detail: &str) {
+    for r in sequences {
         let _ = r.seq.job.events.send(Event::Failed(BackendError::Internal {
-            detail: failure.clone(),
+            detail: detail.to_owned(),
         }));
         r.over = true;
     }
@@ -331,6 +370,7 @@ fn step(engine: &Engine, shared: &Shared, running: &mut [Running], prefill_chunk
 pub fn shared(kv_bytes: usize, prefix_bytes: usize) -> Arc<Shared> {
     Arc::new(Shared {
         queued: AtomicUsize::new(0),
+        held: AtomicUsize::new(0),
         active: AtomicUsize::new(0),
         steps: AtomicU64::new(0),
         sequence_steps: AtomicU64::new(0),
