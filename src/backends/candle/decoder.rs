@@ -15,8 +15,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
 
 use super::gemma3::{
-    attend_steps, batch_tokens, one_logits, row_positions, shared, step_logits, ModelError,
-    RmsNorm, Rope, Step,
+    attend_steps, batch_tokens, row_positions, shared, step_logits, ModelError, RmsNorm, Rope, Step,
 };
 use super::gguf::{GgufError, Metadata};
 use super::linear::Linear;
@@ -283,20 +282,6 @@ impl Decoder {
                 .collect(),
             pos: 0,
         }
-    }
-
-    /// Runs `tokens` at the cache's position and returns the logits after the last one.
-    pub fn forward(
-        &self,
-        tokens: &[u32],
-        cache: &mut DecoderCache,
-    ) -> Result<Vec<f32>, ModelError> {
-        let mut step = [Step {
-            tokens,
-            cache,
-            logits: true,
-        }];
-        one_logits(self.forward_batch(&mut step)?)
     }
 
     /// One step over several sequences (see [`super::gemma3::Gemma3::forward_batch`]).

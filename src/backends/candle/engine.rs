@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::decoder::{Decoder, DecoderCache, Family};
-use super::gemma3::{Cache, Gemma3, ModelError, Step};
+use super::gemma3::{one_logits, Cache, Gemma3, ModelError, Step};
 use super::gguf::Metadata;
 use super::prompt::{text_messages, PromptFormat};
 use super::sampling::{FinishReason, Sampler, SamplingParams, StopFilter, TokenLogprob};
@@ -91,10 +91,7 @@ impl Model {
         tokens: &[u32],
         cache: &mut SequenceCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let mut out = self.forward_batch(&mut [(tokens, cache, true)])?;
-        out.pop()
-            .flatten()
-            .ok_or_else(|| ModelError::Limit("the step computed no logits".to_owned()))
+        one_logits(self.forward_batch(&mut [(tokens, cache, true)])?)
     }
 
     /// One step over several sequences, each `(tokens, cache, wants logits)`: the weights are
@@ -103,36 +100,15 @@ impl Model {
         &self,
         batch: &mut [(&[u32], &mut SequenceCache, bool)],
     ) -> Result<Vec<Option<Vec<f32>>>, ModelError> {
-        let mismatch = || ModelError::Limit("a cache from another model was passed".to_owned());
         match self {
-            Self::Gemma3(m) => {
-                let mut steps = Vec::with_capacity(batch.len());
-                for (tokens, cache, logits) in batch.iter_mut() {
-                    let SequenceCache::Gemma3(cache) = &mut **cache else {
-                        return Err(mismatch());
-                    };
-                    steps.push(Step {
-                        tokens,
-                        cache,
-                        logits: *logits,
-                    });
-                }
-                m.forward_batch(&mut steps)
-            }
-            Self::Decoder(m) => {
-                let mut steps = Vec::with_capacity(batch.len());
-                for (tokens, cache, logits) in batch.iter_mut() {
-                    let SequenceCache::Decoder(cache) = &mut **cache else {
-                        return Err(mismatch());
-                    };
-                    steps.push(Step {
-                        tokens,
-                        cache,
-                        logits: *logits,
-                    });
-                }
-                m.forward_batch(&mut steps)
-            }
+            Self::Gemma3(m) => m.forward_batch(&mut steps(batch, |c| match c {
+                SequenceCache::Gemma3(c) => Some(c),
+                SequenceCache::Decoder(_) => None,
+            })?),
+            Self::Decoder(m) => m.forward_batch(&mut steps(batch, |c| match c {
+                SequenceCache::Decoder(c) => Some(c),
+                SequenceCache::Gemma3(_) => None,
+            })?),
         }
     }
 
@@ -168,6 +144,25 @@ impl Model {
             _ => None,
         }
     }
+}
+
+/// The batch as one architecture's steps; `cache` picks that architecture's cache.
+fn steps<'a, C>(
+    batch: &'a mut [(&[u32], &mut SequenceCache, bool)],
+    cache: impl Fn(&mut SequenceCache) -> Option<&mut C>,
+) -> Result<Vec<Step<'a, C>>, ModelError> {
+    batch
+        .iter_mut()
+        .map(|(tokens, c, logits)| {
+            Ok(Step {
+                tokens,
+                cache: cache(c).ok_or_else(|| {
+                    ModelError::Limit("a cache from another model was passed".to_owned())
+                })?,
+                logits: *logits,
+            })
+        })
+        .collect()
 }
 
 impl SequenceCache {
