@@ -126,7 +126,7 @@ impl BlockMatrix {
         cols: usize,
         reader: &mut R,
     ) -> std::io::Result<Self> {
-        let tiled = Kernel::detect() == Kernel::AvxVnni && rows.is_multiple_of(TILE);
+        let tiled = Kernel::detect().vnni() && rows.is_multiple_of(TILE);
         let layout = if tiled { Layout::Tiles } else { Layout::Rows };
         Self::read_as(format, rows, cols, reader, layout)
     }
@@ -325,7 +325,7 @@ impl BlockMatrix {
         out: OutPtr,
     ) {
         #[cfg(target_arch = "x86_64")]
-        if kernel == Kernel::AvxVnni && self.layout == Layout::Tiles {
+        if kernel.vnni() && self.layout == Layout::Tiles {
             debug_assert!(rows.start.is_multiple_of(TILE) && rows.end.is_multiple_of(TILE));
             let args = x86::Args {
                 quants: &self.quants,
@@ -336,9 +336,15 @@ impl BlockMatrix {
                 x,
                 out: out.0,
             };
-            // SAFETY: AvxVnni is chosen only on a CPU with AVX2, FMA and AVX-VNNI; the ranges
-            // are whole tiles; the output contract is this function's.
-            unsafe { x86::matmul_tiles_vnni(args) };
+            // SAFETY: each VNNI kernel is chosen only on a CPU with AVX2, FMA and its VNNI
+            // form; the ranges are whole tiles; the output contract is this function's.
+            unsafe {
+                if kernel == Kernel::AvxVnni {
+                    x86::matmul_tiles_vnni(args)
+                } else {
+                    x86::matmul_tiles_vnni512(args)
+                }
+            };
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -358,6 +364,8 @@ impl BlockMatrix {
                 match (kernel, self.format) {
                     (Kernel::AvxVnni, BlockFormat::Q8_0) => x86::matmul_q8_0_vnni(args),
                     (Kernel::AvxVnni, BlockFormat::Q5_0) => x86::matmul_q5_0_vnni(args),
+                    (Kernel::Avx512Vnni, BlockFormat::Q8_0) => x86::matmul_q8_0_vnni512(args),
+                    (Kernel::Avx512Vnni, BlockFormat::Q5_0) => x86::matmul_q5_0_vnni512(args),
                     (_, BlockFormat::Q8_0) => x86::matmul_q8_0_avx2(args),
                     (_, BlockFormat::Q5_0) => x86::matmul_q5_0_avx2(args),
                 }
@@ -464,9 +472,18 @@ pub enum Kernel {
     Avx2,
     /// AVX2 + FMA + AVX-VNNI.
     AvxVnni,
+    /// AVX2 + FMA + AVX-512 VNNI with VL: the same 256-bit byte dot product as AVX-VNNI,
+    /// EVEX-encoded (Intel Ice Lake and later Xeons, AMD Zen 4, which lack the VEX form).
+    Avx512Vnni,
 }
 
 impl Kernel {
+    /// Whether the kernel has a byte dot product instruction (`vpdpbusd`), which the tiled
+    /// layout needs.
+    fn vnni(self) -> bool {
+        matches!(self, Kernel::AvxVnni | Kernel::Avx512Vnni)
+    }
+
     /// The fastest kernel this CPU supports (detected once). `WATTGATE_SCALAR_KERNELS=1` forces
     /// the portable loop, for comparisons.
     pub fn detect() -> Self {
@@ -480,6 +497,12 @@ impl Kernel {
                 let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
                 if avx2 && is_x86_feature_detected!("avxvnni") {
                     return Kernel::AvxVnni;
+                }
+                if avx2
+                    && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("avx512vl")
+                {
+                    return Kernel::Avx512Vnni;
                 }
                 if avx2 {
                     return Kernel::Avx2;
@@ -711,101 +734,159 @@ mod x86 {
         block_dot_vnni
     );
 
-    /// The tiled layout (`Layout::Tiles`); `args.rows` counts tiles here.
-    ///
-    /// For each tile and activation row: per block, eight `vpdpbusd` of the tile's unsigned
-    /// bytes with 4 activation bytes broadcast give the 8 rows' integer sums, scaled by the
-    /// rows' block scales times the activation's; the +128 offset is taken off at the end as
-    /// 128 * sum_b row_scale_b * activation_block_sum_b.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA and AVX-VNNI; `args` must describe whole tiles of one
-    /// matrix; `args.out` must take `x.rows * out_stride` floats, of which only this call
-    /// writes its tiles' rows.
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub unsafe fn matmul_tiles_vnni(args: Args<'_>) {
-        let Args {
-            quants,
-            scales,
-            blocks,
-            rows: tiles,
-            out_stride,
-            x,
-            out,
-        } = args;
-        const TILE: usize = super::TILE;
-        let tile_bytes = blocks * TILE * BLOCK;
-        debug_assert!(tiles.end * tile_bytes <= quants.len());
-        debug_assert!(tiles.end * blocks * TILE <= scales.len());
-        let offset = _mm256_set1_ps(super::TILE_OFFSET as f32);
-        for tile in tiles {
-            // SAFETY (all reads): the tile's bytes and scales lie inside the slices (checked
-            // by the caller's shapes); activation row t's blocks lie inside `x.q`.
-            let qp = unsafe { quants.as_ptr().add(tile * tile_bytes) };
-            let sp = unsafe { scales.as_ptr().add(tile * blocks * TILE) };
-            if x.rows == 1 {
-                // One stream through the weights: fetch the next tile while this one runs.
-                let next = qp.wrapping_add(tile_bytes);
-                let mut acc = _mm256_setzero_ps();
-                let mut corr = _mm256_setzero_ps();
-                let xq = x.q.as_ptr();
-                for b in 0..blocks {
-                    let wb = unsafe { qp.add(b * TILE * BLOCK) };
-                    for line in 0..4 {
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            next.wrapping_add(b * TILE * BLOCK + line * 64) as *const i8,
-                        );
-                    }
-                    let mut dot = _mm256_setzero_si256();
-                    for c in 0..BLOCK / 4 {
-                        let w = unsafe { _mm256_loadu_si256(wb.add(c * 32) as *const __m256i) };
-                        let xv =
-                            unsafe { (xq.add(b * BLOCK + c * 4) as *const i32).read_unaligned() };
-                        dot = _mm256_dpbusd_avx_epi32(dot, w, _mm256_set1_epi32(xv));
-                    }
-                    let sc = unsafe { _mm256_loadu_ps(sp.add(b * TILE)) };
-                    acc = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(dot),
-                        _mm256_mul_ps(sc, _mm256_set1_ps(x.d[b])),
-                        acc,
-                    );
-                    corr = _mm256_fmadd_ps(sc, _mm256_set1_ps(x.s[b]), corr);
-                }
-                let res = _mm256_fnmadd_ps(corr, offset, acc);
-                unsafe { _mm256_storeu_ps(out.add(tile * TILE), res) };
-                continue;
-            }
-            for t in 0..x.rows {
-                let xq = unsafe { x.q.as_ptr().add(t * blocks * BLOCK) };
-                let (xd, xs) = (
-                    &x.d[t * blocks..(t + 1) * blocks],
-                    &x.s[t * blocks..(t + 1) * blocks],
-                );
-                let mut acc = _mm256_setzero_ps();
-                let mut corr = _mm256_setzero_ps();
-                for b in 0..blocks {
-                    let wb = unsafe { qp.add(b * TILE * BLOCK) };
-                    let mut dot = _mm256_setzero_si256();
-                    for c in 0..BLOCK / 4 {
-                        let w = unsafe { _mm256_loadu_si256(wb.add(c * 32) as *const __m256i) };
-                        let xv =
-                            unsafe { (xq.add(b * BLOCK + c * 4) as *const i32).read_unaligned() };
-                        dot = _mm256_dpbusd_avx_epi32(dot, w, _mm256_set1_epi32(xv));
-                    }
-                    let sc = unsafe { _mm256_loadu_ps(sp.add(b * TILE)) };
-                    acc = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(dot),
-                        _mm256_mul_ps(sc, _mm256_set1_ps(xd[b])),
-                        acc,
-                    );
-                    corr = _mm256_fmadd_ps(sc, _mm256_set1_ps(xs[b]), corr);
-                }
-                let res = _mm256_fnmadd_ps(corr, offset, acc);
-                // The 8 rows' results go to 8 consecutive outputs of activation row t.
-                unsafe { _mm256_storeu_ps(out.add(t * out_stride + tile * TILE), res) };
-            }
-        }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    fn block_dot_vnni512(w: __m256i, x: __m256i) -> __m256i {
+        let aw = _mm256_sign_epi8(w, w);
+        let sx = _mm256_sign_epi8(x, w);
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
     }
+
+    matmul_fn!(
+        matmul_q8_0_vnni512,
+        "avx2,fma,avx512vnni,avx512vl",
+        load_q8_0,
+        32,
+        block_dot_vnni512
+    );
+    matmul_fn!(
+        matmul_q5_0_vnni512,
+        "avx2,fma,avx512vnni,avx512vl",
+        load_q5_0,
+        20,
+        block_dot_vnni512
+    );
+
+    /// Activation rows per pass over a tile in the tiled kernels: independent `vpdpbusd`
+    /// chains hide the instruction's latency, and each weight load serves them all. Each row's
+    /// arithmetic is in the same order as for a row alone, so a row's result does not depend
+    /// on how many come with it.
+    const GROUP: usize = 4;
+
+    macro_rules! tiles_fn {
+        ($name:ident, $features:literal, $dpbusd:ident) => {
+            /// The tiled layout (`Layout::Tiles`); `args.rows` counts tiles here.
+            ///
+            /// For each tile and activation row: per block, eight `vpdpbusd` of the tile's
+            /// unsigned bytes with 4 activation bytes broadcast give the 8 rows' integer sums,
+            /// scaled by the rows' block scales times the activation's; the +128 offset is
+            /// taken off at the end as 128 * sum_b row_scale_b * activation_block_sum_b.
+            ///
+            /// # Safety
+            /// The CPU must have the named features; `args` must describe whole tiles of one
+            /// matrix; `args.out` must take `x.rows * out_stride` floats, of which only this
+            /// call writes its tiles' rows.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(args: Args<'_>) {
+                let Args {
+                    quants,
+                    scales,
+                    blocks,
+                    rows: tiles,
+                    out_stride,
+                    x,
+                    out,
+                } = args;
+                const TILE: usize = super::TILE;
+                let tile_bytes = blocks * TILE * BLOCK;
+                debug_assert!(tiles.end * tile_bytes <= quants.len());
+                debug_assert!(tiles.end * blocks * TILE <= scales.len());
+                let offset = _mm256_set1_ps(super::TILE_OFFSET as f32);
+                for tile in tiles {
+                    // SAFETY (all reads): the tile's bytes and scales lie inside the slices
+                    // (checked by the caller's shapes); activation row t's blocks lie inside
+                    // `x.q`.
+                    let qp = unsafe { quants.as_ptr().add(tile * tile_bytes) };
+                    let sp = unsafe { scales.as_ptr().add(tile * blocks * TILE) };
+                    if x.rows == 1 {
+                        // One stream through the weights: fetch the next tile while this one
+                        // runs.
+                        let next = qp.wrapping_add(tile_bytes);
+                        let mut acc = _mm256_setzero_ps();
+                        let mut corr = _mm256_setzero_ps();
+                        let xq = x.q.as_ptr();
+                        for b in 0..blocks {
+                            let wb = unsafe { qp.add(b * TILE * BLOCK) };
+                            for line in 0..4 {
+                                _mm_prefetch::<_MM_HINT_T0>(
+                                    next.wrapping_add(b * TILE * BLOCK + line * 64) as *const i8,
+                                );
+                            }
+                            let mut dot = _mm256_setzero_si256();
+                            for c in 0..BLOCK / 4 {
+                                let w =
+                                    unsafe { _mm256_loadu_si256(wb.add(c * 32) as *const __m256i) };
+                                let xv = unsafe {
+                                    (xq.add(b * BLOCK + c * 4) as *const i32).read_unaligned()
+                                };
+                                dot = $dpbusd(dot, w, _mm256_set1_epi32(xv));
+                            }
+                            let sc = unsafe { _mm256_loadu_ps(sp.add(b * TILE)) };
+                            acc = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(dot),
+                                _mm256_mul_ps(sc, _mm256_set1_ps(x.d[b])),
+                                acc,
+                            );
+                            corr = _mm256_fmadd_ps(sc, _mm256_set1_ps(x.s[b]), corr);
+                        }
+                        let res = _mm256_fnmadd_ps(corr, offset, acc);
+                        unsafe { _mm256_storeu_ps(out.add(tile * TILE), res) };
+                        continue;
+                    }
+                    let mut t = 0;
+                    while t < x.rows {
+                        let n = (x.rows - t).min(GROUP);
+                        let mut acc = [_mm256_setzero_ps(); GROUP];
+                        let mut corr = [_mm256_setzero_ps(); GROUP];
+                        for b in 0..blocks {
+                            let wb = unsafe { qp.add(b * TILE * BLOCK) };
+                            let mut dot = [_mm256_setzero_si256(); GROUP];
+                            for c in 0..BLOCK / 4 {
+                                let w =
+                                    unsafe { _mm256_loadu_si256(wb.add(c * 32) as *const __m256i) };
+                                for (j, d) in dot.iter_mut().enumerate().take(n) {
+                                    let at = ((t + j) * blocks + b) * BLOCK + c * 4;
+                                    let xv = unsafe {
+                                        (x.q.as_ptr().add(at) as *const i32).read_unaligned()
+                                    };
+                                    *d = $dpbusd(*d, w, _mm256_set1_epi32(xv));
+                                }
+                            }
+                            let sc = unsafe { _mm256_loadu_ps(sp.add(b * TILE)) };
+                            for j in 0..n {
+                                let k = (t + j) * blocks + b;
+                                acc[j] = _mm256_fmadd_ps(
+                                    _mm256_cvtepi32_ps(dot[j]),
+                                    _mm256_mul_ps(sc, _mm256_set1_ps(x.d[k])),
+                                    acc[j],
+                                );
+                                corr[j] = _mm256_fmadd_ps(sc, _mm256_set1_ps(x.s[k]), corr[j]);
+                            }
+                        }
+                        for j in 0..n {
+                            let res = _mm256_fnmadd_ps(corr[j], offset, acc[j]);
+                            // The 8 rows' results go to 8 consecutive outputs of activation
+                            // row t + j.
+                            unsafe {
+                                _mm256_storeu_ps(out.add((t + j) * out_stride + tile * TILE), res)
+                            };
+                        }
+                        t += n;
+                    }
+                }
+            }
+        };
+    }
+    tiles_fn!(
+        matmul_tiles_vnni,
+        "avx2,fma,avxvnni",
+        _mm256_dpbusd_avx_epi32
+    );
+    tiles_fn!(
+        matmul_tiles_vnni512,
+        "avx2,fma,avx512vnni,avx512vl",
+        _mm256_dpbusd_epi32
+    );
 
     /// Widens one block's values with the SIMD loaders (for tests against the scalar decoder).
     ///
@@ -927,6 +1008,9 @@ mod tests {
                 all.push(Kernel::Avx2);
                 if is_x86_feature_detected!("avxvnni") {
                     all.push(Kernel::AvxVnni);
+                }
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                    all.push(Kernel::Avx512Vnni);
                 }
             }
         }
