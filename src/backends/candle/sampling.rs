@@ -56,18 +56,17 @@ impl Sampler {
         if self.params.temperature <= 0.0 || self.params.top_k == 1 {
             return super::gemma3::argmax(logits);
         }
-        let max = logits
-            .iter()
-            .copied()
-            .filter(|l| l.is_finite())
-            .fold(f32::NEG_INFINITY, f32::max);
+        let max = finite_max(logits);
         if !max.is_finite() {
             return 0;
         }
         let inv_t = 1.0 / self.params.temperature;
         let weight = |l: f32| {
+            // Computed for every logit and then selected, without a branch, so the loop over
+            // the vocabulary vectorises.
+            let w = exp_nonpositive((l - max) * inv_t);
             if l.is_finite() {
-                exp_nonpositive((l - max) * inv_t)
+                w
             } else {
                 0.0
             }
@@ -230,6 +229,21 @@ fn median_of_three(a: f32, b: f32, c: f32) -> f32 {
     a.max(b).min(a.min(b).max(c))
 }
 
+/// The largest finite logit (NEG_INFINITY when none is), in eight lanes (vectorisable).
+fn finite_max(logits: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let mut lanes = logits.chunks_exact(8);
+    for lane in &mut lanes {
+        for (a, &l) in acc.iter_mut().zip(lane) {
+            *a = if l.is_finite() { a.max(l) } else { *a };
+        }
+    }
+    let rest = lanes.remainder().iter().copied().filter(|l| l.is_finite());
+    acc.into_iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// A sum of f32s in eight lanes (vectorisable), for one block of weights.
 fn sum_f32(block: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -270,11 +284,7 @@ impl Sampler {
     /// allocation or sort over the vocabulary.
     pub fn logprob(&self, logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
         let inv_t = 1.0 / self.logprob_temperature();
-        let max = logits
-            .iter()
-            .copied()
-            .filter(|l| l.is_finite())
-            .fold(f32::NEG_INFINITY, f32::max);
+        let max = finite_max(logits);
         if !max.is_finite() {
             return TokenLogprob {
                 logprob: f32::NEG_INFINITY,
@@ -329,7 +339,8 @@ fn log_sum_exp(logits: &[f32], max: f32, inv_t: f32) -> f32 {
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
     // Below -87, e^x is under f32's normal range: 0 for a probability mass.
-    let x = if x >= -87.0 { x.min(0.0) } else { -87.0 };
+    // Branch-free (a clamp; NaN becomes -87), so that a loop over the vocabulary vectorises.
+    let x = x.max(-87.0).min(0.0);
     let t = x * std::f32::consts::LOG2_E;
     let k = (t + 0.5).floor();
     let f = t - k;
