@@ -339,7 +339,9 @@ fn log_sum_exp(logits: &[f32], max: f32, inv_t: f32) -> f32 {
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
     // Below -87, e^x is under f32's normal range: 0 for a probability mass.
-    // Branch-free (a clamp; NaN becomes -87), so that a loop over the vocabulary vectorises.
+    // Branch-free, so that a loop over the vocabulary vectorises. Not `clamp`: NaN must
+    // become -87 (weight 0), and `clamp` keeps NaN.
+    #[allow(clippy::manual_clamp)]
     let x = x.max(-87.0).min(0.0);
     let t = x * std::f32::consts::LOG2_E;
     let k = (t + 0.5).floor();
